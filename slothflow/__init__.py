@@ -1,0 +1,3 @@
+"""slothflow: instruction data + base LLM -> fine-tuned, evaluated, served model."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,260 @@
+"""The ``slothflow`` command.
+
+Heavy libraries (Prefect, MLflow, torch) are imported inside the commands, after
+``SLOTHFLOW_HOME`` has set the environment they read at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks import home as home_mod
+from tasks.config import ConfigError
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="slothflow",
+    help="Instruction data + base LLM -> cleaned data, LoRA/QLoRA fine-tune, lm-eval gate, "
+    "merged export, vLLM serving. Orchestrated by Prefect, tracked in MLflow.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate recipes.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+RecipeOpt = Annotated[
+    str,
+    typer.Option(
+        "--recipe", "-r", help="Recipe name (see `slothflow config list`) or path to a YAML file."
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override one field, e.g. --set train.max_steps=20 (repeatable)."
+    ),
+]
+
+
+@app.callback()
+def main(
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            envvar=home_mod.HOME_ENV,
+            help="Folder for all local state (MLflow store, Prefect home, caches, runs). "
+            "Default: ./.slothflow",
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    home_mod.activate(home)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+    )
+    # Per-request HTTP lines from Prefect's and MLflow's clients drown the stage logs.
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _friendly_errors() -> Iterator[None]:
+    """Known failure kinds become one clear line and exit code 2, not a traceback."""
+    from tasks.home import HomeBusyError
+
+    try:
+        yield
+    except (ConfigError, HomeBusyError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        from tasks.tracking import TrackingUnavailableError
+
+        if isinstance(exc, TrackingUnavailableError):
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        raise
+
+
+def _load(recipe: str, overrides: list[str] | None) -> Any:
+    from tasks.config import load_config
+
+    return load_config(recipe, overrides or [])
+
+
+@app.command()
+def run(
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Resume a run of the same config by id (or 'last'): finished stages are "
+            "reused, the failed stage runs again.",
+        ),
+    ] = None,
+) -> None:
+    """Run the whole pipeline (data -> train -> evaluate -> export -> serve) as a Prefect flow.
+
+    With no options it runs the embedded default: a tiny model built on the spot, local
+    MLflow on SQLite and Prefect without a server.
+    """
+    with _friendly_errors():
+        cfg = _load(recipe, set_)
+        home = home_mod.resolve_home()
+        with home_mod.exclusive(home, f"slothflow run --recipe {recipe}"):
+            from tasks.run import preflight
+
+            preflight(cfg, home)
+            from flows.pipeline import pipeline
+
+            try:
+                summary = pipeline(config=cfg, resume_run_id=resume)
+            except (ConfigError, home_mod.HomeBusyError):
+                raise
+            except Exception as exc:
+                from tasks.tracking import TrackingUnavailableError
+
+                if isinstance(exc, TrackingUnavailableError):
+                    raise
+                last = _last_run(home)
+                console.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}")
+                if last:
+                    console.print(
+                        f"Earlier stages' results are kept in {home.run_dir(last)}.\n"
+                        f"Fix the cause, then resume: [bold]slothflow run -r {recipe} "
+                        f"--resume {last}[/]"
+                    )
+                raise typer.Exit(1) from None
+    _print_summary(summary)
+
+
+def _last_run(home: home_mod.Home) -> str | None:
+    from tasks.run import latest_run_id
+
+    return latest_run_id(home)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    # Plain lines, never wrapped or truncated: paths and URIs must stay copy-pasteable.
+    lines = [
+        f"[bold green]pipeline finished[/]: run {summary['run_id']}",
+        f"  outputs:     {summary['run_dir']}",
+        f"  config hash: {summary['config_hash'][:12]}",
+        f"  hardware:    {summary['hardware']}",
+    ]
+    lines += [
+        f"  {stage + ':':<12} {_short(ref)}" for stage, ref in summary.get("stages", {}).items()
+    ]
+    if "mlflow" in summary:
+        lines.append(f"  MLflow:      {summary['mlflow']}")
+    for line in lines:
+        out.print(line, soft_wrap=True, highlight=False)
+
+
+def _short(ref: Any) -> str:
+    if isinstance(ref, dict):
+        return ", ".join(f"{k}={v}" for k, v in ref.items() if k not in ("stage",))[:200]
+    return str(ref)[:200]
+
+
+@app.command()
+def info(recipe: RecipeOpt = "default", set_: SetOpt = None) -> None:
+    """Show where state lives, the tracking store and the hardware decision."""
+    with _friendly_errors():
+        from tasks import hardware, tracking
+
+        cfg = _load(recipe, set_)
+        home = home_mod.resolve_home()
+        probe = hardware.probe()
+        table = Table(show_header=False)
+        table.add_row("SLOTHFLOW_HOME", str(home.root))
+        table.add_row(
+            "tracking", tracking.redact_uri(tracking.resolve_tracking_uri(cfg.tracking, home))
+        )
+        try:
+            table.add_row("hardware", hardware.decide(cfg, probe).reason)
+        except ConfigError as exc:
+            table.add_row("hardware", f"[red]{exc}[/]")
+        out.print(table)
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """List the shipped recipes."""
+    from tasks.config import list_recipes
+
+    for p in list_recipes():
+        first = next((ln for ln in p.read_text().splitlines() if ln.startswith("#")), "")
+        out.print(f"[bold]{p.stem}[/]  {first.lstrip('# ')}")
+
+
+@config_app.command("show")
+def config_show(
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+    hash_only: Annotated[bool, typer.Option("--hash", help="Print only the config hash.")] = False,
+) -> None:
+    """Print the fully resolved config (defaults filled in) and its hash."""
+    with _friendly_errors():
+        from tasks.config import config_hash, dump_config
+
+        cfg = _load(recipe, set_)
+        if hash_only:
+            out.print(config_hash(cfg))
+            return
+        sys.stdout.write(dump_config(cfg))
+        sys.stdout.write(f"# config_hash: {config_hash(cfg)}\n")
+
+
+@config_app.command("validate")
+def config_validate(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Recipe files (default: every shipped recipe).")
+    ] = None,
+) -> None:
+    """Validate recipes strictly; exit 2 naming the bad field when one is invalid."""
+    from tasks.config import list_recipes, load_config
+
+    bad = 0
+    for p in paths or list_recipes():
+        try:
+            load_config(str(p))
+            out.print(f"[green]ok[/]  {p}")
+        except ConfigError as exc:
+            bad += 1
+            out.print(f"[red]bad[/] {exc}", highlight=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of the pipeline config (the Prefect UI form)."""
+    from tasks.config import PipelineConfig
+
+    sys.stdout.write(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app()

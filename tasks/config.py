@@ -1,0 +1,448 @@
+"""Typed configuration: one pydantic model per stage, composed into ``PipelineConfig``.
+
+Rules (see STYLE): unknown keys are errors that name the key; every field has a
+description (Prefect renders it as help text in the run form); choices are
+``Literal``s (dropdowns in the UI). Secrets are never values here: a
+:class:`SecretRef` names where the secret lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "configs"
+EMBEDDED_MODEL = "embedded:tiny-llama"
+
+
+class ConfigError(ValueError):
+    """A configuration the pipeline cannot run; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- secrets
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+class SecretRef(_Strict):
+    """Where a secret lives: an environment variable or a Prefect ``Secret`` block.
+
+    Only the *name* is configuration; the value is read at the moment of use and is
+    never logged, stored in MLflow or passed as a flow parameter.
+    """
+
+    env: str | None = Field(
+        None, description="Name of the environment variable that holds the secret."
+    )
+    prefect_block: str | None = Field(
+        None, description="Name of a Prefect Secret block that holds the secret (checked first)."
+    )
+
+    @model_validator(mode="after")
+    def _names_only(self) -> SecretRef:
+        if self.env is not None and not _ENV_NAME.match(self.env):
+            raise ValueError(
+                "env must be an environment variable *name* (letters, digits, '_'); "
+                "put the secret itself in the environment, never in the config"
+            )
+        if self.prefect_block is not None and not _BLOCK_NAME.match(self.prefect_block):
+            raise ValueError("prefect_block must be a Prefect block name (lowercase, digits, '-')")
+        return self
+
+    def resolve(self, required: bool = True) -> str | None:
+        """Read the secret now. Raises ``ConfigError`` naming the *source* (never the value)."""
+        if self.prefect_block:
+            from prefect.blocks.system import Secret  # Prefect only at the edge
+
+            try:
+                return str(Secret.load(self.prefect_block).get())
+            except ValueError:
+                if not self.env:
+                    raise ConfigError(
+                        f"Prefect Secret block {self.prefect_block!r} not found"
+                    ) from None
+        import os
+
+        value = os.environ.get(self.env) if self.env else None
+        if not value and required:
+            where = f"environment variable {self.env}" if self.env else "no source configured"
+            raise ConfigError(f"secret not available: {where} is empty or unset")
+        return value or None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class DataConfig(_Strict):
+    """Data cleaning: read, normalise, validate, quarantine, deduplicate, split."""
+
+    sources: list[str] = Field(
+        default_factory=lambda: [
+            "data/sample/topics_chat.jsonl",
+            "data/sample/topics_alpaca.jsonl",
+        ],
+        description="Input files or fsspec URLs (JSONL, JSON, CSV, Parquet, or a saved datasets "
+        "folder), alpaca or chat shaped. Relative paths resolve against the working directory, "
+        "then the repository.",
+        min_length=1,
+    )
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of rows hashed into the validation split."
+    )
+    split_salt: str = Field(
+        "slothflow-v1",
+        description="Salt of the hash that assigns a row to a split. Changing it reshuffles "
+        "every row; keep it fixed so added data never moves old rows.",
+    )
+    min_tokens: int = Field(2, ge=0, description="Drop rows shorter than this many tokens.")
+    max_tokens: int = Field(
+        2048, gt=0, description="Drop rows longer than this many tokens of the target tokenizer."
+    )
+    near_dup_threshold: float = Field(
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description="Jaccard similarity above which two rows are near-duplicates.",
+    )
+    pii_scrub: bool = Field(False, description="Replace e-mail addresses and phone numbers.")
+    max_line_bytes: int = Field(
+        1_000_000, gt=0, description="Longer input lines are quarantined unread."
+    )
+
+
+class TinyModelConfig(_Strict):
+    """The embedded default base model, built on the spot (no download)."""
+
+    vocab_size: int = Field(512, ge=64, description="Byte-level BPE vocabulary size.")
+    hidden_size: int = Field(256, ge=16, description="Transformer width.")
+    intermediate_size: int = Field(512, ge=16, description="MLP width.")
+    num_hidden_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
+    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence.")
+    pretrain_steps: int = Field(
+        0, ge=0, description="Steps of on-the-spot language-model pre-training on unlabeled text."
+    )
+    seed: int = Field(0, description="Seed for weights and tokenizer training.")
+
+
+class ModelConfig(_Strict):
+    """The base model to fine-tune."""
+
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description=f"Hub id (org/name), local folder, or {EMBEDDED_MODEL!r} for the tiny model "
+        "built on the spot.",
+    )
+    revision: str | None = Field(
+        None,
+        description="Hub branch, tag or commit; resolved to a commit and recorded. Ignored for "
+        "local folders, whose revision is a content hash.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Path to a Jinja chat template used instead of the tokenizer's own.",
+    )
+    max_seq_length: int = Field(512, ge=16, description="Longest training sequence, in tokens.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; 'auto' picks it from the hardware (and logs why)."
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the frozen base in 4-bit (needs CUDA + bitsandbytes)."
+    )
+    embedded: TinyModelConfig = Field(
+        default_factory=TinyModelConfig, description=f"Shape of {EMBEDDED_MODEL!r}."
+    )
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling numerator).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Module names that get adapters (all seven Llama projections by default).",
+        min_length=1,
+    )
+    use_rslora: bool = Field(True, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
+
+
+class TrainConfig(_Strict):
+    """Supervised fine-tuning with TRL's SFTTrainer (PEFT on CPU, Unsloth on CUDA)."""
+
+    backend: Literal["auto", "unsloth", "peft"] = Field(
+        "auto",
+        description="'auto': Unsloth when CUDA and Unsloth are present and support the model, "
+        "else transformers + PEFT. An explicit choice the hardware cannot honour is an error.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter shape.")
+    learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up."
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per device per step.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches accumulated per optimizer step.")
+    num_epochs: float = Field(3.0, gt=0.0, description="Passes over the training split.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    packing: bool = Field(True, description="Pack several short examples into one sequence.")
+    assistant_only_loss: bool = Field(True, description="Compute the loss on answers only.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        Field("adamw_torch", description="Optimizer; the 8-bit/paged ones need CUDA.")
+    )
+    gradient_checkpointing: Literal["auto", "unsloth", "on", "off"] = Field(
+        "auto",
+        description="'unsloth' offloads activations (Unsloth only); 'auto' turns it off when "
+        "the activations fit in spare GPU memory.",
+    )
+    eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N steps.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Keep the last K checkpoints (plus the best)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without improvement (None: off)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log metrics every N steps.")
+    sample_generations: int = Field(
+        3, ge=0, description="Held-out prompts generated at each evaluation."
+    )
+    seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
+
+
+class EvalConfig(_Strict):
+    """Evaluation with lm-eval and the promotion gate."""
+
+    limit: int | None = Field(
+        None, ge=1, description="Evaluate at most this many held-out items (None: all)."
+    )
+    min_items: int = Field(200, ge=1, description="The gate needs at least this many items.")
+    primary_metric: Literal["exact_match", "f1"] = Field(
+        "exact_match", description="Metric the gate decides on."
+    )
+    threshold: float = Field(0.9, ge=0.0, le=1.0, description="Absolute bar on the primary metric.")
+    base_margin: float = Field(
+        0.2, ge=0.0, le=1.0, description="Candidate must beat the base by at least this much."
+    )
+    champion_tolerance: float = Field(
+        0.01, ge=0.0, le=1.0, description="Allowed regression against the current champion."
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per item.")
+    batch_size: int = Field(16, ge=1, description="lm-eval batch size.")
+    extra_tasks: list[str] = Field(
+        default_factory=list,
+        description="Standard lm-eval task names, run when their data is available offline.",
+    )
+
+
+class ExportConfig(_Strict):
+    """Merging the adapter into the base and the checks on the result."""
+
+    merge: bool = Field(True, description="Write a merged 16-bit model (else adapter only).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the merged weights."
+    )
+    parity_atol: float = Field(
+        1e-3, gt=0.0, description="Max |logit difference| between merged and base+adapter."
+    )
+    publish: bool = Field(False, description="Push to a private Hugging Face Hub repo.")
+    hub_repo: str | None = Field(None, description="Target repo id (org/name) when publishing.")
+    hub_token: SecretRef = Field(
+        default_factory=lambda: SecretRef(env="HF_TOKEN"),
+        description="Where the Hub token lives (never the token itself).",
+    )
+
+
+class DeployConfig(_Strict):
+    """Serving the registered model with vLLM's OpenAI-compatible server."""
+
+    enabled: bool = Field(True, description="Serve the model at the end of the pipeline.")
+    vllm_command: list[str] = Field(
+        default_factory=lambda: [
+            ".venv-vllm/bin/python",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+        ],
+        description="Command that starts vLLM's OpenAI server (its own environment or container).",
+        min_length=1,
+    )
+    host: str = Field("127.0.0.1", description="Bind address (loopback unless you mean it).")
+    port: int = Field(8000, ge=1, le=65535, description="Port to serve on.")
+    api_key: SecretRef | None = Field(
+        None, description="Where the API key clients must send lives (None: no key)."
+    )
+    health_timeout_s: float = Field(300.0, gt=0, description="Give up waiting for /health after.")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra flags passed to vLLM verbatim."
+    )
+
+
+class TrackingConfig(_Strict):
+    """Where runs are recorded. Not part of the config hash."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http(s)://, postgresql://, sqlite:///...). None: "
+        "$MLFLOW_TRACKING_URI, else SQLite under SLOTHFLOW_HOME.",
+    )
+    experiment: str = Field("slothflow", description="MLflow experiment name.")
+    registered_model: str = Field("slothflow-model", description="MLflow registered model name.")
+    system_metrics: bool = Field(False, description="Log CPU/GPU system metrics during stages.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="A remote tracking server must answer within this at start."
+    )
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline: data -> train -> export -> evaluate -> gate -> register -> serve."""
+
+    name: str = Field("slothflow", description="Short name of this recipe (run ids start with it).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data cleaning stage.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and gate.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Merge and export.")
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="Serving.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> PipelineConfig:
+        if self.data.min_tokens > self.data.max_tokens:
+            raise ValueError("data.min_tokens must not exceed data.max_tokens")
+        if self.export.publish and not self.export.hub_repo:
+            raise ValueError("export.hub_repo is required when export.publish is true")
+        return self
+
+
+# --------------------------------------------------------------------------- hashing
+
+#: Sections that do not change what the pipeline *produces* (where it is recorded,
+#: how it is served) and so do not enter the config hash.
+HASH_EXCLUDED_SECTIONS: frozenset[str] = frozenset({"name", "tracking", "deploy"})
+
+
+def canonical_config(cfg: PipelineConfig) -> str:
+    """The canonical serialisation hashed by :func:`config_hash`.
+
+    Definition (stable across releases; change it only with a version bump):
+    every field of ``PipelineConfig`` *including defaults*, minus the sections in
+    ``HASH_EXCLUDED_SECTIONS``, dumped in pydantic's JSON mode, as JSON with sorted
+    keys, ``(",", ":")`` separators and UTF-8 (``ensure_ascii=False``). So a recipe
+    that spells out a default hashes the same as one that leaves it out, and key
+    order or YAML formatting never matters.
+    """
+    data = cfg.model_dump(mode="json", exclude=set(HASH_EXCLUDED_SECTIONS))
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """sha256 hex of :func:`canonical_config`."""
+    return hashlib.sha256(canonical_config(cfg).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe by name (``configs/<name>.yaml``) or by path."""
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"} or p.exists():
+        if not p.exists():
+            raise ConfigError(f"recipe file not found: {p}")
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown recipe {name_or_path!r}; known recipes: {known}")
+    return candidate
+
+
+def list_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def parse_override(expr: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value); the value is parsed as YAML."""
+    if "=" not in expr:
+        raise ConfigError(f"override {expr!r} must look like section.field=value")
+    key, raw = expr.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {expr!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {expr!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config dict (validation happens afterwards)."""
+    for expr in overrides:
+        parts, value = parse_override(expr)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {expr!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key (check spelling; see `slothflow config schema`)")
+        else:
+            lines.append(f"  - {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(recipe: str = "default", overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a recipe, apply ``--set`` overrides, validate strictly."""
+    path = recipe_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_config(raw, source=str(path))
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

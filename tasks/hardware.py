@@ -1,0 +1,136 @@
+"""Decide the hardware once, with the reason, before any stage runs.
+
+The decision is a small frozen record: the device, the training backend, the
+compute dtype and whether the base loads in 4-bit. Each stage reads it; none
+re-decides. A request the hardware cannot honour is a :class:`ConfigError`, never
+a silently flipped flag.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from tasks.config import ConfigError, PipelineConfig
+
+Backend = Literal["unsloth", "peft"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the machine offers; gathered once so the decision itself is a pure function."""
+
+    cuda: bool
+    cuda_bf16: bool = False
+    gpu_name: str | None = None
+    gpu_memory_gb: float | None = None
+    unsloth_installed: bool = False
+    bitsandbytes_installed: bool = False
+    cpu: str = field(default_factory=platform.processor)
+
+
+@dataclass(frozen=True)
+class HardwareDecision:
+    device: Literal["cuda", "cpu"]
+    backend: Backend
+    dtype: Dtype
+    load_in_4bit: bool
+    reason: str
+    gpu_name: str | None = None
+    gpu_memory_gb: float | None = None
+
+    def as_params(self) -> dict[str, str]:
+        return {f"hardware.{k}": str(v) for k, v in asdict(self).items()}
+
+
+def probe() -> Probe:
+    """Look at the machine. Unsloth is detected with ``find_spec``, not imported:
+    importing it on a CPU without AVX-512 kills the process with SIGILL."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    name = mem = None
+    bf16 = False
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        name, mem = props.name, round(props.total_memory / 2**30, 1)
+        bf16 = torch.cuda.is_bf16_supported()
+    return Probe(
+        cuda=cuda,
+        cuda_bf16=bf16,
+        gpu_name=name,
+        gpu_memory_gb=mem,
+        unsloth_installed=importlib.util.find_spec("unsloth") is not None,
+        bitsandbytes_installed=importlib.util.find_spec("bitsandbytes") is not None,
+    )
+
+
+_CUDA_ONLY_OPTIMIZERS = {"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+
+
+def decide(cfg: PipelineConfig, hw: Probe) -> HardwareDecision:
+    """Pure: config + probe -> decision with its reason, or ``ConfigError``."""
+    want = cfg.train.backend
+    if not hw.cuda:
+        if want == "unsloth":
+            raise ConfigError("train.backend='unsloth' needs a CUDA GPU; none is visible here")
+        if cfg.model.load_in_4bit:
+            raise ConfigError(
+                "model.load_in_4bit=true needs CUDA (bitsandbytes 4-bit kernels); this machine "
+                "has no GPU. Use a CPU recipe (e.g. --recipe default) or set model.load_in_4bit=false"
+            )
+        if cfg.train.optimizer in _CUDA_ONLY_OPTIMIZERS:
+            raise ConfigError(
+                f"train.optimizer={cfg.train.optimizer!r} needs CUDA (bitsandbytes); "
+                "use train.optimizer=adamw_torch on CPU"
+            )
+        if cfg.model.dtype in ("bfloat16", "float16"):
+            raise ConfigError(
+                f"model.dtype={cfg.model.dtype!r} on CPU: this CPU has no native half-precision "
+                "matmuls (training ran ~20x slower in bf16 here); use model.dtype=auto or float32"
+            )
+        return HardwareDecision(
+            device="cpu",
+            backend="peft",
+            dtype="float32",
+            load_in_4bit=False,
+            reason="no CUDA device: transformers + PEFT in float32 (no native bf16 on CPU)",
+        )
+
+    dtype: Dtype
+    if cfg.model.dtype == "auto":
+        dtype = "bfloat16" if hw.cuda_bf16 else "float16"
+    elif cfg.model.dtype == "bfloat16" and not hw.cuda_bf16:
+        raise ConfigError(f"model.dtype='bfloat16' but {hw.gpu_name} does not support bf16")
+    else:
+        dtype = cfg.model.dtype
+    if cfg.model.load_in_4bit and not hw.bitsandbytes_installed:
+        raise ConfigError(
+            "model.load_in_4bit=true needs bitsandbytes: pip install 'slothflow[gpu]'"
+        )
+    if want == "unsloth" and not hw.unsloth_installed:
+        raise ConfigError(
+            "train.backend='unsloth' but unsloth is not installed: pip install 'slothflow[gpu]'"
+        )
+    gpu = f"{hw.gpu_name} ({hw.gpu_memory_gb} GiB)"
+    if want == "peft":
+        backend: Backend = "peft"
+        reason = f"CUDA {gpu}: transformers + PEFT as configured (train.backend=peft), {dtype}"
+    elif hw.unsloth_installed:
+        backend = "unsloth"
+        reason = f"CUDA {gpu} and Unsloth installed: Unsloth kernels, {dtype}"
+    else:
+        backend = "peft"
+        reason = f"CUDA {gpu} but Unsloth not installed: transformers + PEFT, {dtype}"
+    return HardwareDecision(
+        device="cuda",
+        backend=backend,
+        dtype=dtype,
+        load_in_4bit=cfg.model.load_in_4bit,
+        reason=reason,
+        gpu_name=hw.gpu_name,
+        gpu_memory_gb=hw.gpu_memory_gb,
+    )

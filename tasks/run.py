@@ -1,0 +1,151 @@
+"""Opening a pipeline run: its id, folder, hardware decision and tracking.
+
+Shared by the flow and by the CLI commands that run one stage alone, so a stage
+run by hand is recorded exactly like one run by the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks import hardware, tracking
+from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
+from tasks.home import Home
+from tasks.refs import RunContext, write_json_atomic
+from tasks.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def new_run_id(cfg: PipelineConfig, chash: str) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{chash[:8]}"
+
+
+def latest_run_id(home: Home) -> str | None:
+    runs = [p for p in home.runs.glob("*/run.json")]
+    if not runs:
+        return None
+    return max(runs, key=lambda p: p.stat().st_mtime).parent.name
+
+
+def preflight(cfg: PipelineConfig, home: Home) -> hardware.HardwareDecision:
+    """Checks that need no Prefect: run them before the flow starts its (ephemeral)
+    server, so a bad config or an unreachable tracking store fails in seconds."""
+    decision = hardware.decide(cfg, hardware.probe())
+    tracking.check_reachable(
+        tracking.resolve_tracking_uri(cfg.tracking, home), cfg.tracking.connect_timeout_s
+    )
+    return decision
+
+
+def open_run(
+    cfg: PipelineConfig,
+    home: Home,
+    resume_run_id: str | None = None,
+    track: bool = True,
+) -> RunContext:
+    """Create a run (or re-open ``resume_run_id``): folder, config, hardware, MLflow.
+
+    Resuming checks that the configuration is the one the run started with: a run's
+    finished stages are only valid for the config that produced them.
+    """
+    chash = config_hash(cfg)
+    if resume_run_id == "last":
+        resume_run_id = latest_run_id(home)
+        if resume_run_id is None:
+            raise ConfigError(f"--resume last: no runs in {home.runs}")
+    if resume_run_id is not None:
+        if not _RUN_ID.match(resume_run_id):
+            raise ConfigError(f"invalid run id {resume_run_id!r}")
+        run_dir = home.run_dir(resume_run_id)
+        meta = run_dir / "run.json"
+        if not meta.exists():
+            raise ConfigError(f"cannot resume {resume_run_id!r}: no run at {run_dir}")
+        import json
+
+        started_with = json.loads(meta.read_text())["config_hash"]
+        if started_with != chash:
+            raise ConfigError(
+                f"cannot resume {resume_run_id!r}: it started with config {started_with[:12]}, "
+                f"this config is {chash[:12]}. Start a new run instead (drop --resume)."
+            )
+        run_id = resume_run_id
+    else:
+        run_id = new_run_id(cfg, chash)
+        run_dir = home.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    decision = hardware.decide(cfg, hardware.probe())
+    log.info("hardware: %s", decision.reason)
+    code = tracking.code_version()
+
+    tref = None
+    if track:
+        tref = tracking.open_pipeline_run(cfg.tracking, home, run_id)
+        parent = tracking.pipeline_tracker(tref)
+        parent.log_params(
+            tracking.flatten_params(cfg.model_dump(mode="json", exclude={"tracking"}))
+        )
+        parent.log_params({"config_hash": chash, **decision.as_params()})
+        parent.set_tags(
+            {
+                "slothflow.config_hash": chash,
+                "slothflow.hardware": decision.reason,
+                "mlflow.source.git.commit": code,
+                "slothflow.code_version": code,
+            }
+        )
+        parent.log_text(dump_config(cfg), "config/resolved.yaml")
+
+    ctx = RunContext(
+        run_id=run_id,
+        run_dir=str(run_dir),
+        config_hash=chash,
+        code_version=code,
+        hardware={k.removeprefix("hardware."): v for k, v in decision.as_params().items()},
+        tracking=tref.model_dump() if tref else None,
+    )
+    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    write_json_atomic(run_dir / "run.json", ctx.model_dump(mode="json"))
+    return ctx
+
+
+@contextlib.contextmanager
+def stage(ctx: RunContext, name: str) -> Iterator[Tracker]:
+    """The tracker of one stage's nested MLflow run; marks it FAILED on error.
+
+    The earlier stages' runs and artifacts are left as they are, so a failed
+    pipeline can be resumed from the stage that failed.
+    """
+    if ctx.tracking is None:
+        yield NullTracker()
+        return
+    ref = tracking.TrackingRef.model_validate(ctx.tracking)
+    t = tracking.stage_tracker(ref, name)
+    t.set_tags(
+        {"slothflow.config_hash": ctx.config_hash, "mlflow.source.git.commit": ctx.code_version}
+    )
+    try:
+        yield t
+    except BaseException:
+        t.end("FAILED")
+        raise
+    t.end("FINISHED")
+
+
+def finish(ctx: RunContext, status: str, summary: dict[str, object] | None = None) -> None:
+    write_json_atomic(Path(ctx.run_dir) / "result.json", {"status": status, **(summary or {})})
+    if ctx.tracking is None:
+        return
+    ref = tracking.TrackingRef.model_validate(ctx.tracking)
+    t = tracking.pipeline_tracker(ref)
+    if summary:
+        t.log_dict(summary, "summary.json")
+    t.end(status)

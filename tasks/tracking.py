@@ -1,0 +1,380 @@
+"""The one module that owns MLflow.
+
+Stage functions never import MLflow: they receive a :class:`Tracker` (a small
+callback interface) and call it. :class:`NullTracker` records nothing and needs no
+MLflow (the GPU machine has none); :class:`MlflowTracker` writes to a run through
+``MlflowClient`` with explicit run ids, so stages running in Prefect's worker
+threads never share MLflow's global "active run" state.
+
+Run layout: one parent run per pipeline run, one nested run per stage. Both are
+found again by tags (``slothflow.run_id``, ``slothflow.stage``), so a resumed run
+re-attaches to its MLflow runs instead of starting new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from tasks.config import REPO_ROOT, TrackingConfig
+from tasks.home import Home
+
+log = logging.getLogger(__name__)
+
+TAG_RUN_ID = "slothflow.run_id"
+TAG_STAGE = "slothflow.stage"
+TAG_KIND = "slothflow.kind"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The configured tracking store cannot be reached."""
+
+
+class Tracker(Protocol):
+    """What a stage may record. Every method is cheap to call and never raises for
+    a missing tracking backend (use :class:`NullTracker`)."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, obj: Any, name: str) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_input(
+        self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
+    ) -> None: ...
+
+
+class NullTracker:
+    """Records nothing. The default for stage functions run outside the pipeline."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_input(
+        self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
+    ) -> None:
+        pass
+
+
+class TrackingRef(BaseModel):
+    """What tasks pass around instead of a live client: small, JSON-able, and enough
+    to re-open the run on another machine."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    run_id: str  # slothflow's run id (not MLflow's)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def redact_uri(uri: str) -> str:
+    """Hide a password embedded in a URI before it is printed or logged."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, home: Home) -> str:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or home.mlflow_db_uri
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast, with a clear message, when a configured store does not answer.
+
+    MLflow's own HTTP client retries with backoff for minutes; a pipeline that is
+    going to fail should say so at start, not after the data stage.
+    """
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise TrackingUnavailableError(
+                        f"MLflow server {redact_uri(uri)} answered /health with HTTP {resp.status}"
+                    )
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {redact_uri(uri)} is unreachable "
+                f"(no answer on /health within {timeout_s:g}s: {exc}). Start it, fix "
+                "tracking.tracking_uri / MLFLOW_TRACKING_URI, or unset both to use the local store."
+            ) from None
+    elif scheme.startswith(("postgresql", "mysql", "mssql")):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout_s)})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:
+            raise TrackingUnavailableError(
+                f"MLflow database {redact_uri(uri)} is unreachable: {type(exc).__name__}"
+            ) from None
+    elif scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingUnavailableError(f"MLflow SQLite folder {db.parent} is not writable")
+
+
+def code_version() -> str:
+    """Git commit of the code that runs (``-dirty`` with local edits), else the package
+    version; recorded on every run so a result can be traced to its code."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return f"slothflow=={version('slothflow')}"
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, str]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, list) else str(obj)
+
+
+def flatten_params(obj: Mapping[str, Any]) -> dict[str, str]:
+    """Nested config dict -> ``{"train.lora.r": "16", ...}`` for ``log_params``."""
+    out: dict[str, str] = {}
+    _flatten("", dict(obj), out)
+    return out
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+class MlflowTracker:
+    """A :class:`Tracker` bound to one MLflow run id."""
+
+    def __init__(self, tracking_uri: str, mlflow_run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.mlflow_run_id = mlflow_run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.mlflow_run_id).data.params
+        # MLflow params are write-once; a resumed stage re-logs the same values, so
+        # skip those already there (a *different* value is a real conflict and raises).
+        new = [
+            Param(k, str(v)[:6000]) for k, v in params.items() if existing.get(k) != str(v)[:6000]
+        ]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.mlflow_run_id, params=new[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        if batch:
+            self.client.log_batch(self.mlflow_run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.mlflow_run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.mlflow_run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.client.log_dict(self.mlflow_run_id, obj, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.mlflow_run_id, text, name)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.mlflow_run_id, k, str(v))
+
+    def log_input(
+        self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
+    ) -> None:
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        src = _dataset_source(source)
+        # MLflow's own digest samples only the first rows; we record the full-content
+        # sha256 both as the digest (truncated, as MLflow expects) and as a param.
+        ds = MetaDataset(source=src, name=name, digest=sha256[:16])
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(
+            self.mlflow_run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)]
+        )
+        params = {f"data.{name}.sha256": sha256, f"data.{name}.source": source}
+        if num_rows is not None:
+            params[f"data.{name}.rows"] = str(num_rows)
+        self.log_params(params)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.mlflow_run_id, status=status)
+
+
+def _dataset_source(source: str) -> Any:
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    scheme = urllib.parse.urlsplit(source).scheme
+    if scheme in ("http", "https"):
+        return HTTPDatasetSource(url=source)
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+
+    class _Source(FileSystemDatasetSource):
+        """A plain path/URI source; MLflow ships no generic one for local files."""
+
+        def __init__(self, uri: str) -> None:
+            self._uri = uri
+
+        @property
+        def uri(self) -> str:
+            return self._uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "path"
+
+        def load(self, dst_path: str | None = None) -> str:
+            return self._uri
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> _Source:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self._uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> _Source:
+            return cls(source_dict["uri"])
+
+    return _Source(source if scheme else Path(source).resolve().as_uri())
+
+
+def _experiment_id(client: Any, name: str, home: Home, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    # With the local SQLite store, keep artifacts inside the home too.
+    location = home.mlflow_artifacts.as_uri() if uri == home.mlflow_db_uri else None
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def _find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=filt, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def open_pipeline_run(
+    cfg: TrackingConfig, home: Home, run_id: str, run_name: str | None = None
+) -> TrackingRef:
+    """Create (or re-attach to) the parent MLflow run of pipeline run ``run_id``."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(cfg, home)
+    check_reachable(uri, cfg.connect_timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, cfg.experiment, home, uri)
+    tags = {TAG_RUN_ID: run_id, TAG_KIND: "pipeline"}
+    mlflow_id = _find_run(client, exp_id, tags)
+    if mlflow_id is None:
+        run = client.create_run(exp_id, run_name=run_name or run_id, tags=tags)
+        mlflow_id = run.info.run_id
+    else:
+        client.update_run(mlflow_id, status="RUNNING")
+    return TrackingRef(
+        tracking_uri=uri, experiment_id=exp_id, parent_run_id=mlflow_id, run_id=run_id
+    )
+
+
+def pipeline_tracker(ref: TrackingRef) -> MlflowTracker:
+    return MlflowTracker(ref.tracking_uri, ref.parent_run_id)
+
+
+def stage_tracker(ref: TrackingRef, stage: str) -> MlflowTracker:
+    """The nested run of one stage (created, or re-attached to on resume)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    tags = {TAG_RUN_ID: ref.run_id, TAG_STAGE: stage}
+    mlflow_id = _find_run(client, ref.experiment_id, tags)
+    if mlflow_id is None:
+        run = client.create_run(
+            ref.experiment_id,
+            run_name=stage,
+            tags={**tags, TAG_KIND: "stage", "mlflow.parentRunId": ref.parent_run_id},
+        )
+        mlflow_id = run.info.run_id
+    else:
+        client.update_run(mlflow_id, status="RUNNING")
+    return MlflowTracker(ref.tracking_uri, mlflow_id)
+
+
+def run_url(ref: TrackingRef) -> str:
+    """Where a person finds the run: a UI link for servers, the store path locally."""
+    scheme = urllib.parse.urlsplit(ref.tracking_uri).scheme
+    if scheme in ("http", "https"):
+        base = redact_uri(ref.tracking_uri).rstrip("/")
+        return f"{base}/#/experiments/{ref.experiment_id}/runs/{ref.parent_run_id}"
+    return (
+        f"run {ref.parent_run_id} in {redact_uri(ref.tracking_uri)} "
+        f"(browse: mlflow ui --backend-store-uri {redact_uri(ref.tracking_uri)})"
+    )

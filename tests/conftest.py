@@ -1,0 +1,119 @@
+"""Test-session set-up.
+
+Every test shares one SLOTHFLOW_HOME in a temporary folder, activated *before* any
+test module imports Prefect, MLflow or Hugging Face (they read their environment at
+import time), so the suite never writes to $HOME or the working tree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="slothflow-test-home-"))
+os.environ["SLOTHFLOW_HOME"] = str(_SESSION_HOME)
+# Offline by construction: nothing in the suite may reach the Hugging Face Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from tasks import home as home_mod  # noqa: E402
+
+home_mod.activate(_SESSION_HOME)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the GPU device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def session_home() -> home_mod.Home:
+    return home_mod.resolve_home(_SESSION_HOME)
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path) -> home_mod.Home:
+    """A home of the test's own, for tests that inspect what a home contains."""
+    return home_mod.Home(tmp_path / "home")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(home: Path, fake_home: Path) -> dict[str, str]:
+    """Environment for a `slothflow` subprocess: own SLOTHFLOW_HOME and a fake $HOME,
+    with every variable the parent's home set removed, so the child derives them."""
+    derived = set(home_mod.environment_for(home_mod.Home(home)))
+    env = {k: v for k, v in os.environ.items() if k not in derived}
+    env.update(SLOTHFLOW_HOME=str(home), HOME=str(fake_home), HF_HUB_OFFLINE="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` process on loopback (SQLite backend), shared by the session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 (closed in teardown)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(
+                "mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:]
+            )
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from tasks.config import (
+    ConfigError,
+    PipelineConfig,
+    SecretRef,
+    build_config,
+    config_hash,
+    list_recipes,
+    load_config,
+)
+
+RECIPES = list_recipes()
+
+
+def test_shipped_recipes_exist() -> None:
+    assert {p.stem for p in RECIPES} >= {"default", "ci-smoke", "llama3-8b-qlora"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_validates_and_opens_with_its_command(path: Path) -> None:
+    cfg = load_config(str(path))
+    assert isinstance(cfg, PipelineConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# slothflow run"), (
+        f"{path.name} must open with the command that runs it"
+    )
+    if path.stem != "default":
+        assert f"-r {path.stem}" in first
+
+
+def test_gpu_recipe_has_the_seed_hyperparameters() -> None:
+    cfg = load_config("llama3-8b-qlora")
+    t = cfg.train
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.use_rslora) == (16, 16, 0.05, True)
+    assert len(t.lora.target_modules) == 7
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.max_grad_norm) == (
+        2e-4,
+        "cosine",
+        0.03,
+        1.0,
+    )
+    assert (t.micro_batch_size, t.grad_accum, t.num_epochs) == (4, 4, 3)
+    assert (cfg.model.max_seq_length, t.packing, t.optimizer) == (2048, True, "paged_adamw_8bit")
+    assert t.gradient_checkpointing == "unsloth" and cfg.model.load_in_4bit
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"trian": {}}, "trian"),
+        ({"train": {"lora": {"rank": 8}}}, "train.lora.rank"),
+        ({"data": {"val_fraction": 0.1, "colour": 1}}, "data.colour"),
+    ],
+)
+def test_unknown_keys_are_errors_naming_the_key(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config(raw)
+    assert f"{key}: unknown key" in str(exc.value)
+
+
+def test_bad_value_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"train\.backend"):
+        build_config({"train": {"backend": "tensorflow"}})
+    with pytest.raises(ConfigError, match=r"data\.val_fraction"):
+        build_config({"data": {"val_fraction": 1.5}})
+
+
+def test_overrides_apply_parse_yaml_and_validate() -> None:
+    cfg = load_config("default", ["train.max_steps=7", "train.lora.target_modules=[q_proj]"])
+    assert cfg.train.max_steps == 7 and cfg.train.lora.target_modules == ["q_proj"]
+    with pytest.raises(ConfigError, match=r"train\.nope"):
+        load_config("default", ["train.nope=1"])
+    with pytest.raises(ConfigError, match=r"section\.field=value"):
+        load_config("default", ["train.max_steps"])
+
+
+def test_unknown_recipe_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="ci-smoke"):
+        load_config("no-such-recipe")
+
+
+def _walk(model: type[BaseModel], prefix: str = "") -> typing.Iterator[tuple[str, typing.Any]]:
+    for name, field in model.model_fields.items():
+        yield f"{prefix}{name}", field
+        ann = field.annotation
+        for t in (ann, *typing.get_args(ann)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                yield from _walk(t, f"{prefix}{name}.")
+
+
+def test_every_field_has_a_description() -> None:
+    fields = list(_walk(PipelineConfig))
+    assert len(fields) > 60
+    assert [n for n, f in fields if not f.description] == []
+
+
+def test_choices_are_enums_in_the_ui_schema() -> None:
+    schema = PipelineConfig.model_json_schema()
+    backend = schema["$defs"]["TrainConfig"]["properties"]["backend"]
+    assert backend["enum"] == ["auto", "unsloth", "peft"]
+    assert backend["description"]
+
+
+def test_config_hash_is_canonical() -> None:
+    base = load_config("default")
+    raw = yaml.safe_load((RECIPES[0].parent / "default.yaml").read_text())
+    # Spelling out every default, in another key order, hashes the same.
+    spelled = base.model_dump(mode="json")
+    reordered = dict(reversed(list(spelled.items())))
+    assert config_hash(build_config(reordered)) == config_hash(base)
+    # Where results are logged or how the model is served does not count...
+    assert config_hash(
+        load_config("default", ["tracking.experiment=other", "deploy.port=9"])
+    ) == config_hash(base)
+    # ...what is produced does.
+    assert config_hash(load_config("default", ["train.learning_rate=0.002"])) != config_hash(base)
+    assert raw["name"] == base.name
+
+
+def test_secret_ref_holds_names_not_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="variable"):
+        SecretRef(env="hf_abcdefghijklmnopqrstuvwxyz0123456789-!")
+    ref = SecretRef(env="SLOTHFLOW_TEST_SECRET")
+    monkeypatch.delenv("SLOTHFLOW_TEST_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="SLOTHFLOW_TEST_SECRET") as exc:
+        ref.resolve()
+    monkeypatch.setenv("SLOTHFLOW_TEST_SECRET", "s3cr3t-value")
+    assert ref.resolve() == "s3cr3t-value"
+    assert "s3cr3t" not in str(exc.value)

@@ -1,0 +1,56 @@
+import pytest
+
+from tasks.config import ConfigError, load_config
+from tasks.hardware import Probe, decide, probe
+
+CPU = Probe(cuda=False)
+H200 = Probe(
+    cuda=True,
+    cuda_bf16=True,
+    gpu_name="NVIDIA H200",
+    gpu_memory_gb=139.8,
+    unsloth_installed=True,
+    bitsandbytes_installed=True,
+)
+
+
+def test_cpu_default_is_peft_float32_with_reason() -> None:
+    d = decide(load_config("default"), CPU)
+    assert (d.device, d.backend, d.dtype, d.load_in_4bit) == ("cpu", "peft", "float32", False)
+    assert "no CUDA" in d.reason and "bf16" in d.reason
+
+
+def test_this_machine_probe_matches_decision() -> None:
+    d = decide(load_config("ci-smoke"), probe())
+    assert d.device == ("cuda" if probe().cuda else "cpu")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.backend=unsloth"], "needs a CUDA GPU"),
+        (["model.load_in_4bit=true"], "load_in_4bit=true needs CUDA"),
+        (["train.optimizer=paged_adamw_8bit"], "adamw_torch"),
+        (["model.dtype=bfloat16"], "float32"),
+    ],
+)
+def test_cpu_refuses_what_it_cannot_honour(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        decide(load_config("default", overrides), CPU)
+
+
+def test_gpu_recipe_on_h200_uses_unsloth_bf16_4bit() -> None:
+    d = decide(load_config("llama3-8b-qlora"), H200)
+    assert (d.device, d.backend, d.dtype, d.load_in_4bit) == ("cuda", "unsloth", "bfloat16", True)
+    assert "H200" in d.reason
+
+
+def test_auto_without_unsloth_falls_back_to_peft_and_says_why() -> None:
+    no_unsloth = Probe(
+        cuda=True, cuda_bf16=False, gpu_name="T4", gpu_memory_gb=15.0, bitsandbytes_installed=True
+    )
+    d = decide(load_config("default", ["train.backend=auto"]), no_unsloth)
+    assert (d.backend, d.dtype) == ("peft", "float16")
+    assert "Unsloth not installed" in d.reason
+    with pytest.raises(ConfigError, match="unsloth is not installed"):
+        decide(load_config("default", ["train.backend=unsloth"]), no_unsloth)

@@ -1,0 +1,122 @@
+"""Tracking against real MLflow stores: SQLite in the home, and an `mlflow server` process."""
+
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+from tasks.config import TrackingConfig, load_config
+from tasks.home import Home
+from tasks.refs import RunContext
+from tasks.run import open_run, stage
+
+
+def _sqlite_cfg(tmp_path: Path) -> TrackingConfig:
+    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t")
+
+
+def test_parent_and_nested_stage_runs_reattach_on_resume(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    cfg = _sqlite_cfg(tmp_path)
+    ref = tracking.open_pipeline_run(cfg, home, run_id="r1")
+    t = tracking.stage_tracker(ref, "data")
+    t.log_params({"a": 1})
+    t.log_metrics({"loss": 2.0}, step=3)
+    t.end()
+    # Same slothflow run id -> the same MLflow runs, not new ones.
+    ref2 = tracking.open_pipeline_run(cfg, home, run_id="r1")
+    t2 = tracking.stage_tracker(ref2, "data")
+    assert (ref2.parent_run_id, t2.mlflow_run_id) == (ref.parent_run_id, t.mlflow_run_id)
+    t2.log_params({"a": 1})  # re-logging the same value on resume is fine
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.get_run(t.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == ref.parent_run_id
+    assert run.data.tags[tracking.TAG_STAGE] == "data"
+    assert [m.step for m in client.get_metric_history(t.mlflow_run_id, "loss")] == [3]
+    other = tracking.open_pipeline_run(cfg, home, run_id="r2")
+    assert other.parent_run_id != ref.parent_run_id
+
+
+def test_dataset_input_records_full_content_hash(tmp_path: Path) -> None:
+    cfg = _sqlite_cfg(tmp_path)
+    ref = tracking.open_pipeline_run(cfg, Home(tmp_path), run_id="r1")
+    t = tracking.stage_tracker(ref, "data")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"a": 1}\n')
+    digest = "ab" * 32
+    t.log_input("train", str(data), digest, context="training", num_rows=1)
+    run = MlflowClient(cfg.tracking_uri).get_run(t.mlflow_run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "train" and inp.dataset.digest == digest[:16]
+    assert inp.dataset.source == data.resolve().as_uri() or data.name in inp.dataset.source
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert run.data.params["data.train.sha256"] == digest
+
+
+def test_unreachable_server_fails_fast_with_clear_message(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    cfg = TrackingConfig(
+        tracking_uri=f"http://user:pw@127.0.0.1:{free_port()}", connect_timeout_s=2
+    )
+    t0 = time.time()
+    with pytest.raises(tracking.TrackingUnavailableError, match="unreachable") as exc:
+        tracking.open_pipeline_run(cfg, Home(tmp_path), run_id="x")
+    assert time.time() - t0 < 10
+    assert "pw" not in str(exc.value) and "***" in str(exc.value)
+
+
+def test_open_run_logs_config_hash_hardware_and_code(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    cfg = load_config("ci-smoke", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    ctx = open_run(cfg, home)
+    assert isinstance(ctx, RunContext)
+    with stage(ctx, "data") as t:
+        t.log_metrics({"rows": 5})
+    ref = tracking.TrackingRef.model_validate(ctx.tracking)
+    client = MlflowClient(ref.tracking_uri)
+    parent = client.get_run(ref.parent_run_id)
+    assert parent.data.params["config_hash"] == ctx.config_hash
+    assert parent.data.params["hardware.backend"] == "peft"
+    assert parent.data.tags["mlflow.source.git.commit"] == ctx.code_version
+    assert parent.data.params["train.max_steps"] == "6"
+    (child,) = client.search_runs(
+        [ref.experiment_id], f"tags.`mlflow.parentRunId` = '{ref.parent_run_id}'"
+    )
+    assert child.info.status == "FINISHED" and child.data.metrics["rows"] == 5
+    # A failing stage is marked FAILED and the error propagates.
+    with pytest.raises(RuntimeError), stage(ctx, "train"):
+        raise RuntimeError("boom")
+    failed = client.search_runs([ref.experiment_id], "tags.`slothflow.stage` = 'train'")[0]
+    assert failed.info.status == "FAILED"
+    # Resume needs the same config.
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="started with config"):
+        open_run(load_config("ci-smoke", ["train.max_steps=9"]), home, resume_run_id=ctx.run_id)
+    again = open_run(cfg, home, resume_run_id="last")
+    assert again.run_id == ctx.run_id and again.tracking == ctx.tracking
+
+
+def test_remote_mlflow_server_process(mlflow_server: str, tmp_path: Path) -> None:
+    cfg = TrackingConfig(tracking_uri=mlflow_server, experiment="remote")
+    ref = tracking.open_pipeline_run(cfg, Home(tmp_path), run_id="remote-1")
+    t = tracking.stage_tracker(ref, "data")
+    f = tmp_path / "report.json"
+    f.write_text("{}")
+    t.log_artifact(f, "reports")
+    t.log_metrics({"kept": 10.0}, step=1)
+    t.end()
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(t.mlflow_run_id).data.metrics["kept"] == 10.0
+    assert [a.path for a in client.list_artifacts(t.mlflow_run_id, "reports")] == [
+        "reports/report.json"
+    ]
+    assert tracking.run_url(ref).startswith(mlflow_server)
+
+
+def test_redact_uri() -> None:
+    assert tracking.redact_uri("postgresql://u:secret@db:5432/m") == "postgresql://u:***@db:5432/m"
+    assert tracking.redact_uri("sqlite:///x.db") == "sqlite:///x.db"
