@@ -37,7 +37,9 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
     logger.info("run %s (config %s) — %s", ctx.run_id, ctx.config_hash[:12], ctx.hardware["reason"])
     results: dict[str, Any] = {}
     try:
-        # Stages plug in here, each a task taking `ctx` and the refs of earlier stages.
+        # Stages plug in here in pipeline order, each a task taking `ctx` and the refs
+        # of earlier stages:
+        #   base -> data -> train -> export -> evaluate -> gate -> register -> serve
         pass
     except BaseException:
         run_mod.finish(ctx, "FAILED", {"completed_stages": sorted(results)})

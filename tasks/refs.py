@@ -105,3 +105,47 @@ def mark_done(stage_dir: Path, inputs_hash: str, ref: BaseModel) -> None:
     write_json_atomic(
         stage_dir / MARKER, {"inputs_hash": inputs_hash, "ref": ref.model_dump(mode="json")}
     )
+
+
+# --------------------------------------------------------------------------- stage references
+# The contracts between stages. Each stage module returns one of these; the flow
+# passes them on. Fields are paths/URIs, hashes and small numbers only.
+
+
+class BaseModelRef(StageRef):
+    """The resolved base model (stage ``base``): what ``from_pretrained`` gets."""
+
+    name_or_path: str  # local folder or hub id, passed to from_pretrained as-is
+    revision: str  # hub commit sha, or "sha256:<hex>" content hash of a local folder
+    tokenizer_path: str  # folder or hub id for AutoTokenizer (the data stage's length filter)
+    chat_template_sha256: str  # hash of the chat template the model is trained with
+    license: str | None = None
+
+
+class DataRef(StageRef):
+    """Cleaned, deduplicated, split data (stage ``data``).
+
+    ``train_path`` / ``validation_path`` are JSONL files of chat-shaped rows
+    (``{"id": ..., "messages": [{"role", "content"}, ...]}``) that ``datasets`` loads
+    with ``load_dataset("json", data_files=...)``.
+    """
+
+    train_path: str
+    validation_path: str
+    fingerprint: str  # sha256 of the canonical cleaned content (caching, new-data detection)
+    train_rows: int
+    validation_rows: int
+    report_path: str  # report.json
+
+
+class TrainRef(StageRef):
+    """A trained adapter (stage ``train``): the *best* checkpoint by eval loss."""
+
+    adapter_path: str  # PEFT adapter folder: adapter_model.safetensors + adapter_config.json
+    tokenizer_path: str
+    base: BaseModelRef
+    data_fingerprint: str
+    config_hash: str
+    backend: str  # "peft" or "unsloth"
+    best_step: int
+    metrics: dict[str, float]

@@ -1,0 +1,179 @@
+"""The embedded default base model: a tiny Llama built on the spot, no download.
+
+A byte-level BPE tokenizer is trained on the shipped sample's raw text (digits split,
+special tokens for the chat roles), wrapped as a ``PreTrainedTokenizerFast`` with a
+Jinja chat template that carries ``{% generation %}`` markers (TRL's assistant-only
+loss reads them), plus a randomly initialised ``LlamaForCausalLM`` of the configured
+shape. Both are saved with ``save_pretrained`` (safetensors), so every later stage
+loads them through the ordinary ``from_pretrained(path)`` code path.
+
+The build is cached under ``SLOTHFLOW_HOME/models/`` by a hash of the sample's
+content, the shape and the builder version: the data stage's token-length filter
+and the trainer see the same tokenizer without depending on each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.config import REPO_ROOT, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1"
+SAMPLE_FILES = (
+    REPO_ROOT / "data" / "sample" / "topics_chat.jsonl",
+    REPO_ROOT / "data" / "sample" / "topics_alpaca.jsonl",
+)
+BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]
+
+# Generation markers wrap exactly the assistant's answer and its end token, so the
+# assistant-only loss also teaches the model to stop.
+CHAT_TEMPLATE = (
+    "{{- '" + BOS + "' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{- '<|system|>' + message['content'] + '" + EOS + "' -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '<|user|>' + message['content'] + '" + EOS + "' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>' -}}"
+    "{% generation %}{{- message['content'] + '" + EOS + "' -}}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+
+def sample_texts(files: tuple[Path, ...] = SAMPLE_FILES) -> Iterator[str]:
+    """Every string in the sample files (JSON lines), the tokenizer's training text."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    yield from _strings(json.loads(line))
+                except ValueError:
+                    yield line
+
+
+def _strings(obj: object) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def build_key(cfg: TinyModelConfig, files: tuple[Path, ...] = SAMPLE_FILES) -> str:
+    h = hashlib.sha256()
+    h.update(BUILDER_VERSION.encode())
+    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    for p in files:
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits one by one: numbers tokenize the same way whatever their neighbours.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build(cfg: TinyModelConfig, out_dir: Path) -> Path:
+    """Build tokenizer + random tiny Llama into ``out_dir`` (safetensors)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(sample_texts(), cfg.vocab_size)
+    model_cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        model = LlamaForCausalLM(model_cfg)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "LICENSE.txt").write_text(
+        "Randomly initialised by slothflow from the shipped sample; Apache-2.0.\n"
+    )
+    return out_dir
+
+
+def ensure_built(cfg: TinyModelConfig, models_dir: Path) -> Path:
+    """The cached build for this shape and sample, building it first if needed.
+
+    Built in a temporary folder and renamed into place, so a crash or a concurrent
+    builder never leaves a half-written model behind.
+    """
+    final = models_dir / f"tiny-llama-{build_key(cfg)}"
+    if (final / "model.safetensors").exists():
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=models_dir, prefix=".build-"))
+    try:
+        log.info("building the embedded tiny Llama (%s) in %s", cfg.model_dump(), final.name)
+        build(cfg, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
