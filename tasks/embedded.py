@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tasks.config import REPO_ROOT, TinyModelConfig
 
@@ -85,7 +86,7 @@ def build_key(cfg: TinyModelConfig, files: tuple[Path, ...] = SAMPLE_FILES) -> s
     return h.hexdigest()[:16]
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int):  # type: ignore[no-untyped-def]
+def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
