@@ -92,6 +92,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers form a group we can stop together
     )
     uri = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -111,9 +112,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             )
         time.sleep(0.5)
     yield uri
-    proc.terminate()
+    import signal
+
+    # SIGINT stops uvicorn at once; MLflow's job-runner children (huey) ignore it for
+    # ~10 s, and a throwaway test server needs no graceful drain: SIGKILL the group.
+    os.killpg(proc.pid, signal.SIGINT)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     log.close()
