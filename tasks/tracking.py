@@ -312,8 +312,13 @@ def _experiment_id(client: Any, name: str, home: Home, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
-    # With the local SQLite store, keep artifacts inside the home too.
-    location = home.mlflow_artifacts.as_uri() if uri == home.mlflow_db_uri else None
+    # A SQLite store has no server to decide where artifacts go; MLflow would fall back
+    # to ./mlruns in whatever the working directory is. Keep them beside the database.
+    location = None
+    if uri == home.mlflow_db_uri:
+        location = home.mlflow_artifacts.as_uri()
+    elif uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     return str(client.create_experiment(name, artifact_location=location))
 
 

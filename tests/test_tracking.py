@@ -120,3 +120,15 @@ def test_remote_mlflow_server_process(mlflow_server: str, tmp_path: Path) -> Non
 def test_redact_uri() -> None:
     assert tracking.redact_uri("postgresql://u:secret@db:5432/m") == "postgresql://u:***@db:5432/m"
     assert tracking.redact_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # MLflow's fallback would be ./mlruns here
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}", experiment="a")
+    ref = tracking.open_pipeline_run(cfg, Home(tmp_path / "home"), run_id="r")
+    t = tracking.stage_tracker(ref, "data")
+    t.log_text("hello", "note.txt")
+    assert (tmp_path / "db" / "artifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists()
