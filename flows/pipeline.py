@@ -1,8 +1,11 @@
 """The pipeline flow: it only composes stage tasks.
 
 One parameter, a ``PipelineConfig``, so the Prefect UI renders the whole recipe as a
-form with every field's description as help text. Each stage issue adds its task
-here; there is no other runner.
+form with every field's description as help text. Stages hand each other small
+references (paths + hashes); each stage task reuses its own finished result when a
+run is resumed. There is no other runner: ``slothflow run`` calls this flow.
+
+    base -> data -> train -> export -> evaluate -> gate -> register -> serve
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ from prefect import flow, get_run_logger
 from tasks import home as home_mod
 from tasks import run as run_mod
 from tasks import tracking
+from tasks.base_model import prepare_base_task
 from tasks.config import PipelineConfig
+from tasks.data import clean_task
+from tasks.deploy import deploy_task, summary_lines
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.gate import gate_task
+from tasks.registry import register_task
+from tasks.train import train_task
 
 log = logging.getLogger(__name__)
 
-# Stages in pipeline order. Later issues append theirs (data, train, export,
-# evaluate, gate, register, serve) and wire them in `pipeline` below.
-STAGES: list[str] = []
+STAGES = ["base", "data", "train", "export", "evaluate", "gate", "register", "serve"]
 
 
 @flow(name="slothflow-pipeline", log_prints=True, validate_parameters=True)
@@ -36,15 +45,7 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
     ctx = run_mod.open_run(config, home, resume_run_id)
     logger.info("run %s (config %s) — %s", ctx.run_id, ctx.config_hash[:12], ctx.hardware["reason"])
     results: dict[str, Any] = {}
-    try:
-        # Stages plug in here in pipeline order, each a task taking `ctx` and the refs
-        # of earlier stages:
-        #   base -> data -> train -> export -> evaluate -> gate -> register -> serve
-        pass
-    except BaseException:
-        run_mod.finish(ctx, "FAILED", {"completed_stages": sorted(results)})
-        raise
-    summary = {
+    summary: dict[str, Any] = {
         "run_id": ctx.run_id,
         "run_dir": ctx.run_dir,
         "config_hash": ctx.config_hash,
@@ -53,5 +54,77 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
     }
     if ctx.tracking:
         summary["mlflow"] = tracking.run_url(tracking.TrackingRef.model_validate(ctx.tracking))
+    try:
+        base = prepare_base_task(ctx, config.model)
+        results["base"] = {"model": base.name_or_path, "revision": base.revision[:19]}
+
+        previous = run_mod.previous_output(home, ctx, config.name, "data", "manifest.jsonl")
+        data = clean_task(ctx, config.data, base.tokenizer_path, previous)
+        results["data"] = {
+            "train": data.train_rows,
+            "validation": data.validation_rows,
+            "fingerprint": data.fingerprint[:12],
+        }
+
+        trained = train_task(ctx, config, base, data)
+        results["train"] = {
+            "best_step": trained.best_step,
+            **_rounded(trained.metrics, "eval_loss"),
+        }
+
+        exported = export_task(ctx, config, trained, data)
+        results["export"] = {
+            "merged": exported.merged_path,
+            "parity_max_abs_diff": exported.parity_max_abs_diff,
+        }
+
+        ev = evaluate_task(ctx, config, data, exported)
+        metric = ev.primary_metric
+        results["evaluate"] = {
+            label: round(scores[metric], 4)
+            for label, scores in ev.scores.items()
+            if metric in scores
+        } | {"items": ev.n_items}
+
+        decision = gate_task(ctx, config, ev)
+        summary["gate"] = {
+            "passed": decision.passed,
+            "reasons": decision.reasons,
+            "metric": metric,
+            "candidate": decision.candidate,
+            "base": decision.base,
+            "champion": decision.champion,
+        }
+        if not decision.passed:
+            # Registration and serving stop here; every artifact so far is kept.
+            run_mod.finish(ctx, "FINISHED", summary)
+            return summary
+
+        registered = register_task(ctx, config, exported, ev, decision)
+        if registered is not None:
+            results["register"] = {
+                "model": f"{registered.name}/{registered.version}",
+                "alias": registered.alias,
+            }
+
+        if config.deploy.enabled:
+            spec = f"{registered.name}/{registered.version}" if registered else exported
+            served = deploy_task(
+                ctx,
+                config.deploy,
+                spec,
+                heldout_path=data.validation_path,
+                expected_score=ev.scores[ev.candidate].get(metric),
+            )
+            if served is not None:
+                results["serve"] = {"endpoint": served.endpoint}
+                summary["serving"] = summary_lines(served)
+    except BaseException:
+        run_mod.finish(ctx, "FAILED", {**summary, "completed_stages": sorted(results)})
+        raise
     run_mod.finish(ctx, "FINISHED", summary)
     return summary
+
+
+def _rounded(metrics: dict[str, float], *keys: str) -> dict[str, float]:
+    return {k: round(metrics[k], 4) for k in keys if k in metrics}

@@ -33,6 +33,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate recipes.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(
+    help="Clean instruction data (the pipeline's data stage).", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
 
 RecipeOpt = Annotated[
     str,
@@ -114,10 +118,10 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run the whole pipeline (data -> train -> evaluate -> export -> serve) as a Prefect flow.
+    """Run the whole pipeline as a Prefect flow: base model -> data -> train -> export -> evaluate
+    -> gate -> register -> serve.
 
-    With no options it runs the embedded default: a tiny model built on the spot, local
-    MLflow on SQLite and Prefect without a server.
+    With no options it runs the embedded default: a tiny model built on the spot, local MLflow on SQLite and Prefect without a server.
     """
     with _friendly_errors():
         cfg = _load(recipe, set_)
@@ -147,6 +151,10 @@ def run(
                     )
                 raise typer.Exit(1) from None
     _print_summary(summary)
+    if summary.get("gate") and not summary["gate"]["passed"]:
+        # A finished run whose model was not promoted: distinct from a crash (1) and a
+        # bad config (2), so schedulers and scripts can tell them apart.
+        raise typer.Exit(3)
 
 
 def _last_run(home: home_mod.Home) -> str | None:
@@ -157,8 +165,15 @@ def _last_run(home: home_mod.Home) -> str | None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     # Plain lines, never wrapped or truncated: paths and URIs must stay copy-pasteable.
+    gate = summary.get("gate")
+    failed = gate is not None and not gate["passed"]
+    head = (
+        "[bold yellow]pipeline finished, gate FAILED[/]"
+        if failed
+        else "[bold green]pipeline finished[/]"
+    )
     lines = [
-        f"[bold green]pipeline finished[/]: run {summary['run_id']}",
+        f"{head}: run {summary['run_id']}",
         f"  outputs:     {summary['run_dir']}",
         f"  config hash: {summary['config_hash'][:12]}",
         f"  hardware:    {summary['hardware']}",
@@ -166,8 +181,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lines += [
         f"  {stage + ':':<12} {_short(ref)}" for stage, ref in summary.get("stages", {}).items()
     ]
+    if gate is not None:
+        champion = "" if gate["champion"] is None else f", champion {gate['champion']:.4f}"
+        lines.append(
+            f"  gate:        {'PASSED' if gate['passed'] else 'FAILED'} — {gate['metric']} "
+            f"candidate {gate['candidate']:.4f} vs base {gate['base']:.4f}{champion}"
+        )
+        lines += [f"               - {reason}" for reason in gate["reasons"]]
     if "mlflow" in summary:
         lines.append(f"  MLflow:      {summary['mlflow']}")
+    lines += summary.get("serving", [])
     for line in lines:
         out.print(line, soft_wrap=True, highlight=False)
 
@@ -254,6 +277,86 @@ def config_schema() -> None:
     from tasks.config import PipelineConfig
 
     sys.stdout.write(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
+
+
+@data_app.command("clean")
+def data_clean(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Input files or fsspec URLs (JSONL, JSON, CSV, Parquet, saved datasets "
+            "folder); they replace data.sources of the recipe."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="Tokenizer folder (or hub id) for the token-length filter; without it the "
+            "filter is skipped, and the report says so.",
+        ),
+    ] = None,
+    previous: Annotated[
+        Path | None,
+        typer.Option(
+            "--previous",
+            help="manifest.jsonl (or output folder) of an earlier run: its rows win every "
+            "duplicate tie and keep their split.",
+        ),
+    ] = None,
+) -> None:
+    """Read, normalise, validate, quarantine, deduplicate and split instruction data."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from tasks.data import DataError, SourceError, clean
+
+    with _friendly_errors():
+        cfg = _load(recipe, [*(set_ or []), f"data.sources={json.dumps(inputs)}"]).data
+        tasks: dict[str, Any] = {}
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console
+        ) as bar:
+
+            def progress(source: str, done: int, total: int | None) -> None:
+                if source not in tasks:
+                    tasks[source] = bar.add_task(f"reading {source}", total=total)
+                bar.update(tasks[source], completed=done)
+
+            try:
+                ref = clean(cfg, out_dir, tokenizer, previous, progress=progress)
+            except (DataError, SourceError) as exc:
+                console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                raise typer.Exit(2) from None
+    report = json.loads(Path(ref.report_path).read_text())
+    rejected = sum(report["rejected"].values())
+    for line in [
+        f"[bold green]cleaned[/]: {report['input_records']} rows in, {report['kept_records']} "
+        f"kept (train {ref.train_rows}, validation {ref.validation_rows}), {rejected} rejected",
+        *(f"  {k}: {v}" for k, v in report["rejected"].items()),
+        f"  report:      {out_dir / 'report.md'}",
+        f"  fingerprint: {ref.fingerprint}",
+    ]:
+        out.print(line, soft_wrap=True, highlight=False)
+
+
+# Issue 6: evaluation alone and the model registry (defined in cli_models, wired here).
+from slothflow.cli_models import evaluate_cmd, models_app  # noqa: E402
+
+app.command("evaluate")(evaluate_cmd)
+app.add_typer(models_app, name="models")
+
+# Issue 7: serving with vLLM (defined in cli_serve, wired here).
+from slothflow.cli_serve import serve_app  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
+
+# Issue 4: the base + train stages alone (defined in cli_train, wired here).
+from slothflow.cli_train import train_cmd  # noqa: E402
+
+app.command("train")(train_cmd)
 
 
 if __name__ == "__main__":

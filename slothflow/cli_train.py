@@ -1,0 +1,89 @@
+"""``slothflow train``: the base and train stages alone, on an already-cleaned data folder.
+
+Opened with :func:`tasks.run.open_run` and recorded with :func:`tasks.run.stage`, so a
+stage run by hand lands in MLflow exactly like one run by the pipeline; re-running
+with ``--run-id`` resumes it (finished stages reused, training from its last
+complete checkpoint, the same MLflow runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tasks import home as home_mod
+
+# The same options as the other commands; spelled out here because cli.py imports this
+# module while it is being imported itself (importing them back would be a cycle).
+RecipeOpt = Annotated[
+    str,
+    typer.Option(
+        "--recipe", "-r", help="Recipe name (see `slothflow config list`) or path to a YAML file."
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override one field, e.g. --set train.max_steps=20 (repeatable)."
+    ),
+]
+
+
+def train_cmd(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Cleaned data folder: train.jsonl and validation.jsonl of chat rows (what "
+            "the data stage / `slothflow data clean` writes).",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id",
+            help="Resume this run (same config): training continues from its last complete "
+            "checkpoint. Default: a new run.",
+        ),
+    ] = None,
+) -> None:
+    """Fine-tune the recipe's base model on DATA (stages base + train), tracked in MLflow."""
+    from slothflow.cli import _friendly_errors, _load, console, out  # late: cli imports us
+
+    with _friendly_errors():
+        cfg = _load(recipe, set_)
+        home = home_mod.resolve_home()
+        with home_mod.exclusive(home, f"slothflow train --recipe {recipe}"):
+            from tasks.base_model import prepare_base_in_run
+            from tasks.run import finish, open_run, preflight
+            from tasks.train import data_ref_from_folder, train_in_run
+
+            preflight(cfg, home)
+            data_ref = data_ref_from_folder(data)
+            ctx = open_run(cfg, home, resume_run_id=run_id)
+            console.print(f"run [bold]{ctx.run_id}[/] — {ctx.hardware['reason']}", highlight=False)
+            try:
+                base = prepare_base_in_run(ctx, cfg.model)
+                ref = train_in_run(ctx, cfg, base, data_ref)
+            except BaseException:
+                finish(ctx, "FAILED", {"completed_stages": []})
+                console.print(
+                    f"Resume with: [bold]slothflow train --data {data} -r {recipe} "
+                    f"--run-id {ctx.run_id}[/]"
+                )
+                raise
+            finish(ctx, "FINISHED", {"run_id": ctx.run_id, "train": ref.model_dump(mode="json")})
+    for line in [
+        f"[bold green]trained[/]: run {ctx.run_id}",
+        f"  adapter:     {ref.adapter_path}",
+        f"  best step:   {ref.best_step} (eval loss {ref.metrics['best_eval_loss']:.4f})",
+        f"  base:        {ref.base.name_or_path} @ {ref.base.revision}",
+    ]:
+        out.print(line, soft_wrap=True, highlight=False)

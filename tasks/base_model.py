@@ -1,0 +1,223 @@
+"""Stage ``base``: resolve the base model to something ``from_pretrained`` loads.
+
+Three sources, one code path afterwards:
+
+- ``embedded:tiny-llama``: built on the spot by :mod:`tasks.embedded` (no download);
+- a local folder: loaded as it is, its revision a content hash;
+- a hub id (``org/name``): the real ``from_pretrained(repo_id, revision=commit)``;
+  offline (``HF_HUB_OFFLINE=1``) it reads the Hugging Face cache layout
+  (``HF_HOME/hub/models--org--name/snapshots/<commit>``).
+
+Weights load from safetensors only and ``trust_remote_code`` is never on: a model
+that needs its own Python code, or ships only pickles, is refused here rather than
+executed. The chat template is the tokenizer's own or ``model.chat_template``; a
+tokenizer with neither is a configuration error (the trainer needs one to render
+chat rows and to find the answer tokens for the assistant-only loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tasks import embedded
+from tasks.config import EMBEDDED_MODEL, REPO_ROOT, ConfigError, ModelConfig
+from tasks.home import Home
+from tasks.orchestration import stage_task
+from tasks.refs import BaseModelRef, RunContext, load_done, mark_done, sha256_json
+from tasks.revision import is_hub_id, resolve_revision
+from tasks.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+STAGE = "base"
+#: Passed to every ``from_pretrained`` in slothflow; a test asserts it never changes.
+LOAD_KWARGS: dict[str, Any] = {"trust_remote_code": False}
+
+
+def hub_load_revision(base: BaseModelRef) -> str | None:
+    """The ``revision=`` to pass to ``from_pretrained``: the commit for hub ids, nothing for
+    folders (whose recorded revision is a content hash, not something the Hub knows)."""
+    return base.revision if is_hub_id(base.name_or_path) else None
+
+
+def _hub_snapshot(repo_id: str, commit: str) -> Path | None:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    snap = Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+    return snap if snap.is_dir() else None
+
+
+def _check_loadable_folder(folder: Path, field: str = "model.name_or_path") -> None:
+    """Refuse folders we must not or cannot load: pickled weights only, or custom code."""
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(
+            f"{field}: {folder} has no *.safetensors weights; slothflow loads safetensors "
+            "only (pickled .bin weights can run code when loaded). Convert the weights first."
+        )
+    config = folder / "config.json"
+    if config.exists():
+        blob = json.loads(config.read_text(encoding="utf-8"))
+        if "auto_map" in blob:
+            raise ConfigError(
+                f"{field}: {folder} declares custom model code (config.json auto_map); "
+                "slothflow never enables trust_remote_code. Use a model that transformers "
+                "supports natively."
+            )
+
+
+def _read_template_file(path_str: str) -> str:
+    p = Path(path_str)
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.is_file():
+            return c.read_text(encoding="utf-8")
+    raise ConfigError(f"model.chat_template: file not found: {path_str}")
+
+
+def template_text(template: str | dict[str, str] | None) -> str | None:
+    """The tokenizer's chat template as one string (some tokenizers carry several, by name)."""
+    if template is None or isinstance(template, str):
+        return template
+    return template.get("default") or json.dumps(template, sort_keys=True)
+
+
+def _license(folder: Path | None, name_or_path: str) -> str | None:
+    if name_or_path == EMBEDDED_MODEL:
+        return "Apache-2.0"
+    if folder is None:
+        return None
+    readme = folder / "README.md"
+    if readme.is_file():
+        # Model cards carry the licence in their YAML front matter.
+        m = re.search(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8"), re.S)
+        if m:
+            lic = re.search(r"^license:\s*(\S+)", m.group(1), re.M)
+            if lic:
+                return lic.group(1).strip("'\"")
+    return None
+
+
+def _save_tokenizer_with_template(
+    tokenizer: Any, template: str, models_dir: Path, key: str
+) -> Path:
+    """A copy of the tokenizer that carries the configured template, keyed by content, so
+    the data stage's length filter and the trainer both load the very same one."""
+    final = models_dir / f"tokenizer-{key[:16]}"
+    if (final / "tokenizer_config.json").exists():
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=models_dir, prefix=".tok-"))
+    try:
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "tokenizer_config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prepare_base(cfg: ModelConfig, home: Home, tracker: Tracker = NullTracker()) -> BaseModelRef:
+    """Resolve ``cfg.name_or_path`` to a loadable base: location, revision, chat template."""
+    from transformers import AutoTokenizer
+
+    name = cfg.name_or_path
+    folder: Path | None
+    if name == EMBEDDED_MODEL:
+        folder = embedded.ensure_built(cfg.embedded, home.models)
+        name_or_path = str(folder)
+        revision = resolve_revision(name_or_path)
+        load_rev = None
+    elif Path(name).is_dir():
+        folder = Path(name).resolve()
+        name_or_path = str(folder)
+        _check_loadable_folder(folder)
+        revision = resolve_revision(name_or_path)
+        load_rev = None
+    elif is_hub_id(name):
+        name_or_path = name
+        revision = resolve_revision(name, cfg.revision)
+        load_rev = revision
+        folder = _hub_snapshot(name, revision)
+        if folder is not None:
+            _check_loadable_folder(folder)
+    else:
+        raise ConfigError(
+            f"model.name_or_path={name!r} is neither {EMBEDDED_MODEL!r}, an existing folder, "
+            "nor a hub id (org/name)"
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=load_rev, **LOAD_KWARGS)
+    tokenizer_path = name_or_path
+    if cfg.chat_template is not None:
+        template = _read_template_file(cfg.chat_template)
+        key = sha256_json({"base": name_or_path, "revision": revision, "template": template})
+        tokenizer_path = str(_save_tokenizer_with_template(tokenizer, template, home.models, key))
+    else:
+        own = template_text(tokenizer.chat_template)
+        if not own:
+            raise ConfigError(
+                f"the tokenizer of {name} has no chat template; set model.chat_template to a "
+                "Jinja template file (with {% generation %} markers for the assistant-only loss)"
+            )
+        template = own
+
+    ref = BaseModelRef(
+        stage=STAGE,
+        path=str(folder) if folder is not None else name_or_path,
+        name_or_path=name_or_path,
+        revision=revision,
+        tokenizer_path=tokenizer_path,
+        chat_template_sha256=hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        license=_license(folder, name),
+    )
+    tracker.log_params(
+        {
+            "base.name_or_path": name,
+            "base.revision": revision,
+            "base.chat_template_sha256": ref.chat_template_sha256,
+            "base.license": str(ref.license),
+        }
+    )
+    tracker.log_text(template, "chat_template.jinja")
+    log.info("base model %s @ %s", name, revision[:19])
+    return ref
+
+
+def prepare_base_in_run(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
+    """``prepare_base`` inside a run: tracked as stage ``base``, skipped when already done.
+
+    The embedded build and hub revisions are cheap to re-check, but a finished stage is
+    still reused so a resumed run records the very same base it started with.
+    """
+    from tasks import run as run_mod
+    from tasks.home import resolve_home
+
+    out = ctx.stage_dir(STAGE)
+    inputs = sha256_json({"model": cfg.model_dump(mode="json")})
+    done = load_done(out, inputs, BaseModelRef)
+    if done is not None and Path(done.path).exists():
+        log.info("base: reusing %s", done.name_or_path)
+        return done
+    with run_mod.stage(ctx, STAGE) as tracker:
+        ref = prepare_base(cfg, resolve_home(), tracker)
+    mark_done(out, inputs, ref)
+    return ref
+
+
+@stage_task(name="base", retries=2, retry_delay_seconds=5)
+def prepare_base_task(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
+    """Prefect task of stage ``base``. Retries cover a flaky Hub when online; offline
+    errors are configuration errors and fail the same way on every try."""
+    return prepare_base_in_run(ctx, cfg)

@@ -1,0 +1,30 @@
+"""The data stage: read any common SFT format, normalise, validate, quarantine,
+deduplicate, split and report.
+
+- :func:`clean` -- the plain function (unit tests and ``slothflow data clean`` call it);
+- :func:`clean_task` -- the Prefect task the pipeline flow calls;
+- ``read`` (streaming readers), ``rows`` (per-row rules), ``dedup`` (near-duplicates),
+  ``clean`` (the three passes and the reports).
+"""
+
+from tasks.data.clean import (
+    DataError,
+    clean,
+    clean_task,
+    inputs_hash,
+    load_manifest,
+    split_of,
+)
+from tasks.data.read import SourceError
+from tasks.data.rows import REASONS
+
+__all__ = [
+    "REASONS",
+    "DataError",
+    "SourceError",
+    "clean",
+    "clean_task",
+    "inputs_hash",
+    "load_manifest",
+    "split_of",
+]

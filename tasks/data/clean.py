@@ -1,0 +1,741 @@
+"""The data stage: :func:`clean` does the work; :func:`clean_task` wraps it for Prefect.
+
+Three streaming passes, so memory holds per-row *metadata* (ids, lengths, MinHash
+signatures), never the rows themselves:
+
+1. read -> normalise -> validate -> scrub PII -> exact dedup -> token-length filter,
+   survivors spooled to a temporary JSONL file in ``out_dir``;
+2. near-duplicates over the spool (rows of the previous manifest first, so they win);
+3. survivors split by a salted hash of their id and written out.
+
+Every input row ends in exactly one place: a split or ``rejected.jsonl`` (reason,
+source, line). ``report.json`` checks that identity before the stage returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+from tasks.config import DataConfig
+from tasks.data import dedup
+from tasks.data.read import (
+    PREVIEW_BYTES,
+    ProgressFn,
+    RawRecord,
+    Source,
+    SourceError,
+    read,
+    resolve,
+    source_sha256,
+)
+from tasks.data.rows import (
+    REASONS,
+    Message,
+    Reject,
+    canonical,
+    content_text,
+    prompt_and_answer,
+    row_id,
+    scrub,
+    scrub_messages,
+    to_messages,
+)
+from tasks.orchestration import stage_task
+from tasks.refs import (
+    DataRef,
+    RunContext,
+    load_done,
+    mark_done,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
+from tasks.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the cleaning rules change what a given input produces (part of the
+#: stage's inputs hash, so old completions are not reused across rule changes).
+CLEAN_VERSION = 1
+TOKENIZE_BATCH = 1024
+#: Longest text kept for a quarantined row whose JSON parsed (line-based rows are
+#: already bounded by max_line_bytes).
+MAX_REJECTED_TEXT = 100_000
+
+TRAIN = "train.jsonl"
+VALIDATION = "validation.jsonl"
+REJECTED = "rejected.jsonl"
+MANIFEST = "manifest.jsonl"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+HISTOGRAM = "token_lengths.png"
+_SPOOL = ".spool.jsonl"
+
+
+class DataError(ValueError):
+    """The cleaned data cannot feed training (no rows left, empty validation split)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def split_of(rid: str, salt: str, val_fraction: float) -> str:
+    """``"validation"`` or ``"train"`` from a salted hash of the row id alone, so adding or
+    removing other rows never moves a row to the other split."""
+    h = hashlib.sha256(f"{salt}\0{rid}".encode()).digest()
+    return "validation" if int.from_bytes(h[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def load_manifest(path: Path) -> set[str]:
+    """Row ids accepted by an earlier run (its ``manifest.jsonl``, or its output folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.exists():
+        raise SourceError(f"previous manifest not found: {path}")
+    ids: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                ids.add(json.loads(line)["id"])
+    return ids
+
+
+def load_tokenizer(tokenizer_path: str | None) -> Any:
+    if tokenizer_path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+def tokenizer_identity(tokenizer_path: str | None) -> str | None:
+    """Content hash of a local tokenizer folder's files, else the name as given."""
+    if tokenizer_path is None:
+        return None
+    p = Path(tokenizer_path)
+    if not p.is_dir():
+        return tokenizer_path
+    return sha256_json(
+        {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file() and "token" in f.name}
+    )
+
+
+def inputs_hash(
+    cfg: DataConfig, tokenizer_path: str | None, previous_manifest: str | Path | None = None
+) -> str:
+    """What the stage's output depends on: its config, every source's content, the
+    tokenizer, the previous manifest and the cleaning rules' version."""
+    manifest = None
+    if previous_manifest is not None:
+        p = Path(previous_manifest)
+        p = p / MANIFEST if p.is_dir() else p
+        manifest = sha256_file(p) if p.exists() else str(p)
+    return sha256_json(
+        {
+            "version": CLEAN_VERSION,
+            "config": cfg.model_dump(mode="json"),
+            "sources": [source_sha256(resolve(s)) for s in cfg.sources],
+            "tokenizer": tokenizer_identity(tokenizer_path),
+            "previous_manifest": manifest,
+        }
+    )
+
+
+_PARTIAL_TAIL = re.compile(r"\S*\Z")
+
+
+class _Quarantine:
+    """``rejected.jsonl`` writer. Scrubs the text it writes when PII scrubbing is on, so
+    the quarantine never keeps what scrubbing removed from the clean data."""
+
+    def __init__(self, path: Path, pii: bool) -> None:
+        # backslashreplace: a lone surrogate from a JSON escape must not crash the writer
+        self.f: IO[str] = open(path, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        self.pii = pii
+        self.counts: Counter[str] = Counter()
+        self.pii_counts: Counter[str] = Counter()  # PII found in rejected rows
+
+    def add(
+        self,
+        reason: str,
+        source: str,
+        line: int,
+        text: str = "",
+        detail: str = "",
+        duplicate_of: str | None = None,
+    ) -> None:
+        self.counts[reason] += 1
+        if self.pii:
+            text = scrub(text, self.pii_counts)
+            detail = scrub(detail, self.pii_counts)
+            if len(text.encode("utf-8", "replace")) >= PREVIEW_BYTES - 4:
+                # A cut-off preview may end inside an address or number the patterns no
+                # longer recognise ("jane.doe@exa"): drop its last, partial token.
+                text = _PARTIAL_TAIL.sub("", text)
+        row: dict[str, Any] = {"reason": reason, "source": source, "line": line, "text": text}
+        if detail:
+            row["detail"] = detail
+        if duplicate_of:
+            row["duplicate_of"] = duplicate_of
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def add_record(self, rec: RawRecord, reason: str, detail: str) -> None:
+        try:
+            text = json.dumps(rec.value, ensure_ascii=False, default=str)[:MAX_REJECTED_TEXT]
+        except (ValueError, RecursionError):
+            text = repr(rec.value)[:MAX_REJECTED_TEXT]
+        self.add(reason, rec.source, rec.line, text, detail)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _token_lengths(tokenizer: Any, msgs_batch: list[list[Message]]) -> list[int]:
+    texts = [content_text(m) for m in msgs_batch]
+    if tokenizer is None:
+        return [len(t.split()) for t in texts]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # Counting needs no ids in Python: the Rust batch call without offsets is ~2x
+        # cheaper than tokenizer(...), which builds a Python list per row.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [len(e) for e in encode(texts, add_special_tokens=False)]
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return [len(x) for x in ids]
+
+
+def _spool_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(byte offset, line)`` of every spooled row. A spooled line is byte for byte the
+    output line (``{"id": ..., "messages": ...}``), so writing the splits copies bytes."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            yield offset, line
+            offset += len(line)
+
+
+def _spool_id(line: bytes) -> str:
+    # orjson keeps insertion order: every spooled line starts with {"id":"<32 hex>"
+    return line[7:39].decode("ascii")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Spooled:
+    """What pass 1 leaves for the later passes: per spooled row, a few bytes in compact
+    arrays (never a Python object per row), plus the counters for the report."""
+
+    input_records: int = 0
+    per_source: Counter[str] = field(default_factory=Counter)
+    names: list[str] = field(default_factory=list)  # source names as rejected.jsonl shows them
+    source_no: array[int] = field(default_factory=lambda: array("H"))
+    lines_no: array[int] = field(default_factory=lambda: array("q"))
+    lengths: array[int] = field(default_factory=lambda: array("i"))
+    in_previous: bytearray = field(default_factory=bytearray)
+    para_counts: Counter[int] = field(default_factory=Counter)
+    norm: Counter[str] = field(default_factory=Counter)
+    pii: Counter[str] = field(default_factory=Counter)
+    _name_no: dict[str, int] = field(default_factory=dict)
+
+    def source_index(self, name: str) -> int:
+        if name not in self._name_no:
+            self._name_no[name] = len(self.names)
+            self.names.append(name)
+        return self._name_no[name]
+
+
+def _read_pass(
+    cfg: DataConfig,
+    sources: list[Source],
+    tokenizer: Any,
+    previous: set[str],
+    quarantine: _Quarantine,
+    spool_path: Path,
+    progress: ProgressFn | None,
+) -> _Spooled:
+    """Pass 1: read -> normalise -> validate -> scrub -> exact dedup -> length filter."""
+    st = _Spooled()
+    seen: set[str] = set()
+    pending: list[tuple[int, int, str, list[Message]]] = []
+    with open(spool_path, "wb") as spool:
+
+        def flush() -> None:
+            # Batched: one tokenizer call per TOKENIZE_BATCH rows, not one per row.
+            lengths = _token_lengths(tokenizer, [p[3] for p in pending])
+            for (si, line, rid, msgs), n in zip(pending, lengths, strict=True):
+                reason = None
+                if tokenizer is not None and n < cfg.min_tokens:
+                    reason = "too_few_tokens"
+                elif tokenizer is not None and n > cfg.max_tokens:
+                    reason = "too_many_tokens"
+                if reason is not None:
+                    quarantine.add(reason, st.names[si], line, canonical(msgs), f"{n} tokens")
+                    continue
+                spool.write(orjson.dumps({"id": rid, "messages": msgs}) + b"\n")
+                st.lengths.append(n)
+                st.lines_no.append(line)
+                st.source_no.append(si)
+                st.in_previous.append(rid in previous)
+                if cfg.near_dup:
+                    keys = dedup.paragraph_keys(prompt_and_answer(msgs)[0])
+                    if len(keys) > 1:  # a one-paragraph prompt has no boilerplate to drop
+                        st.para_counts.update(keys)
+            pending.clear()
+
+        for src in sources:
+            for rec in read(src, cfg.max_line_bytes, progress):
+                st.input_records += 1
+                st.per_source[src.name] += 1
+                if rec.reason is not None:
+                    quarantine.add(rec.reason, rec.source, rec.line, rec.text, rec.detail)
+                    continue
+                try:
+                    msgs = to_messages(rec.value, st.norm)
+                except Reject as r:
+                    quarantine.add_record(rec, r.reason, r.detail)
+                    continue
+                if cfg.pii_scrub:
+                    msgs = scrub_messages(msgs, st.pii)
+                rid = row_id(msgs)
+                if rid in seen:
+                    quarantine.add(
+                        "exact_duplicate", rec.source, rec.line, canonical(msgs), duplicate_of=rid
+                    )
+                    continue
+                seen.add(rid)
+                pending.append((st.source_index(rec.source), rec.line, rid, msgs))
+                if len(pending) >= TOKENIZE_BATCH:
+                    flush()
+        flush()
+    return st
+
+
+def _near_dup_pass(
+    cfg: DataConfig, st: _Spooled, previous: set[str], quarantine: _Quarantine, spool_path: Path
+) -> tuple[np.ndarray, dedup.NearDupIndex | None, set[int]]:
+    """Pass 2: which spooled rows survive near-dedup. Rows of the previous manifest are
+    inserted first, so a later arrival never evicts them."""
+    n = len(st.lengths)
+    keep = np.ones(n, dtype=bool)
+    if not cfg.near_dup or not n:
+        return keep, None, set()
+    boiler = dedup.boilerplate(st.para_counts, n, cfg.near_dup_boilerplate_fraction)
+    index = dedup.NearDupIndex(cfg.near_dup_threshold, cfg.near_dup_num_perm, cfg.near_dup_bands, n)
+    kept_ids: list[str] = []
+    kept_offsets: list[int] = []  # where each kept row sits in the spool, to re-read it
+    with open(spool_path, "rb") as reread:
+
+        def shingles_of(k: int) -> list[str]:
+            reread.seek(kept_offsets[k])
+            msgs = orjson.loads(reread.readline())["messages"]
+            return dedup.shingles(prompt_and_answer(msgs)[0], boiler, cfg.near_dup_ngram)
+
+        for phase in (True, False) if previous else (False,):
+            for i, (offset, line) in enumerate(_spool_lines(spool_path)):
+                if previous and bool(st.in_previous[i]) != phase:
+                    continue
+                row = orjson.loads(line)
+                prompt, answer = prompt_and_answer(row["messages"])
+                tokens = dedup.shingles(prompt, boiler, cfg.near_dup_ngram)
+                if not tokens:
+                    continue
+                hit = index.add(tokens, dedup.answer_key(answer), shingles_of)
+                if hit is None:
+                    kept_ids.append(row["id"])
+                    kept_offsets.append(offset)
+                else:
+                    keep[i] = False
+                    quarantine.add(
+                        "near_duplicate",
+                        st.names[st.source_no[i]],
+                        st.lines_no[i],
+                        canonical(row["messages"]),
+                        duplicate_of=kept_ids[hit],
+                    )
+    return keep, index, boiler
+
+
+def _write_pass(
+    cfg: DataConfig, st: _Spooled, keep: np.ndarray, spool_path: Path, out_dir: Path
+) -> tuple[dict[str, int], list[int]]:
+    """Pass 3: split the survivors by hash and copy their spooled lines out."""
+    counts = {"train": 0, "validation": 0}
+    kept_lengths: list[int] = []
+    with (
+        open(out_dir / TRAIN, "wb") as ftrain,
+        open(out_dir / VALIDATION, "wb") as fval,
+        open(out_dir / MANIFEST, "wb") as fman,
+    ):
+        for i, (_, line) in enumerate(_spool_lines(spool_path)):
+            if not keep[i]:
+                continue
+            rid = _spool_id(line)
+            split = split_of(rid, cfg.split_salt, cfg.val_fraction)
+            counts[split] += 1
+            kept_lengths.append(st.lengths[i])
+            (fval if split == "validation" else ftrain).write(line)
+            fman.write(b'{"id":"%s","split":"%s"}\n' % (rid.encode(), split.encode()))
+    return counts, kept_lengths
+
+
+def clean(
+    cfg: DataConfig,
+    out_dir: Path,
+    tokenizer_path: str | None = None,
+    previous_manifest: Path | None = None,
+    tracker: Tracker = NullTracker(),
+    progress: ProgressFn | None = None,
+) -> DataRef:
+    """Read ``cfg.sources``, clean them and write the splits and reports to ``out_dir``.
+
+    Raises :class:`DataError` (after writing the reports) when no rows are left or the
+    validation split is empty, and :class:`SourceError` for an unreadable source.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    sources = [resolve(s) for s in cfg.sources]
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer is None:
+        log.warning(
+            "no tokenizer given: the token-length filter (min_tokens=%d, max_tokens=%d) is "
+            "SKIPPED; lengths in the report are whitespace-separated words",
+            cfg.min_tokens,
+            cfg.max_tokens,
+        )
+    previous = load_manifest(previous_manifest) if previous_manifest is not None else set()
+    quarantine = _Quarantine(out_dir / REJECTED, cfg.pii_scrub)
+    spool_path = out_dir / _SPOOL
+    try:
+        st = _read_pass(cfg, sources, tokenizer, previous, quarantine, spool_path, progress)
+        timings["read_normalise_filter_s"] = time.perf_counter() - t_start
+        t = time.perf_counter()
+        keep, index, boiler = _near_dup_pass(cfg, st, previous, quarantine, spool_path)
+        timings["near_dup_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        counts, kept_lengths = _write_pass(cfg, st, keep, spool_path, out_dir)
+        timings["split_write_s"] = time.perf_counter() - t
+    finally:
+        quarantine.close()
+        spool_path.unlink(missing_ok=True)
+
+    kept = counts["train"] + counts["validation"]
+    rejected = dict(sorted(quarantine.counts.items()))
+    train_sha = sha256_file(out_dir / TRAIN)
+    val_sha = sha256_file(out_dir / VALIDATION)
+    prev = np.frombuffer(bytes(st.in_previous), dtype=np.uint8).astype(bool)
+    timings["total_s"] = time.perf_counter() - t_start
+    report: dict[str, Any] = {
+        "input_records": st.input_records,
+        "kept_records": kept,
+        "rejected": rejected,
+        "identity_holds": st.input_records == kept + sum(rejected.values()),
+        "fingerprint": sha256_json({"train": train_sha, "validation": val_sha}),
+        "splits": {
+            "train": counts["train"],
+            "validation": counts["validation"],
+            "train_sha256": train_sha,
+            "validation_sha256": val_sha,
+            "salt": cfg.split_salt,
+            "val_fraction": cfg.val_fraction,
+        },
+        "sources": [
+            {
+                "source": s.name,
+                "resolved": s.url,
+                "format": s.format,
+                "records": st.per_source[s.name],
+            }
+            for s in sources
+        ],
+        "normalisation": dict(sorted(st.norm.items())),
+        "pii": {
+            "enabled": cfg.pii_scrub,
+            "emails": st.pii["emails"],
+            "phones": st.pii["phones"],
+            "in_rejected": dict(quarantine.pii_counts),
+        },
+        "length_filter": {
+            "applied": tokenizer is not None,
+            "tokenizer": tokenizer_path,
+            "unit": "tokens" if tokenizer is not None else "words",
+            "counted_text": "content of every turn joined by newlines, no chat template, "
+            "no special tokens",
+            "min_tokens": cfg.min_tokens,
+            "max_tokens": cfg.max_tokens,
+            "note": None
+            if tokenizer is not None
+            else "skipped: no tokenizer given, so no row was filtered by length",
+        },
+        "lengths": _summary(kept_lengths),
+        "near_dup": {
+            "enabled": cfg.near_dup,
+            "library": "rensa",
+            "threshold": cfg.near_dup_threshold,
+            "num_perm": cfg.near_dup_num_perm,
+            "bands": cfg.near_dup_bands,
+            "ngram": cfg.near_dup_ngram,
+            "boilerplate_paragraphs": len(boiler),
+            "near_duplicates": rejected.get("near_duplicate", 0),
+            "conflicting_answers": index.conflicts if index is not None else 0,
+        },
+        "previous_manifest": {
+            "path": str(previous_manifest) if previous_manifest is not None else None,
+            "rows": len(previous),
+            "kept": int((prev & keep).sum()),
+            "evicted_as_near_duplicate": int((prev & ~keep).sum()),
+        },
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "config": cfg.model_dump(mode="json"),
+    }
+    if not report["identity_holds"]:  # a bug, never a data problem: fail loudly
+        raise AssertionError(f"row accounting broken: {report}")
+    write_json_atomic(out_dir / REPORT_JSON, report)
+    _histogram(kept_lengths, report["length_filter"]["unit"], out_dir / HISTOGRAM)
+    (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+    _log(tracker, cfg, report, out_dir)
+
+    if kept == 0:
+        top = ", ".join(f"{k}={v}" for k, v in Counter(rejected).most_common(3))
+        raise DataError(
+            f"no rows left after cleaning: all {st.input_records} input rows were rejected "
+            f"({top}); see {out_dir / REJECTED}"
+        )
+    if counts["validation"] == 0:
+        raise DataError(
+            f"the validation split is empty: {kept} rows kept and none hashed into validation "
+            f"(data.val_fraction={cfg.val_fraction}); add rows or raise data.val_fraction"
+        )
+    log.info(
+        "data: %d in, %d kept (train %d, validation %d), %d rejected",
+        st.input_records,
+        kept,
+        counts["train"],
+        counts["validation"],
+        st.input_records - kept,
+    )
+    return DataRef(
+        stage="data",
+        path=str(out_dir),
+        train_path=str(out_dir / TRAIN),
+        validation_path=str(out_dir / VALIDATION),
+        fingerprint=report["fingerprint"],
+        train_rows=counts["train"],
+        validation_rows=counts["validation"],
+        report_path=str(out_dir / REPORT_JSON),
+    )
+
+
+def _summary(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {
+        "min": int(a.min()),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "max": int(a.max()),
+        "mean": round(float(a.mean()), 2),
+    }
+
+
+def _histogram(values: list[int], unit: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(values or [0], bins=50, color="#3b7dd8")
+    ax.set_xlabel(f"length of a kept row ({unit})")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Lengths of {len(values)} kept rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    """The human-readable report (report.md)."""
+    lf = r["length_filter"]
+    nd = r["near_dup"]
+    lines = [
+        "# Data cleaning report",
+        "",
+        f"- input records: **{r['input_records']}**",
+        f"- kept: **{r['kept_records']}** (train {r['splits']['train']}, "
+        f"validation {r['splits']['validation']})",
+        f"- rejected: **{sum(r['rejected'].values())}** (see `rejected.jsonl`: reason, source, "
+        "line and text of every one)",
+        f"- identity input = kept + rejected: {'holds' if r['identity_holds'] else 'BROKEN'}",
+        f"- fingerprint: `{r['fingerprint']}`",
+        "",
+        "## Rejected rows by reason",
+        "",
+        "| reason | rows | meaning |",
+        "| --- | ---: | --- |",
+    ]
+    lines += [f"| {k} | {v} | {REASONS.get(k, '')} |" for k, v in r["rejected"].items()]
+    lines += ["", "## Sources", "", "| source | format | records |", "| --- | --- | ---: |"]
+    lines += [f"| {s['source']} | {s['format']} | {s['records']} |" for s in r["sources"]]
+    lines += ["", "## Normalisation (strings changed, by kind)", ""]
+    lines += [f"- {k}: {v}" for k, v in r["normalisation"].items()] or ["- nothing to change"]
+    pii = r["pii"]
+    lines += [
+        "",
+        "## PII scrubbing",
+        "",
+        f"- enabled: {pii['enabled']}"
+        + (
+            f"; replaced {pii['emails']} e-mail addresses and {pii['phones']} phone numbers "
+            f"in valid rows (before deduplication), {pii['in_rejected']} in rejected rows"
+            if pii["enabled"]
+            else ""
+        ),
+        "",
+        "## Length filter",
+        "",
+    ]
+    if lf["applied"]:
+        lines.append(
+            f"- tokenizer `{lf['tokenizer']}`, kept rows with {lf['min_tokens']}..{lf['max_tokens']} "
+            f"tokens; counted: {lf['counted_text']}"
+        )
+    else:
+        lines.append(f"- **{lf['note']}**")
+    if r["lengths"]:
+        s = r["lengths"]
+        lines.append(
+            f"- kept-row lengths ({lf['unit']}): min {s['min']}, median {s['p50']:g}, "
+            f"p95 {s['p95']:g}, max {s['max']}, mean {s['mean']}"
+        )
+    lines += [
+        "",
+        f"![length histogram]({HISTOGRAM})",
+        "",
+        "## Near-duplicates",
+        "",
+        f"- enabled: {nd['enabled']} ({nd['library']} MinHash, {nd['num_perm']} permutations, "
+        f"{nd['bands']} bands, word {nd['ngram']}-grams of the prompt, Jaccard >= "
+        f"{nd['threshold']}, same answer required)",
+        f"- boilerplate paragraphs left out of the shingles: {nd['boilerplate_paragraphs']}",
+        f"- near-duplicates removed: {nd['near_duplicates']}",
+        f"- rows with a near-identical prompt but a different answer (kept, check them): "
+        f"{nd['conflicting_answers']}",
+        "",
+        "## Previous manifest",
+        "",
+        f"- {r['previous_manifest']['path'] or 'none'}: {r['previous_manifest']['rows']} rows, "
+        f"{r['previous_manifest']['kept']} kept",
+        "",
+        "## Timings (s)",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in r["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _log(tracker: Tracker, cfg: DataConfig, report: dict[str, Any], out_dir: Path) -> None:
+    from tasks.tracking import flatten_params
+
+    tracker.log_params(flatten_params({"data": cfg.model_dump(mode="json")}))
+    metrics: dict[str, float] = {
+        "data.input_records": report["input_records"],
+        "data.kept_records": report["kept_records"],
+        "data.train_rows": report["splits"]["train"],
+        "data.validation_rows": report["splits"]["validation"],
+        "data.pii_emails": report["pii"]["emails"],
+        "data.pii_phones": report["pii"]["phones"],
+        "data.near_dup_conflicts": report["near_dup"]["conflicting_answers"],
+    }
+    metrics.update({f"data.rejected.{k}": v for k, v in report["rejected"].items()})
+    tracker.log_metrics(metrics)
+    tracker.set_tags({"slothflow.data_fingerprint": report["fingerprint"]})
+    for name in (REPORT_JSON, REPORT_MD, HISTOGRAM, REJECTED):
+        tracker.log_artifact(out_dir / name, "data")
+    tracker.log_input(
+        "train",
+        str(out_dir / TRAIN),
+        report["splits"]["train_sha256"],
+        "training",
+        report["splits"]["train"],
+    )
+    tracker.log_input(
+        "validation",
+        str(out_dir / VALIDATION),
+        report["splits"]["validation_sha256"],
+        "validation",
+        report["splits"]["validation"],
+    )
+
+
+# --------------------------------------------------------------------------- Prefect
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry reading remote sources (network, object stores); never bad data or config."""
+    exc = getattr(state, "data", None)
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+@stage_task(
+    name="data",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_retry_transient,
+)
+def clean_task(
+    ctx: RunContext,
+    cfg: DataConfig,
+    tokenizer_path: str | None,
+    previous_manifest: str | None = None,
+) -> DataRef:
+    """The data stage of a pipeline run: reuses a finished result for identical inputs."""
+    from tasks.run import stage
+
+    with stage(ctx, "data") as tracker:
+        stage_dir = ctx.stage_dir("data")
+        ihash = inputs_hash(cfg, tokenizer_path, previous_manifest)
+        done = load_done(stage_dir, ihash, DataRef)
+        if done is not None:
+            log.info("data: inputs unchanged; reusing %s", done.path)
+            tracker.set_tags({"slothflow.reused": "true"})
+            return done
+        ref = clean(
+            cfg,
+            stage_dir,
+            tokenizer_path,
+            Path(previous_manifest) if previous_manifest else None,
+            tracker,
+        )
+        tracker.log_params({"data.inputs_hash": ihash})
+        mark_done(stage_dir, ihash, ref)
+        return ref
+
+
+__all__ = [
+    "DataError",
+    "Source",
+    "clean",
+    "clean_task",
+    "inputs_hash",
+    "load_manifest",
+    "split_of",
+]

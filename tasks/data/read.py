@@ -1,0 +1,439 @@
+"""Streaming readers: every input row becomes one :class:`RawRecord`, good or bad.
+
+A reader never raises for bad *content*: malformed JSON, invalid UTF-8 and
+over-long lines come out as records with a ``reason`` so the caller can
+quarantine them with their source and line number. Only an unreadable *source*
+(missing file, unknown format) raises :class:`SourceError`.
+
+Memory stays bounded: line-based formats are read in fixed-size binary chunks, and
+a line longer than ``max_line_bytes`` is skipped while it streams past (only a short
+preview is kept), so a 100 MB line never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import fsspec
+import orjson
+
+from tasks.config import REPO_ROOT
+
+Format = Literal["jsonl", "json", "csv", "parquet", "datasets"]
+
+#: Bytes of an over-long or undecodable line kept for the quarantine file.
+PREVIEW_BYTES = 1000
+CHUNK_BYTES = 1 << 20
+
+#: ``progress(source, done, total)``: bytes for files, rows for Parquet/datasets.
+ProgressFn = Callable[[str, int, int | None], None]
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing, unknown format)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One input row. ``value`` is the decoded object, or ``None`` when ``reason`` says why
+    it could not be decoded (``text`` then holds a preview of the raw row)."""
+
+    source: str
+    line: int  # 1-based line (JSONL, CSV) or record index (JSON array, Parquet, datasets)
+    value: Any = None
+    reason: str | None = None
+    text: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved input: what the user wrote, where it is, and how to read it."""
+
+    name: str  # as configured (reported in rejected.jsonl)
+    url: str  # fsspec URL or absolute local path
+    format: Format
+
+
+def resolve(name: str) -> Source:
+    """Find a configured source. Relative paths try the working directory first, then the
+    repository, so the shipped sample works from any folder; URLs go to fsspec as they are."""
+    if "://" in name:
+        fs, path = fsspec.core.url_to_fs(name)
+        if not fs.exists(path):
+            raise SourceError(f"input not found: {name}")
+        return Source(name, name, _detect_format(name, fs.isdir(path), fs, path))
+    p = Path(name).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.exists():
+            fs = fsspec.filesystem("file")
+            return Source(name, str(c.resolve()), _detect_format(name, c.is_dir(), fs, str(c)))
+    where = " or ".join(str(c) for c in candidates)
+    raise SourceError(f"input not found: {name} (looked for {where})")
+
+
+def _detect_format(name: str, is_dir: bool, fs: Any, path: str) -> Format:
+    if is_dir:
+        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if any(fs.exists(f"{path.rstrip('/')}/{m}") for m in markers):
+            return "datasets"
+        raise SourceError(f"{name} is a folder but not a saved `datasets` folder")
+    lower = name.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        lower = lower.removesuffix(suffix)  # compression is inferred by fsspec
+    if lower.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if lower.endswith(".json"):
+        return "json"
+    if lower.endswith((".csv", ".tsv")):
+        return "csv"
+    if lower.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise SourceError(
+        f"{name}: unknown format (expected .jsonl, .json, .csv, .parquet or a saved "
+        "datasets folder)"
+    )
+
+
+def source_sha256(src: Source) -> str:
+    """Content hash of a source (every file of a folder, in path order)."""
+    import hashlib
+
+    fs, path = fsspec.core.url_to_fs(src.url)
+    h = hashlib.sha256()
+    files = sorted(fs.find(path)) if src.format == "datasets" else [path]
+    for f in files:
+        if src.format == "datasets":
+            h.update(os.path.relpath(f, path).encode() + b"\0")
+        with fs.open(f, "rb") as fh:
+            while block := fh.read(CHUNK_BYTES):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read(
+    src: Source, max_line_bytes: int, progress: ProgressFn | None = None
+) -> Iterator[RawRecord]:
+    """Every non-blank row of ``src`` as a :class:`RawRecord`, in file order."""
+    if src.format == "parquet":
+        yield from _read_parquet(src, progress)
+    elif src.format == "datasets":
+        yield from _read_datasets(src, progress)
+    else:
+        fs, path = fsspec.core.url_to_fs(src.url)
+        total = _size(fs, path)
+        with fsspec.open(src.url, "rb", compression="infer") as f:
+            counted = _Counted(f, src.name, total, progress)
+            if src.format == "jsonl":
+                yield from _read_jsonl(counted, src.name, max_line_bytes)
+            elif src.format == "json":
+                yield from _read_json(counted, src.name, max_line_bytes)
+            else:
+                yield from _read_csv(counted, src.name, max_line_bytes)
+
+
+def _size(fs: Any, path: str) -> int | None:
+    try:
+        return int(fs.size(path))
+    except Exception:  # some filesystems cannot tell; the bar then has no total
+        return None
+
+
+class _Counted:
+    """A binary reader that reports how many bytes went through it."""
+
+    def __init__(self, f: BinaryIO, name: str, total: int | None, progress: ProgressFn | None):
+        self.f, self.name, self.total, self.progress, self.done = f, name, total, progress, 0
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.f.read(n)
+        self.done += len(block)
+        if self.progress is not None:
+            self.progress(self.name, self.done, self.total)
+        return block
+
+
+# --------------------------------------------------------------------------- line based
+
+
+def lines(
+    f: _Counted | BinaryIO, max_bytes: int, chunk: int = CHUNK_BYTES
+) -> Iterator[tuple[int, bytes | None, bytes]]:
+    """``(line_no, line, preview)`` for every line; ``line`` is ``None`` when the line is
+    longer than ``max_bytes`` (then ``preview`` holds its first bytes). At most
+    ``max_bytes + chunk`` bytes are held at any time."""
+    lineno = 0
+    buf = bytearray()
+    overflow: bytes | None = None  # preview of the current line once it is too long
+    while block := f.read(chunk):
+        start = 0
+        while True:
+            nl = block.find(b"\n", start)
+            piece = block[start:] if nl < 0 else block[start:nl]
+            if overflow is None and len(buf) + len(piece) > max_bytes:
+                overflow = bytes(buf[:PREVIEW_BYTES]) + piece[: max(0, PREVIEW_BYTES - len(buf))]
+                buf = bytearray()  # release what was held; the rest streams past unread
+            elif overflow is not None:
+                if len(overflow) < PREVIEW_BYTES:
+                    overflow += piece[: PREVIEW_BYTES - len(overflow)]
+            else:
+                if nl < 0:
+                    buf += piece
+                else:
+                    lineno += 1
+                    if buf:
+                        buf += piece
+                        yield lineno, bytes(buf), b""
+                        buf.clear()
+                    else:
+                        yield lineno, piece, b""
+            if nl < 0:
+                break
+            if overflow is not None:
+                lineno += 1
+                yield lineno, None, overflow
+                overflow = None
+            start = nl + 1
+    if overflow is not None:
+        yield lineno + 1, None, overflow
+    elif buf:
+        yield lineno + 1, bytes(buf), b""
+
+
+def _preview(raw: bytes) -> str:
+    return raw[:PREVIEW_BYTES].decode("utf-8", "replace")
+
+
+def _decode_line(
+    name: str, lineno: int, line: bytes | None, preview: bytes, max_bytes: int
+) -> RawRecord | str:
+    """Shared first steps of JSONL/CSV lines: the record to reject, or the decoded text."""
+    if line is None:
+        return RawRecord(
+            name,
+            lineno,
+            reason="line_too_long",
+            text=_preview(preview),
+            detail=f"line longer than max_line_bytes={max_bytes}",
+        )
+    if line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8) :]
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRecord(
+            name, lineno, reason="invalid_utf8", text=_preview(line), detail=str(exc)[:200]
+        )
+
+
+def _loads(text: str) -> Any:
+    """orjson (several times faster); the standard library only for what orjson refuses
+    but JSON allows (integers beyond 64 bits), so such rows are not called malformed."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _read_jsonl(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
+    for lineno, line, preview in lines(f, max_bytes):
+        if line is not None and not line.strip():
+            continue  # blank lines are layout, not records
+        text = _decode_line(name, lineno, line, preview, max_bytes)
+        if isinstance(text, RawRecord):
+            yield text
+            continue
+        try:
+            yield RawRecord(name, lineno, value=_loads(text))
+        except (ValueError, RecursionError) as exc:
+            yield RawRecord(
+                name, lineno, reason="malformed_json", text=text[:PREVIEW_BYTES], detail=str(exc)
+            )
+
+
+def _read_json(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
+    """A JSON document: an array of records is streamed element by element; anything
+    else (an object first) is read as JSON Lines, which is what ``datasets`` writes to
+    ``.json`` files."""
+    head = f.read(CHUNK_BYTES)
+    first = head.lstrip(codecs.BOM_UTF8 + b" \t\r\n")[:1]
+    if first != b"[":
+        yield from _read_jsonl(_Prepended(head, f), name, max_bytes)  # type: ignore[arg-type]
+        return
+    yield from _json_array(_Prepended(head, f), name, max_bytes)
+
+
+class _Prepended:
+    def __init__(self, head: bytes, f: _Counted) -> None:
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head, b""
+            return out
+        return self.f.read(n)
+
+
+def _json_array(f: _Prepended, name: str, max_bytes: int) -> Iterator[RawRecord]:
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+    buf = ""
+    pos = 0
+    index = 0
+    eof = False
+    started = False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        block = f.read(CHUNK_BYTES)
+        eof = not block
+        buf = buf[pos:] + utf8.decode(block, final=eof)
+        pos = 0
+        return not eof
+
+    try:
+        while True:
+            # skip layout between elements
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n,\ufeff[":
+                    if buf[pos] == "[":
+                        if started:
+                            break
+                        started = True
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    break
+            if pos >= len(buf) or buf[pos] == "]":
+                return
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as exc:
+                    if not eof and len(buf) - pos <= max_bytes:
+                        fill()
+                        continue
+                    # No way to find where a broken element ends: the rest is one bad record.
+                    index += 1
+                    reason = "line_too_long" if not eof else "malformed_json"
+                    yield RawRecord(
+                        name,
+                        index,
+                        reason=reason,
+                        text=buf[pos : pos + PREVIEW_BYTES],
+                        detail=str(exc),
+                    )
+                    return
+            index += 1
+            yield RawRecord(name, index, value=value)
+            pos = end
+    except UnicodeDecodeError as exc:
+        yield RawRecord(
+            name,
+            index + 1,
+            reason="invalid_utf8",
+            text=buf[pos : pos + PREVIEW_BYTES],
+            detail=str(exc),
+        )
+
+
+def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
+    delimiter = "\t" if name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    bad: list[RawRecord] = []
+
+    def text_lines() -> Iterator[str]:
+        for lineno, line, preview in lines(f, max_bytes):
+            got = _decode_line(name, lineno, line, preview, max_bytes)
+            if isinstance(got, RawRecord):
+                bad.append(got)
+                yield "\n"  # keeps csv's line count in step with the file
+            else:
+                yield got + "\n"
+
+    csv.field_size_limit(max(max_bytes, 131072))
+    reader = csv.reader(text_lines(), delimiter=delimiter)
+    header: list[str] | None = None
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            yield RawRecord(name, reader.line_num, reason="malformed_csv", detail=str(exc))
+            continue
+        finally:
+            yield from bad
+            bad.clear()
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [h.strip().lstrip("\ufeff") for h in row]
+            continue
+        if len(row) != len(header):
+            yield RawRecord(
+                name,
+                reader.line_num,
+                reason="malformed_csv",
+                text=",".join(row)[:PREVIEW_BYTES],
+                detail=f"{len(row)} fields, header has {len(header)}",
+            )
+            continue
+        value: dict[str, Any] = dict(zip(header, row, strict=True))
+        if isinstance(value.get("messages"), str):
+            # A chat row in CSV keeps its messages as a JSON string in one column.
+            try:
+                value["messages"] = json.loads(value["messages"])
+            except ValueError as exc:
+                yield RawRecord(
+                    name,
+                    reader.line_num,
+                    reason="malformed_json",
+                    text=value["messages"][:PREVIEW_BYTES],
+                    detail=f"messages column: {exc}",
+                )
+                continue
+        yield RawRecord(name, reader.line_num, value=value)
+
+
+# --------------------------------------------------------------------------- columnar
+
+
+def _read_parquet(src: Source, progress: ProgressFn | None) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(src.url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        total = pf.metadata.num_rows
+        index = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for value in batch.to_pylist():
+                index += 1
+                yield RawRecord(src.name, index, value=value)
+            if progress is not None:
+                progress(src.name, index, total)
+
+
+def _read_datasets(src: Source, progress: ProgressFn | None) -> Iterator[RawRecord]:
+    import datasets
+
+    loaded = datasets.load_from_disk(src.url)
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for split, ds in splits:
+        name = f"{src.name}[{split}]" if split else src.name
+        index = 0
+        for batch in ds.iter(batch_size=4096):
+            keys = list(batch)
+            n = len(batch[keys[0]]) if keys else 0
+            for i in range(n):
+                index += 1
+                yield RawRecord(name, index, value={k: batch[k][i] for k in keys})
+            if progress is not None:
+                progress(name, index, len(ds))

@@ -1,0 +1,668 @@
+"""Export: merge the adapter into the 16-bit base, check the result, write manifests.
+
+Two artifacts leave this stage, each with a ``manifest.json`` beside its files:
+
+* ``adapter/`` — the PEFT adapter as trained (``kind: adapter``), plus the tokenizer;
+* ``merged/`` — base + adapter merged into plain weights (``kind: merged``), with the
+  tokenizer, chat template and a ``generation_config.json`` whose ``eos_token_id``
+  lists every token that ends an assistant turn. This is what gets deployed.
+
+Two checks fail the stage (no artifact that fails them is handed on):
+
+* **parity** — the merged model's logits equal the base + adapter (unmerged, PEFT
+  computing ``W x + B A x``) on probe prompts: ``max |Δlogit| <= parity_atol`` over
+  every position and vocabulary entry. Both sides are computed in the export dtype on
+  the export device from the *16-bit* (on CPU: float32) base. After QLoRA the adapter
+  was trained against a 4-bit base, but what we merge into and serve is the 16-bit
+  base, so that is the reference; the 4-bit vs 16-bit gap is measured by evaluation.
+* **stop** — greedy generation from probe prompts ends on an EOS token within the
+  evaluation's token budget, using the *saved* generation config: merges that lose
+  the end-of-turn token are a known failure in the field.
+
+The manifest's ``kind`` and ``serving.vllm_args`` are a contract with the serving
+stage: keep them stable.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PipelineConfig
+from tasks.hardware import HardwareDecision
+from tasks.orchestration import stage_task
+from tasks.refs import (
+    BaseModelRef,
+    DataRef,
+    RunContext,
+    StageRef,
+    TrainRef,
+    load_done,
+    mark_done,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
+from tasks.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+#: Default parity tolerance by dtype when ``export.parity_atol`` is unset. float32 on
+#: CPU matches to ~1e-6 (only summation order differs); half precision rounds the
+#: merged weights (W + BA) once more than the unmerged path, ~2^-8 relative per
+#: weight, which accumulates through the layers.
+DEFAULT_PARITY_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
+
+
+class ExportError(RuntimeError):
+    """The export is wrong (parity or stop check failed, or the merge cannot run here)."""
+
+
+class StopCheckError(ExportError):
+    """Greedy generation did not end on EOS on every probe prompt."""
+
+    def __init__(self, fraction: float, message: str) -> None:
+        super().__init__(message)
+        self.fraction = fraction
+
+
+class ExportRef(StageRef):
+    """What ``export`` produced: the adapter and merged artifacts and the check results."""
+
+    adapter_path: str  # adapter artifact folder (adapter + tokenizer + manifest.json)
+    merged_path: str | None  # merged artifact folder; None when export.merge is false
+    base: BaseModelRef
+    data_fingerprint: str
+    config_hash: str
+    dtype: str
+    eos_token_ids: list[int]
+    served_model_name: str
+    parity_max_abs_diff: float | None  # None when nothing was merged
+    parity_atol: float
+    stop_fraction: float  # share of probe prompts whose greedy generation ended on EOS
+    metrics: dict[str, float]  # train metrics carried over, plus the checks' numbers
+
+    @property
+    def candidate_path(self) -> str:
+        """The artifact that gets evaluated as the candidate and deployed."""
+        return self.merged_path or self.adapter_path
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def parity_tolerance(cfg: PipelineConfig) -> float:
+    return cfg.export.parity_atol or DEFAULT_PARITY_ATOL[cfg.export.dtype]
+
+
+def chat_template_sha256(template: str | None) -> str:
+    import hashlib
+
+    return hashlib.sha256((template or "").encode("utf-8")).hexdigest()
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text a served model sees: every turn before the last answer, rendered
+    with the model's own chat template plus the generation prompt."""
+    history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+    return str(tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True))
+
+
+def turn_end_token_id(tokenizer: Any) -> int | None:
+    """The token the chat template puts right after an assistant answer (``<|eot_id|>``
+    for Llama 3, ``<|im_end|>`` for ChatML), found by rendering a sentinel answer."""
+    sentinel = "SLOTHFLOWSENTINEL"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}],
+            tokenize=False,
+        )
+    except Exception:  # a template that cannot render this pair has no answer turn
+        return None
+    tail = str(text).split(sentinel, 1)[-1]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if ids and ids[0] in set(tokenizer.all_special_ids):
+        return int(ids[0])
+    return None
+
+
+def stop_token_ids(tokenizer: Any, configured: int | list[int] | None) -> list[int]:
+    """Every id that must end generation: the base's configured EOS ids, the
+    tokenizer's EOS and the chat template's end-of-turn token, in that order."""
+    ids: list[int] = []
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif configured:
+        ids.extend(int(i) for i in configured)
+    for extra in (tokenizer.eos_token_id, turn_end_token_id(tokenizer)):
+        if extra is not None and int(extra) not in ids:
+            ids.append(int(extra))
+    if not ids:
+        raise ExportError("the tokenizer defines no EOS token and the base config lists none")
+    return ids
+
+
+def vllm_args(
+    kind: str,
+    served_model_name: str,
+    max_model_len: int,
+    dtype: str,
+    adapter_dir: Path | None = None,
+    lora_rank: int | None = None,
+) -> list[str]:
+    """CLI flags vLLM needs for this artifact (``--model`` is added by whoever serves:
+    the artifact folder for ``merged``, ``serving.model`` (the base) for ``adapter``)."""
+    args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--generation-config", "auto"]
+    if kind == "merged":
+        return [*args, "--served-model-name", served_model_name]
+    assert adapter_dir is not None and lora_rank is not None
+    # vLLM's default --max-lora-rank is 16; a larger adapter is refused without it.
+    return [
+        *args,
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max(lora_rank, 8)),
+        "--lora-modules",
+        f"{served_model_name}={adapter_dir}",
+    ]
+
+
+def relocate_manifest(manifest: dict[str, Any], new_dir: Path) -> dict[str, Any]:
+    """The manifest with paths inside the artifact rewritten to ``new_dir`` (after the
+    registry downloaded it elsewhere)."""
+    old = manifest.get("artifact_path")
+    out = dict(manifest)
+    out["artifact_path"] = str(new_dir)
+    serving = dict(out.get("serving", {}))
+    if old:
+        serving["vllm_args"] = [a.replace(old, str(new_dir)) for a in serving.get("vllm_args", [])]
+        if serving.get("model") == old:
+            serving["model"] = str(new_dir)
+    out["serving"] = serving
+    return out
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    import json
+
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a slothflow export")
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.name: sha256_file(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja") and p.name != MANIFEST
+    }
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """The lineage every manifest of one export shares."""
+
+    base: BaseModelRef
+    chat_template_sha256: str
+    data_fingerprint: str
+    config_hash: str
+    code_version: str
+    run_id: str
+    dtype: str
+    eos_token_ids: list[int]
+
+
+def write_manifest(
+    folder: Path,
+    kind: str,
+    info: ManifestInfo,
+    metrics: dict[str, float],
+    serving: dict[str, Any],
+) -> dict[str, Any]:
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "kind": kind,
+        "artifact_path": str(folder),
+        "base_model": {
+            "id": info.base.name_or_path,
+            "revision": info.base.revision,
+            "license": info.base.license,
+        },
+        "chat_template_sha256": info.chat_template_sha256,
+        "data_fingerprint": info.data_fingerprint,
+        "config_hash": info.config_hash,
+        "code_version": info.code_version,
+        "run_id": info.run_id,
+        "dtype": info.dtype,
+        "eos_token_ids": info.eos_token_ids,
+        "metrics": metrics,
+        "serving": serving,
+        "files": _file_hashes(folder),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- model work
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_causal_lm(path: str, dtype: str, device: str, revision: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=revision,
+        dtype=_torch_dtype(dtype),
+        trust_remote_code=False,
+        use_safetensors=True,
+    )
+    return model.to(device).eval()
+
+
+def _base_revision(base: BaseModelRef) -> str | None:
+    from tasks.base_model import hub_load_revision  # the base stage owns this rule
+
+    return hub_load_revision(base)
+
+
+def merge_peft(train: TrainRef, dtype: str, device: str, out: Path) -> None:
+    """PEFT ``merge_and_unload``. The merge itself runs in float32 (W + s·BA rounded
+    once), then the weights are cast to the export dtype."""
+    from peft import PeftModel
+
+    base = load_causal_lm(train.base.name_or_path, "float32", device, _base_revision(train.base))
+    merged = PeftModel.from_pretrained(base, train.adapter_path).merge_and_unload()
+    merged = merged.to(_torch_dtype(dtype))
+    merged.save_pretrained(out, safe_serialization=True)
+
+
+def merge_unsloth(train: TrainRef, cfg: PipelineConfig, hw: HardwareDecision, out: Path) -> None:
+    """Unsloth's merged 16-bit save (GPU). It dequantises a 4-bit base before merging.
+
+    Not yet verified on the device (issue 5 does that); it is never used on CPU.
+    """
+    try:
+        from unsloth import FastLanguageModel  # GPU-only: imported here, never at module level
+    except ImportError as exc:
+        raise ExportError(
+            "train.backend=unsloth produced this adapter but unsloth is not importable here "
+            f"({exc}); install 'slothflow[gpu]' on a CUDA machine, or export with "
+            "train.backend=peft"
+        ) from None
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=train.adapter_path,
+        max_seq_length=cfg.model.max_seq_length,
+        dtype=_torch_dtype(cfg.export.dtype),
+        load_in_4bit=hw.load_in_4bit,
+    )
+    model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit")
+
+
+def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt").to(model.device)
+            outs.append(model(**ids).logits[0].float().cpu())
+    return outs
+
+
+def check_parity(
+    base_path: str,
+    adapter_path: str,
+    merged_path: str,
+    prompts: list[str],
+    dtype: str,
+    device: str,
+    atol: float,
+    base_revision: str | None = None,
+) -> float:
+    """Max |logit(merged) − logit(base + adapter)| over the probe prompts; raises
+    :class:`ExportError` above ``atol``."""
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(merged_path)
+    merged = load_causal_lm(merged_path, dtype, device)
+    got = probe_logits(merged, tokenizer, prompts)
+    del merged
+    base = load_causal_lm(base_path, dtype, device, base_revision)
+    ref_model = PeftModel.from_pretrained(base, adapter_path).eval()
+    want = probe_logits(ref_model, tokenizer, prompts)
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
+    log.info(
+        "parity: max |Δlogit| = %.3g over %d probe prompts (atol %.3g)", diff, len(prompts), atol
+    )
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(
+            f"parity check failed: merged logits differ from base + adapter by up to {diff:.4g} "
+            f"(> export.parity_atol {atol:g}) on {len(prompts)} probe prompts; the merge is wrong"
+        )
+    return diff
+
+
+def generate_greedy(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
+) -> list[list[int]]:
+    """New token ids per prompt, greedy, stopping on the model's *saved* EOS ids."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt").to(model.device)
+            seq = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            outs.append(seq[0, ids["input_ids"].shape[1] :].tolist())
+    return outs
+
+
+def check_stop(
+    model_path: str, prompts: list[str], max_new_tokens: int, device: str, dtype: str
+) -> float:
+    """Share of probe prompts whose greedy generation ends on an EOS id from the
+    artifact's own ``generation_config.json``; raises unless every prompt stops."""
+    from transformers import GenerationConfig
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, dtype, device)
+    gen = GenerationConfig.from_pretrained(model_path)
+    eos = gen.eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    outs = generate_greedy(model, tokenizer, prompts, max_new_tokens)
+    stopped = [bool(o) and o[-1] in eos_ids for o in outs]
+    frac = sum(stopped) / len(prompts)
+    log.info(
+        "stop: %d/%d probe prompts ended on EOS %s", sum(stopped), len(prompts), sorted(eos_ids)
+    )
+    if not all(stopped):
+        bad = next(i for i, s in enumerate(stopped) if not s)
+        text = tokenizer.decode(outs[bad], skip_special_tokens=False)
+        raise StopCheckError(
+            frac,
+            f"stop check failed: {len(prompts) - sum(stopped)}/{len(prompts)} probe prompts did "
+            f"not end on an EOS token {sorted(eos_ids)} within {max_new_tokens} new tokens "
+            f"(e.g. prompt {bad} generated {text!r}). The exported generation_config or "
+            "tokenizer has lost the end-of-turn token, or the model never learned to stop.",
+        )
+    return frac
+
+
+def probe_prompts(tokenizer: Any, validation_path: str, n: int) -> list[str]:
+    """The first ``n`` held-out conversations rendered as prompts (in-distribution, so
+    a model that learned to stop is expected to stop on every one)."""
+    import json
+
+    prompts: list[str] = []
+    with open(validation_path, encoding="utf-8") as f:
+        for line in f:
+            if len(prompts) >= n:
+                break
+            if line.strip():
+                prompts.append(render_prompt(tokenizer, json.loads(line)["messages"]))
+    if not prompts:
+        raise ExportError(f"no probe prompts: {validation_path} has no rows")
+    return prompts
+
+
+def _write_generation_config(
+    base: BaseModelRef, dst: Path, tokenizer: Any, eos_ids: list[int]
+) -> None:
+    """The base's generation config (sampling defaults kept) with every stop id."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(base.name_or_path, revision=_base_revision(base))
+    except OSError:
+        gen = GenerationConfig()
+    gen.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    gen.bos_token_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else gen.bos_token_id
+    )
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    gen.save_pretrained(dst)
+
+
+def _save_tokenizer(tokenizer: Any, dst: Path) -> None:
+    tokenizer.save_pretrained(dst)
+    # transformers writes chat_template.jinja itself; make sure it is there whatever the
+    # version, because vLLM and TGI read the template from the artifact.
+    if tokenizer.chat_template and not (dst / "chat_template.jinja").exists():
+        (dst / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
+def _max_model_len(path: Path) -> int:
+    import json
+
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return int(cfg.get("max_position_embeddings") or 2048)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def export(
+    cfg: PipelineConfig,
+    train: TrainRef,
+    data: DataRef,
+    out_dir: Path,
+    hw: HardwareDecision,
+    *,
+    run_id: str,
+    code_version: str,
+    tracker: Tracker | None = None,
+) -> ExportRef:
+    """Write ``out_dir/adapter`` and (when ``export.merge``) ``out_dir/merged``, check
+    parity and stopping, write the manifests. Raises :class:`ExportError` on a bad merge."""
+    tracker = tracker or NullTracker()
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(train.tokenizer_path)
+    template_hash = chat_template_sha256(tokenizer.chat_template)
+    if template_hash != train.base.chat_template_sha256:
+        log.warning(
+            "the tokenizer's chat template hash %s differs from the base's %s; the export "
+            "carries the tokenizer's",
+            template_hash[:12],
+            train.base.chat_template_sha256[:12],
+        )
+    from transformers import GenerationConfig
+
+    try:
+        configured_eos = GenerationConfig.from_pretrained(
+            train.base.name_or_path, revision=_base_revision(train.base)
+        ).eos_token_id
+    except OSError:
+        configured_eos = None
+    eos_ids = stop_token_ids(tokenizer, configured_eos)
+    served = cfg.tracking.registered_model
+    info = ManifestInfo(
+        base=train.base,
+        chat_template_sha256=template_hash,
+        data_fingerprint=train.data_fingerprint,
+        config_hash=train.config_hash,
+        code_version=code_version,
+        run_id=run_id,
+        dtype=cfg.export.dtype,
+        eos_token_ids=eos_ids,
+    )
+    prompts = probe_prompts(tokenizer, data.validation_path, cfg.export.probe_prompts)
+    metrics: dict[str, float] = dict(train.metrics)
+
+    # The adapter artifact: a copy, so the run's train folder can be cleaned up
+    # without breaking what was registered.
+    adapter_dir = out_dir / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(train.adapter_path, adapter_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    _save_tokenizer(tokenizer, adapter_dir)
+
+    merged_dir: Path | None = None
+    atol = parity_tolerance(cfg)
+    diff: float | None = None
+    stop_fraction = 1.0
+    if cfg.export.merge:
+        merged_dir = out_dir / "merged"
+        if merged_dir.exists():
+            shutil.rmtree(merged_dir)
+        merged_dir.mkdir(parents=True)
+        t0 = time.monotonic()
+        if train.backend == "unsloth":
+            merge_unsloth(train, cfg, hw, merged_dir)
+        else:
+            merge_peft(train, cfg.export.dtype, hw.device, merged_dir)
+        _save_tokenizer(tokenizer, merged_dir)
+        _write_generation_config(train.base, merged_dir, tokenizer, eos_ids)
+        metrics["export.merge_seconds"] = time.monotonic() - t0
+        diff = check_parity(
+            train.base.name_or_path,
+            train.adapter_path,
+            str(merged_dir),
+            prompts,
+            cfg.export.dtype,
+            hw.device,
+            atol,
+            _base_revision(train.base),
+        )
+        metrics["export.parity_max_abs_diff"] = diff
+        try:
+            stop_fraction = check_stop(
+                str(merged_dir), prompts, cfg.eval.max_new_tokens, hw.device, cfg.export.dtype
+            )
+        except StopCheckError as exc:
+            if cfg.export.stop_check == "fail":
+                raise
+            log.warning("%s (export.stop_check=warn: going on)", exc)
+            stop_fraction = exc.fraction
+        metrics["export.stop_fraction"] = stop_fraction
+        write_manifest(
+            merged_dir,
+            "merged",
+            info,
+            metrics,
+            {
+                "model": str(merged_dir),
+                "served_model_name": served,
+                "vllm_args": vllm_args(
+                    "merged", served, _max_model_len(merged_dir), cfg.export.dtype
+                ),
+            },
+        )
+
+    import json
+
+    lora_rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+    write_manifest(
+        adapter_dir,
+        "adapter",
+        info,
+        metrics,
+        {
+            "model": train.base.name_or_path,
+            "served_model_name": served,
+            "vllm_args": vllm_args(
+                "adapter",
+                served,
+                _max_model_len(Path(train.base.name_or_path))
+                if Path(train.base.name_or_path, "config.json").exists()
+                else cfg.model.max_seq_length,
+                cfg.export.dtype,
+                adapter_dir,
+                lora_rank,
+            ),
+        },
+    )
+    ref = ExportRef(
+        stage="export",
+        path=str(out_dir),
+        adapter_path=str(adapter_dir),
+        merged_path=str(merged_dir) if merged_dir else None,
+        base=train.base,
+        data_fingerprint=train.data_fingerprint,
+        config_hash=train.config_hash,
+        dtype=cfg.export.dtype,
+        eos_token_ids=eos_ids,
+        served_model_name=served,
+        parity_max_abs_diff=diff,
+        parity_atol=atol,
+        stop_fraction=stop_fraction,
+        metrics=metrics,
+    )
+    tracker.log_params(
+        {"export.dtype": cfg.export.dtype, "export.parity_atol": atol, "export.eos_ids": eos_ids}
+    )
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("export.")})
+    tracker.log_artifact(adapter_dir / MANIFEST, "adapter")
+    if merged_dir:
+        tracker.log_artifact(merged_dir / MANIFEST, "merged")
+    if cfg.export.publish:
+        from tasks.publish import publish
+
+        url = publish(Path(ref.candidate_path), cfg.export)
+        tracker.set_tags({"slothflow.hub_repo": url})
+    return ref
+
+
+def export_inputs_hash(cfg: PipelineConfig, train: TrainRef, data: DataRef) -> str:
+    return sha256_json(
+        {
+            "export": cfg.export.model_dump(mode="json"),
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "served": cfg.tracking.registered_model,
+            "train": train.model_dump(mode="json"),
+            "validation": data.fingerprint,
+        }
+    )
+
+
+@stage_task(name="export", retries=0)
+def export_task(ctx: RunContext, cfg: PipelineConfig, train: TrainRef, data: DataRef) -> ExportRef:
+    """Prefect task: merge + checks + manifests under ``<run>/export``; resumable."""
+    from tasks.run import stage
+
+    out = ctx.stage_dir("export")
+    key = export_inputs_hash(cfg, train, data)
+    done = load_done(out, key, ExportRef)
+    if done is not None:
+        log.info("export: reusing %s", out)
+        return done
+    hw = HardwareDecision.from_params(ctx.hardware)
+    with stage(ctx, "export") as tracker:
+        ref = export(
+            cfg,
+            train,
+            data,
+            out,
+            hw,
+            run_id=ctx.run_id,
+            code_version=ctx.code_version,
+            tracker=tracker,
+        )
+    mark_done(out, key, ref)
+    return ref

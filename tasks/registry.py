@@ -1,0 +1,357 @@
+"""The MLflow model registry: versions of the exported model, their lineage and aliases.
+
+This module's job *is* MLflow, so unlike the stage modules it calls MLflow directly
+(imported inside the functions, so the module imports without it).
+
+Every registered version holds two artifacts under its source folder: ``merged/``
+(what vLLM serves) and ``adapter/`` (the LoRA adapter it was merged from), each with
+its ``manifest.json`` — updated at registration with the evaluation metrics and the
+gate's decision.
+
+**Aliases** (each names exactly one version of the registered model):
+
+* ``challenger`` — passed the promotion gate and awaits rollout. Set by ``register``.
+* ``champion`` — the version that serves now. Moved by the rollout (see :func:`promote`).
+* ``previous`` — the champion before the current one, kept for a one-step rollback.
+
+Model specs, as the serving stage passes them to :func:`resolve`: ``NAME@alias`` or
+``NAME/version`` (an optional ``models:/`` prefix is accepted).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.config import ConfigError, PipelineConfig
+from tasks.evaluate import EvalRef
+from tasks.export import MANIFEST, ExportRef, read_manifest, relocate_manifest
+from tasks.gate import GateRef
+from tasks.orchestration import stage_task
+from tasks.refs import RunContext, StageRef, load_done, mark_done, sha256_json
+from tasks.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS = "previous"
+ALIASES = {
+    CHALLENGER: "passed the promotion gate; awaits rollout",
+    CHAMPION: "the version that serves now",
+    PREVIOUS: "the champion before the current one (rollback target)",
+}
+
+_SPEC = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class GateNotPassedError(RuntimeError):
+    """Registration was asked for a candidate that failed the gate."""
+
+
+class RegistryRef(StageRef):
+    name: str
+    version: int
+    alias: str
+    model_uri: str  # models:/NAME/VERSION
+    source: str  # artifact URI of the version's folder (merged/ and adapter/ below it)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registered version available on this machine."""
+
+    name: str
+    version: int
+    path: Path  # the servable artifact: merged/ when present, else adapter/
+    manifest: dict[str, Any]  # path's manifest, with paths rewritten to this machine
+    aliases: list[str] = field(default_factory=list)
+    adapter_path: Path | None = None
+    merged_path: Path | None = None
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, int | None]:
+    """``NAME@alias`` -> (name, alias, None); ``NAME/3`` -> (name, None, 3)."""
+    m = _SPEC.match(spec.strip())
+    if not m:
+        raise ConfigError(
+            f"model spec {spec!r} must be NAME@alias (e.g. slothflow-model@champion) or "
+            "NAME/version (e.g. slothflow-model/3)"
+        )
+    version = m.group("version")
+    return m.group("name"), m.group("alias"), int(version) if version else None
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _flat_scores(ev: EvalRef) -> dict[str, float]:
+    return {f"eval.{model}.{k}": v for model, s in ev.scores.items() for k, v in s.items()}
+
+
+def lineage_tags(export: ExportRef, ev: EvalRef, gate: GateRef, run_id: str) -> dict[str, str]:
+    m = ev.primary_metric
+    return {
+        "slothflow.run_id": run_id,
+        "data_fingerprint": export.data_fingerprint,
+        "config_hash": export.config_hash,
+        "base_model": export.base.name_or_path,
+        "base_revision": export.base.revision,
+        "kind": "merged" if export.merged_path else "adapter",
+        "primary_metric": m,
+        f"eval.{m}": f"{gate.candidate:.6g}",
+        f"eval.base.{m}": f"{gate.base:.6g}",
+        "eval.n_items": str(ev.n_items),
+        "gate": "passed" if gate.passed else "failed",
+    }
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name,
+            description="slothflow exports. Aliases: "
+            + "; ".join(f"{a} = {d}" for a, d in ALIASES.items()),
+        )
+
+
+def register(
+    cfg: PipelineConfig,
+    export: ExportRef,
+    ev: EvalRef,
+    gate: GateRef,
+    *,
+    tracking_uri: str,
+    mlflow_run_id: str,
+    run_id: str,
+    tracker: Tracker | None = None,
+) -> RegistryRef:
+    """Upload merged + adapter to the MLflow run ``mlflow_run_id``, create a new version
+    of ``tracking.registered_model`` with lineage tags, alias it ``challenger``."""
+    if not gate.passed:
+        raise GateNotPassedError(
+            "refusing to register a candidate that failed the gate: " + "; ".join(gate.reasons)
+        )
+    tracker = tracker or NullTracker()
+    client = _client(tracking_uri)
+    name = cfg.tracking.registered_model
+    metrics = _flat_scores(ev)
+    for kind, folder in (("merged", export.merged_path), ("adapter", export.adapter_path)):
+        if folder is None:
+            continue
+        client.log_artifacts(mlflow_run_id, folder, f"model/{kind}")
+        # The registered copy's manifest also carries what evaluation and the gate found.
+        manifest = read_manifest(Path(folder))
+        manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+        manifest["gate"] = {"passed": gate.passed, "reasons": gate.reasons}
+        client.log_dict(mlflow_run_id, manifest, f"model/{kind}/{MANIFEST}")
+    source = client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/") + "/model"
+    _ensure_registered_model(client, name)
+    tags = lineage_tags(export, ev, gate, run_id)
+    mv = client.create_model_version(
+        name,
+        source=source,
+        run_id=mlflow_run_id,
+        tags=tags,
+        description=f"run {run_id}: {gate.primary_metric} {gate.candidate:.4f} "
+        f"(base {gate.base:.4f}) on {ev.n_items} held-out items",
+    )
+    version = int(mv.version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    tracker.set_tags({"slothflow.registered": f"{name}/{version}"})
+    log.info("registered %s version %d as %r (%s)", name, version, CHALLENGER, source)
+    return RegistryRef(
+        stage="register",
+        path=source,
+        name=name,
+        version=version,
+        alias=CHALLENGER,
+        model_uri=f"models:/{name}/{version}",
+        source=source,
+    )
+
+
+def promote(name: str, version: int, tracking_uri: str) -> None:
+    """Make ``version`` the champion; the old champion becomes ``previous``. For the
+    rollout stage (and tests); clears ``challenger`` when it pointed at ``version``."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        old = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        old = None
+    if old is not None and int(old.version) != version:
+        client.set_registered_model_alias(name, PREVIOUS, int(old.version))
+    client.set_registered_model_alias(name, CHAMPION, version)
+    try:
+        chal = client.get_model_version_by_alias(name, CHALLENGER)
+        if int(chal.version) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+    except MlflowException:
+        pass
+
+
+def _local_path(uri: str) -> Path | None:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(urllib.parse.unquote(parts.path))
+    if parts.scheme == "" and Path(uri).exists():
+        return Path(uri)
+    return None
+
+
+def _fetch(client: Any, source: str, cache_dir: Path | None, name: str, version: int) -> Path:
+    """The version's folder on this machine: the store's own folder when artifacts are
+    local files (no copy of a multi-GB model), else a download into ``cache_dir``."""
+    local = _local_path(source)
+    if local is not None and local.exists():
+        return local
+    import mlflow.artifacts
+
+    root = Path(cache_dir or tempfile.mkdtemp(prefix="slothflow-registry-"))
+    dst = root / name / str(version)
+    if (dst / "model").exists():
+        return dst / "model"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
+    try:
+        got = mlflow.artifacts.download_artifacts(
+            artifact_uri=source,
+            dst_path=str(tmp),
+            tracking_uri=client._tracking_client.tracking_uri,
+        )
+        dst.mkdir(parents=True, exist_ok=True)
+        Path(got).rename(dst / "model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst / "model"
+
+
+def resolve(spec: str, tracking_uri: str, cache_dir: Path | None = None) -> ResolvedModel:
+    """``NAME@alias`` / ``NAME/version`` -> the artifact on this machine + its manifest.
+
+    ``path`` is the merged model when the version has one, else the adapter; the
+    manifest's ``serving.vllm_args`` point at the local copy."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_spec(spec)
+    client = _client(tracking_uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, str(version))
+        )
+    except MlflowException as exc:
+        raise ConfigError(f"model {spec!r} not found in the registry: {exc.message}") from None
+    v = int(mv.version)
+    folder = _fetch(client, mv.source, cache_dir, name, v)
+    merged = folder / "merged" if (folder / "merged" / MANIFEST).exists() else None
+    adapter = folder / "adapter" if (folder / "adapter" / MANIFEST).exists() else None
+    path = merged or adapter
+    if path is None:
+        raise ConfigError(f"model {spec!r} (version {v}) has no merged/ or adapter/ artifact")
+    return ResolvedModel(
+        name=name,
+        version=v,
+        path=path,
+        manifest=relocate_manifest(read_manifest(path), path),
+        aliases=sorted(getattr(mv, "aliases", []) or []),
+        adapter_path=adapter,
+        merged_path=merged,
+    )
+
+
+def current_champion(
+    name: str, tracking_uri: str, cache_dir: Path | None = None
+) -> ResolvedModel | None:
+    """The ``champion`` version, or None when there is none (first rollout)."""
+    try:
+        return resolve(f"{name}@{CHAMPION}", tracking_uri, cache_dir)
+    except ConfigError as exc:
+        if "not found" in str(exc):
+            return None
+        raise
+
+
+def list_versions(name: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """Every version, newest first: aliases, metrics and lineage from its tags."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+        # search results leave `aliases` empty on some stores; the model's map is reliable.
+        by_version: dict[int, list[str]] = {}
+        for alias, v in (client.get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(int(v), []).append(alias)
+    except MlflowException:
+        return []
+    out = []
+    for mv in sorted(versions, key=lambda m: int(m.version), reverse=True):
+        out.append(
+            {
+                "version": int(mv.version),
+                "aliases": sorted(by_version.get(int(mv.version), [])),
+                "created": int(mv.creation_timestamp or 0),
+                "run_id": mv.run_id,
+                "source": mv.source,
+                "tags": dict(mv.tags or {}),
+            }
+        )
+    return out
+
+
+@stage_task(name="register", retries=2, retry_delay_seconds=5)
+def register_task(
+    ctx: RunContext, cfg: PipelineConfig, export: ExportRef, ev: EvalRef, gate: GateRef
+) -> RegistryRef | None:
+    """Prefect task: register the gated candidate as ``challenger``. Returns None (and
+    registers nothing) when the gate failed or the run has no tracking. Retried: a
+    tracking server's hiccup should not lose a passed candidate."""
+    from tasks.run import stage
+
+    if not gate.passed:
+        log.warning("not registering: the gate failed (%s)", "; ".join(gate.reasons))
+        return None
+    if ctx.tracking is None:
+        log.warning("not registering: this run has no MLflow tracking")
+        return None
+    out = ctx.stage_dir("register")
+    key = sha256_json(
+        {
+            "export": export.model_dump(mode="json"),
+            "gate": gate.model_dump(mode="json"),
+            "name": cfg.tracking.registered_model,
+        }
+    )
+    done = load_done(out, key, RegistryRef)
+    if done is not None:
+        return done
+    with stage(ctx, "register") as tracker:
+        ref = register(
+            cfg,
+            export,
+            ev,
+            gate,
+            tracking_uri=ctx.tracking["tracking_uri"],
+            mlflow_run_id=tracker.mlflow_run_id,  # type: ignore[attr-defined]
+            run_id=ctx.run_id,
+            tracker=tracker,
+        )
+    mark_done(out, key, ref)
+    return ref

@@ -1,0 +1,1203 @@
+"""Stage ``train``: supervised fine-tuning of a LoRA adapter with TRL's ``SFTTrainer``.
+
+``train`` is the plain function (no Prefect, no MLflow: it records through a
+:class:`~tasks.tracking.Tracker`); ``train_task`` is its Prefect task. The backend
+comes from the hardware decision made once per run (``hw.backend``): ``peft``
+(transformers + PEFT, any device) or ``unsloth`` (CUDA: Unsloth's 4-bit loader and
+fused LoRA kernels under the same TRL trainer). Once the base model's architecture is
+known, an Unsloth decision for a model Unsloth has no kernels for falls back to PEFT
+under ``train.backend=auto`` (:func:`tasks.hardware.for_model`).
+
+On CUDA the stage also sizes gradient checkpointing against free GPU memory
+(:func:`choose_gradient_checkpointing`), logs peak GPU memory and an MFU estimate at
+every logging step, and turns a CUDA out-of-memory error into one retry with half the
+micro-batch (same effective batch) or a message naming the knobs.
+
+Checkpoints and exact resume: the trainer writes ``checkpoints/checkpoint-N`` every
+``train.save_steps``; a checkpoint counts only once it carries the completion marker
+written after every file in it has been flushed, so a folder half-written when the
+process died is ignored (and removed) in favour of the previous one. Re-running the
+stage on the same output folder resumes from the last complete checkpoint:
+adapter weights, optimizer, scheduler, RNG states and data position (the trainer
+skips the batches it has already seen). Metrics a killed attempt had already sent
+to the tracker are not sent again (see :class:`_StepJournal`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.base_model import LOAD_KWARGS, hub_load_revision, template_text
+from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
+from tasks.hardware import HardwareDecision, for_model
+from tasks.orchestration import stage_task
+from tasks.refs import (
+    BaseModelRef,
+    DataRef,
+    RunContext,
+    TrainRef,
+    load_done,
+    mark_done,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
+from tasks.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = ".slothflow-complete"
+_CKPT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+class BackendNotReadyError(ConfigError):
+    """The hardware decision chose a backend this machine cannot train with."""
+
+
+class TrainOutOfMemoryError(ConfigError):
+    """CUDA ran out of memory; the message names the settings that shrink the need.
+
+    A :class:`ConfigError`, so the Prefect task does not retry it as transient: the
+    same settings run out of memory the same way again.
+    """
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _CKPT_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / COMPLETE_MARKER).is_file()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def mark_complete(ckpt: Path) -> None:
+    """Commit a checkpoint: flush its files, then write the marker atomically.
+
+    The trainer writes checkpoint files in place; the marker (written last, by
+    rename) is what makes the folder count, so a crash mid-write leaves a folder
+    without it, which :func:`last_complete_checkpoint` ignores.
+    """
+    _fsync_tree(ckpt)
+    write_json_atomic(ckpt / COMPLETE_MARKER, {"step": checkpoint_step(ckpt), "time": time.time()})
+
+
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in ckpt_dir.iterdir() if p.is_dir()]
+    return sorted((s, p) for s, p in found if s is not None)
+
+
+def last_complete_checkpoint(ckpt_dir: Path, remove_incomplete: bool = True) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are removed (the trainer would
+    otherwise write into them again, or rotate a complete one away in their favour)."""
+    last = None
+    for _, p in _checkpoints(ckpt_dir):
+        if is_complete(p):
+            last = p
+        elif remove_incomplete:
+            log.warning("ignoring half-written checkpoint %s (no completion marker)", p.name)
+            shutil.rmtree(p, ignore_errors=True)
+    return last
+
+
+def rotate(ckpt_dir: Path, keep: int, best: Path | None) -> list[Path]:
+    """Keep the last ``keep`` complete checkpoints plus the best one; return the removed.
+
+    The marker goes first, so a crash mid-removal leaves an incomplete folder (ignored
+    on resume), never a complete-looking one with files missing.
+    """
+    complete = [p for _, p in _checkpoints(ckpt_dir) if is_complete(p)]
+    protected = set(complete[-keep:])
+    if best is not None:
+        protected.add(best)
+    removed = []
+    for p in complete:
+        if p not in protected:
+            (p / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------- GPU performance
+
+#: Dense bf16/fp16 tensor-core peak by GPU family (vendor datasheets, no sparsity), for
+#: the MFU estimate. The H200 is an H100 with more memory: the same 989 TFLOP/s.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(gpu_name: str | None) -> float | None:
+    """Datasheet dense half-precision peak of ``gpu_name`` or None when unknown."""
+    for family, flops in PEAK_FLOPS.items():
+        if gpu_name and family in gpu_name.upper().split():
+            return flops
+    return None
+
+
+def _shape(config: Any) -> tuple[int, int, int, int, int, int]:
+    """(hidden, layers, intermediate, query width, key/value width, vocab) of a decoder."""
+    h = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return (
+        h,
+        int(config.num_hidden_layers),
+        int(config.intermediate_size),
+        heads * head_dim,
+        kv_heads * head_dim,
+        int(config.vocab_size),
+    )
+
+
+def flops_per_token(config: Any, seq_len: int, n_trainable: int) -> float:
+    """Model FLOPs per trained token of a LoRA fine-tune, without recompute.
+
+    4 x the frozen matmul weights (forward + activation gradient), 6 x the trainable
+    ones (plus their weight gradient), and causal attention's QK^T and AV (forward +
+    backward). The same count as ``baseline_bench.py``, so MFUs compare across tools.
+    """
+    h, layers, inter, q, kv, vocab = _shape(config)
+    matmul = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + vocab * h
+    return 4.0 * matmul + 6.0 * n_trainable + 6.0 * layers * seq_len * q
+
+
+class GpuPerf:
+    """Per logging window on CUDA: peak memory since the last log, and MFU."""
+
+    def __init__(self, flops_per_token: float, peak: float | None) -> None:
+        import torch
+
+        self._torch = torch
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self._run_peak = 0
+        torch.cuda.reset_peak_memory_stats()
+
+    @property
+    def run_peak_gb(self) -> float:
+        """Peak allocated GPU memory over the whole run (all windows and now)."""
+        return max(self._run_peak, self._torch.cuda.max_memory_allocated()) / 2**30
+
+    def synchronize(self) -> None:
+        self._torch.cuda.synchronize()
+
+    def window(self, tokens_per_s: float | None) -> dict[str, float]:
+        cuda = self._torch.cuda
+        self._run_peak = max(self._run_peak, cuda.max_memory_allocated())
+        out = {
+            "gpu_peak_mem_gb": cuda.max_memory_allocated() / 2**30,
+            "gpu_peak_reserved_gb": cuda.max_memory_reserved() / 2**30,
+        }
+        cuda.reset_peak_memory_stats()
+        if tokens_per_s and self.peak:
+            out["mfu"] = tokens_per_s * self.flops_per_token / self.peak
+        return out
+
+
+@contextlib.contextmanager
+def _system_metrics(tracker: Tracker, hw: HardwareDecision) -> Iterator[None]:
+    """MLflow system metrics (GPU utilisation and memory, CPU, disk) while training on
+    CUDA, when the tracker writes to MLflow. Never fails the stage."""
+    run_id = getattr(tracker, "mlflow_run_id", None)
+    monitor = None
+    if hw.device == "cuda" and run_id is not None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=10,
+                resume_logging=True,
+                tracking_uri=getattr(tracker, "tracking_uri", None),
+            )
+            monitor.start()
+        except Exception:
+            log.warning("MLflow system metrics unavailable", exc_info=True)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+@dataclass(frozen=True)
+class CheckpointingChoice:
+    """Gradient checkpointing for this run: ``False``, ``True`` (recompute) or
+    ``"unsloth"`` (recompute, activations offloaded to host RAM), and why."""
+
+    mode: bool | str
+    reason: str
+
+    @property
+    def label(self) -> str:
+        if isinstance(self.mode, bool):
+            return "on" if self.mode else "off"
+        return self.mode
+
+
+#: Activations are estimated, not measured: spend at most this share of free memory
+#: on them, and count them with this margin (allocator fragmentation, optimizer state).
+_FREE_SHARE = 0.9
+_MARGIN = 1.3
+
+
+def activation_bytes(config: Any, micro_batch: int, seq_len: int, dtype_bytes: int = 2) -> int:
+    """Activations a decoder keeps for backward without checkpointing, one micro-batch.
+
+    Per token and layer: the residual and both norm outputs, q/k/v before and after
+    RoPE, the attention output, and four MLP-width tensors (gate, up, their product,
+    the down projection's input); plus fp32 logits and their gradient. An upper
+    estimate: Unsloth's fused kernels keep fewer (the bench reports measured beside it).
+    """
+    h, layers, inter, q, kv, vocab = _shape(config)
+    tokens = micro_batch * seq_len
+    per_token_layer = (6 * h + 2 * q + 4 * kv + 4 * inter) * dtype_bytes
+    return tokens * layers * per_token_layer + tokens * vocab * 4 * 2
+
+
+def choose_gradient_checkpointing(
+    cfg: PipelineConfig, hw: HardwareDecision, config: Any, free_bytes: int | None
+) -> CheckpointingChoice:
+    """``train.gradient_checkpointing`` resolved for this run, with the reason.
+
+    ``auto`` on the Unsloth backend turns checkpointing off when the estimated
+    activations (with margin) fit in the free GPU memory after the model loaded: the
+    recompute (a third of the work) is then pure cost. Otherwise Unsloth's offloading
+    checkpointing. ``auto`` elsewhere keeps :func:`gradient_checkpointing`'s rule.
+    """
+    mode = cfg.train.gradient_checkpointing
+    if mode != "auto":
+        choice: bool | str = {"on": True, "off": False}.get(mode, mode)
+        return CheckpointingChoice(choice, f"train.gradient_checkpointing={mode} as configured")
+    if hw.backend != "unsloth" or free_bytes is None:
+        on = gradient_checkpointing(cfg, hw)
+        why = "CUDA with PEFT: on (safe default)" if on else "CPU: recompute would be pure cost"
+        return CheckpointingChoice(on, f"auto: {why}")
+    t = cfg.train
+    need = activation_bytes(config, t.micro_batch_size, cfg.model.max_seq_length) * _MARGIN
+    budget = free_bytes * _FREE_SHARE
+    sizes = (
+        f"activations ~{need / 2**30:.1f} GiB (estimate x{_MARGIN} for micro-batch "
+        f"{t.micro_batch_size} x {cfg.model.max_seq_length} tokens) vs "
+        f"{budget / 2**30:.1f} GiB usable of {free_bytes / 2**30:.1f} GiB free"
+    )
+    if need <= budget:
+        return CheckpointingChoice(False, f"auto: {sizes}: off, no recompute")
+    return CheckpointingChoice("unsloth", f"auto: {sizes}: unsloth (offloaded) checkpointing")
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class _StepJournal:
+    """Which (kind, step) pairs have already been sent to the tracker, on disk.
+
+    A resumed attempt replays the steps between its checkpoint and the kill; their
+    values are the same (exact resume), so they are skipped instead of logged twice.
+    A line is appended (and flushed) right after the tracker call returns, so only a
+    kill inside those few microseconds could log one step twice.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: set[tuple[str, int]] = set()
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.done.add((rec["kind"], int(rec["step"])))
+                except (ValueError, KeyError):
+                    continue  # a torn last line from a kill: that step was not confirmed
+
+    def seen(self, kind: str, step: int) -> bool:
+        return (kind, step) in self.done
+
+    def record(self, kind: str, step: int) -> None:
+        self.done.add((kind, step))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "step": step}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+_RENAME = {
+    "loss": "train_loss",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+    "epoch": "epoch",
+    "eval_loss": "eval_loss",
+}
+
+
+def _train_callback_cls() -> type:
+    """The ``TrainerCallback`` subclass, built on first use so importing this module
+    does not import transformers."""
+    from transformers import TrainerCallback
+
+    class TrackerCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
+        """Forwards the trainer's events to the stage's :class:`Tracker`; commits and
+        rotates checkpoints; generates a few held-out answers at each evaluation."""
+
+        def __init__(
+            self,
+            tracker: Tracker,
+            journal: _StepJournal,
+            ckpt_dir: Path,
+            keep: int,
+            samples: list[dict[str, Any]],
+            tokenizer: Any,
+            max_new_tokens: int,
+            perf: GpuPerf | None = None,
+        ) -> None:
+            self.perf = perf
+            self.tracker = tracker
+            self.journal = journal
+            self.ckpt_dir = ckpt_dir
+            self.keep = keep
+            self.samples = samples
+            self.tokenizer = tokenizer
+            self.max_new_tokens = max_new_tokens
+            self._step_t0 = 0.0
+            self._busy_s = 0.0
+            self._tokens_at_log = 0
+            self.resumed_from_step = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._tokens_at_log = state.num_input_tokens_seen
+            self.resumed_from_step = state.global_step
+
+        # Only the time inside optimizer steps counts for tokens/s: evaluation,
+        # sample generation and checkpoint writes would otherwise dilute it.
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._step_t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.perf is not None:
+                # CUDA runs ahead of Python: wait for the step's kernels, or its time
+                # would land in whichever later step happens to synchronise.
+                self.perf.synchronize()
+            self._busy_s += time.perf_counter() - self._step_t0
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            logs = logs or {}
+            step = state.global_step
+            # The trainer's own running averages (train_runtime, train_tokens_per_second)
+            # ride along on every log line. Its one-off summary (the line with train_loss)
+            # is left out: `train` logs the final metrics itself, once.
+            if "train_loss" in logs:
+                return
+            if any(k.startswith("eval_") for k in logs):
+                kind = "eval"
+                metrics = {
+                    _RENAME.get(k, k): float(v)
+                    for k, v in logs.items()
+                    if _is_number(v) and k.startswith("eval_")
+                }
+            else:
+                kind = "train"
+                metrics = {
+                    _RENAME.get(k, k): float(v)
+                    for k, v in logs.items()
+                    if _is_number(v) and k not in ("train_runtime", "train_tokens_per_second")
+                }
+                tokens = state.num_input_tokens_seen
+                if self._busy_s > 0:
+                    metrics["tokens_per_s"] = (tokens - self._tokens_at_log) / self._busy_s
+                self._tokens_at_log, self._busy_s = tokens, 0.0
+                if self.perf is not None:
+                    metrics.update(self.perf.window(metrics.get("tokens_per_s")))
+            if self.journal.seen(kind, step) or not metrics:
+                return
+            self.tracker.log_metrics(metrics, step=step)
+            self.journal.record(kind, step)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            model = kw.get("model")
+            if not self.samples or model is None:
+                return
+            step = state.global_step
+            try:
+                out = generate_samples(model, self.tokenizer, self.samples, self.max_new_tokens)
+            except Exception:  # diagnostics only: never lose a training run to them
+                log.warning("step %d: sample generation failed", step, exc_info=True)
+                return
+            match = sum(o["generated"] == o["expected"] for o in out) / len(out)
+            self.tracker.log_dict({"step": step, "samples": out}, f"samples/step-{step:06d}.json")
+            if not self.journal.seen("samples", step):
+                self.tracker.log_metrics({"eval_samples_exact_match": match}, step=step)
+                self.journal.record("samples", step)
+            for o in out:
+                log.info(
+                    "step %d sample: %r -> %r (want %r)",
+                    step,
+                    o["prompt"][-60:],
+                    o["generated"],
+                    o["expected"],
+                )
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            ckpt = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if ckpt.is_dir():
+                mark_complete(ckpt)
+            best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+            for p in rotate(self.ckpt_dir, self.keep, best):
+                log.debug("removed old checkpoint %s", p.name)
+
+    return TrackerCallback
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def generate_samples(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int
+) -> list[dict[str, str]]:
+    """Greedy answers to held-out prompts (the chat rows minus their last answer)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for row in rows:
+            prompt_msgs, answer = row["messages"][:-1], row["messages"][-1]["content"]
+            ids = tokenizer.apply_chat_template(
+                prompt_msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            ids = {k: v.to(model.device) for k, v in ids.items()}
+            with torch.no_grad():
+                gen = model.generate(
+                    **ids,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            text = tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            out.append(
+                {
+                    "prompt": prompt_msgs[-1]["content"],
+                    "expected": answer.strip(),
+                    "generated": text.strip(),
+                }
+            )
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_chat_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Chat rows of a DataRef split, as the trainer wants them (``messages`` only)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            blob = json.loads(line)
+            if "messages" not in blob:
+                raise ConfigError(f"{path}:{n}: not a chat row (no 'messages'); run the data stage")
+            rows.append({"messages": blob["messages"]})
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def data_ref_from_folder(folder: Path) -> DataRef:
+    """A :class:`DataRef` for an already-cleaned folder (``slothflow train --data DIR``)."""
+    folder = folder.resolve()
+    marker = folder / "ref.json"
+    if marker.is_file():  # the data stage's own output folder
+        return DataRef.model_validate(json.loads(marker.read_text(encoding="utf-8"))["ref"])
+    train_p, val_p = folder / "train.jsonl", folder / "validation.jsonl"
+    for p in (train_p, val_p):
+        if not p.is_file():
+            raise ConfigError(
+                f"--data {folder}: missing {p.name} (chat rows, as the data stage writes)"
+            )
+    return DataRef(
+        stage="data",
+        path=str(folder),
+        train_path=str(train_p),
+        validation_path=str(val_p),
+        fingerprint=sha256_json([sha256_file(train_p), sha256_file(val_p)]),
+        train_rows=sum(1 for ln in open(train_p, encoding="utf-8") if ln.strip()),
+        validation_rows=sum(1 for ln in open(val_p, encoding="utf-8") if ln.strip()),
+        report_path=str(folder / "report.json"),
+    )
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def load_peft(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) -> tuple[Any, Any]:
+    """transformers + PEFT: the base from safetensors, a fresh LoRA adapter on top."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    kwargs: dict[str, Any] = {"dtype": dtype[hw.dtype], "use_safetensors": True, **LOAD_KWARGS}
+    if hw.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype[hw.dtype],
+        )
+    rev = hub_load_revision(base)
+    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=rev, **kwargs)
+    tok_rev = rev if base.tokenizer_path == base.name_or_path else None
+    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_path, revision=tok_rev, **LOAD_KWARGS)
+    lora = cfg.train.lora
+    # The adapter's random init draws from torch's RNG: seed it here, since TRL would
+    # otherwise wrap the model before the trainer seeds anything.
+    set_seed(cfg.train.seed)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            use_rslora=lora.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    return model, tokenizer
+
+
+def import_unsloth() -> Any:
+    """Import Unsloth; call it before transformers, PEFT and TRL are used.
+
+    Unsloth patches those libraries when imported (its trainer and kernels); imported
+    after them it still works but warns that some optimisations are missing. GPU only:
+    on a CPU without AVX-512 the import kills the process (SIGILL), hence no module-level
+    import anywhere.
+    """
+    try:
+        import unsloth
+    except ImportError as err:
+        raise BackendNotReadyError(
+            f"the Unsloth backend needs the unsloth package ({err}); "
+            "pip install 'slothflow[gpu]' or set train.backend=peft"
+        ) from err
+    return unsloth
+
+
+def load_unsloth(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) -> tuple[Any, Any]:
+    """Unsloth (CUDA): the base through ``FastLanguageModel`` (4-bit when the hardware
+    decision says so, its dtype, ``max_seq_length``), then its LoRA adapter with the
+    configured rank, alpha, dropout, targets and rsLoRA, and gradient checkpointing as
+    :func:`choose_gradient_checkpointing` sizes it against the memory left after loading.
+    """
+    if hw.device != "cuda":
+        raise BackendNotReadyError(
+            f"the Unsloth backend needs CUDA ({hw.reason}); set train.backend=peft"
+        )
+    import_unsloth()
+    import torch
+    from transformers import AutoTokenizer, set_seed
+    from unsloth import FastLanguageModel
+
+    t, lora = cfg.train, cfg.train.lora
+    rev = hub_load_revision(base)
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=base.name_or_path,
+        revision=rev,
+        max_seq_length=cfg.model.max_seq_length,
+        dtype=getattr(torch, hw.dtype),
+        load_in_4bit=hw.load_in_4bit,
+        random_state=t.seed,
+        **LOAD_KWARGS,
+    )
+    # The stage's own tokenizer (the one the base stage recorded, template included),
+    # not the one Unsloth loads beside the weights.
+    tok_rev = rev if base.tokenizer_path == base.name_or_path else None
+    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_path, revision=tok_rev, **LOAD_KWARGS)
+
+    free, _total = torch.cuda.mem_get_info()
+    choice = choose_gradient_checkpointing(cfg, hw, model.config, free)
+    log.info("train: gradient checkpointing %s (%s)", choice.label, choice.reason)
+    if lora.dropout > 0:
+        log.warning(
+            "train.lora.dropout=%s: Unsloth's fused LoRA kernels need dropout 0 and fall back "
+            "to slower ones otherwise",
+            lora.dropout,
+        )
+    set_seed(t.seed)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        use_gradient_checkpointing=choice.mode,
+        random_state=t.seed,
+        use_rslora=lora.use_rslora,
+        max_seq_length=cfg.model.max_seq_length,
+    )
+    FastLanguageModel.for_training(model)
+    model.slothflow_checkpointing = choice
+    return model, tokenizer
+
+
+BACKENDS: dict[str, Callable[[PipelineConfig, BaseModelRef, HardwareDecision], tuple[Any, Any]]] = {
+    "peft": load_peft,
+    "unsloth": load_unsloth,
+}
+
+
+def select_backend(
+    hw: HardwareDecision,
+) -> Callable[[PipelineConfig, BaseModelRef, HardwareDecision], tuple[Any, Any]]:
+    try:
+        return BACKENDS[hw.backend]
+    except KeyError:
+        raise ConfigError(f"unknown training backend {hw.backend!r}") from None
+
+
+def check_settings(cfg: PipelineConfig, hw: HardwareDecision) -> None:
+    """Configuration the trainer would reject late (or silently bend): fail first."""
+    t = cfg.train
+    if t.save_steps % t.eval_steps:
+        raise ConfigError(
+            f"train.save_steps={t.save_steps} must be a multiple of train.eval_steps="
+            f"{t.eval_steps}: the best checkpoint is chosen among evaluated ones"
+        )
+    if t.gradient_checkpointing == "unsloth" and hw.backend != "unsloth":
+        raise ConfigError(
+            "train.gradient_checkpointing='unsloth' needs the Unsloth backend "
+            f"(this run uses {hw.backend}); use 'on', 'off' or 'auto'"
+        )
+    if hw.device == "cpu" and hw.dtype != "float32":
+        raise ConfigError(f"model.dtype={hw.dtype} on CPU: train in float32")
+
+
+def gradient_checkpointing(cfg: PipelineConfig, hw: HardwareDecision) -> bool:
+    """The trainer's own ``gradient_checkpointing`` flag.
+
+    Unsloth arms its checkpointing in ``get_peft_model`` (see :func:`load_unsloth`), so
+    the trainer's flag stays off there. Otherwise ``auto``: off on CPU (memory is not the
+    constraint there, recompute is pure cost); on with PEFT on CUDA (the safe choice).
+    """
+    if hw.backend == "unsloth":
+        return False
+    mode = cfg.train.gradient_checkpointing
+    if mode == "auto":
+        return hw.device == "cuda"
+    return mode in ("on", "unsloth")
+
+
+def sft_config(
+    cfg: PipelineConfig, hw: HardwareDecision, ckpt_dir: Path, has_eval: bool = True
+) -> Any:
+    """The ``SFTConfig`` for this run: every knob comes from the config or the hardware."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a share of the steps
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        # Precision from the hardware decision, always explicit: left unset, bf16
+        # autocast on this CPU (no native bf16) ran 20x slower (ENVIRONMENT.md).
+        bf16=hw.dtype == "bfloat16",
+        fp16=hw.dtype == "float16",
+        use_cpu=hw.device == "cpu",
+        gradient_checkpointing=gradient_checkpointing(cfg, hw),
+        max_length=cfg.model.max_seq_length,
+        packing=t.packing,
+        assistant_only_loss=t.assistant_only_loss,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation is ours: last K complete + best (see rotate)
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _trainer_cls(hw: HardwareDecision) -> type:
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if hw.device == "cuda":
+        return SFTTrainer
+
+    class CpuSFTTrainer(SFTTrainer):  # type: ignore[misc,unused-ignore]
+        """``SFTTrainer`` with transformers' own loss.
+
+        TRL 1.15 always computes the loss through its fused LM head, a Triton kernel
+        (``trl.kernels.ChunkedLogProbFunction``) with no CPU implementation and no
+        setting to turn it off (``loss_type``, label smoothing and the deprecated
+        ``compute_loss_func`` all still run the fused head for their metrics). TRL's
+        own deprecation note says to subclass and override ``compute_loss``; we hand
+        the loss back to ``transformers.Trainer.compute_loss``: the model's own
+        cross-entropy over the same labels (identical values; -100 positions ignored,
+        normalised by ``num_items_in_batch`` under gradient accumulation). TRL's
+        entropy/token-accuracy metrics, which came from the fused head, are dropped.
+        """
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CpuSFTTrainer
+
+
+def build_trainer(
+    cfg: PipelineConfig,
+    hw: HardwareDecision,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    ckpt_dir: Path,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The configured TRL trainer (datasets tokenized, labels masked), not yet trained."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    cbs = list(callbacks or [])
+    if cfg.train.early_stopping_patience:
+        cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    return _trainer_cls(hw)(
+        model=model,
+        args=sft_config(cfg, hw, ckpt_dir),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows),
+        processing_class=tokenizer,
+        callbacks=cbs,
+    )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def inputs_hash(
+    cfg: PipelineConfig, base: BaseModelRef, data: DataRef, hw: HardwareDecision
+) -> str:
+    """What determines the adapter: model + train config, base, data, backend, dtype."""
+    return sha256_json(
+        {
+            "model": cfg.model.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json"),
+            "base": base.model_dump(mode="json"),
+            "data": data.fingerprint,
+            "backend": hw.backend,
+            "dtype": hw.dtype,
+            "load_in_4bit": hw.load_in_4bit,
+        }
+    )
+
+
+def _prepare_checkpoints(ckpt_dir: Path, key: str) -> Path | None:
+    """The checkpoint to resume from, or None; checkpoints of other inputs are discarded."""
+    stamp = ckpt_dir / "inputs.json"
+    if ckpt_dir.exists():
+        old = json.loads(stamp.read_text()).get("inputs_hash") if stamp.exists() else None
+        if old != key:
+            log.warning("train: checkpoints in %s are for other inputs; starting over", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stamp, {"inputs_hash": key})
+    return last_complete_checkpoint(ckpt_dir)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def train(
+    cfg: PipelineConfig,
+    base: BaseModelRef,
+    data: DataRef,
+    out_dir: Path,
+    hw: HardwareDecision,
+    tracker: Tracker = NullTracker(),
+) -> TrainRef:
+    """Fine-tune a LoRA adapter on ``data``; export the best checkpoint's adapter.
+
+    Re-running on the same ``out_dir`` with the same inputs resumes from the last
+    complete checkpoint. Returns the :class:`TrainRef` (best step, final metrics).
+    """
+    hw = resolve_backend(cfg, base, hw)
+    check_settings(cfg, hw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = inputs_hash(cfg, base, data, hw)
+    ckpt_dir = out_dir / "checkpoints"
+    resume = _prepare_checkpoints(ckpt_dir, key)
+    log.info(
+        "train: backend %s on %s (%s); %s",
+        hw.backend,
+        hw.device,
+        hw.reason,
+        f"resuming from {resume.name}" if resume else "starting fresh",
+    )
+
+    train_rows = read_chat_rows(data.train_path)
+    val_rows = read_chat_rows(data.validation_path)
+    run_cfg, retried = cfg, False
+    while True:
+        try:
+            with _system_metrics(tracker, hw):
+                return _fit(
+                    cfg, run_cfg, base, data, out_dir, hw, tracker, resume, train_rows, val_rows
+                )
+        except Exception as exc:
+            if not is_cuda_oom(exc):
+                raise
+            message = oom_message(run_cfg, hw, exc)
+        # Outside the handler the traceback is gone, and with it the frames that held
+        # the model and the trainer: only now can their memory be given back.
+        _release_cuda_memory()
+        t = run_cfg.train
+        if retried or not cfg.train.oom_retry or t.micro_batch_size < 2:
+            raise TrainOutOfMemoryError(message)
+        smaller = t.model_copy(
+            update={"micro_batch_size": t.micro_batch_size // 2, "grad_accum": t.grad_accum * 2}
+        )
+        run_cfg, retried = run_cfg.model_copy(update={"train": smaller}), True
+        resume = last_complete_checkpoint(ckpt_dir)
+        note = (
+            f"micro_batch_size {t.micro_batch_size} -> {smaller.micro_batch_size}, "
+            f"grad_accum {t.grad_accum} -> {smaller.grad_accum} (same effective batch)"
+        )
+        log.warning("train: CUDA out of memory; retrying once with %s", note)
+        tracker.set_tags({"slothflow.oom_retry": note})
+
+
+def resolve_backend(
+    cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision
+) -> HardwareDecision:
+    """The run's decision, refined once the base model's architecture is known.
+
+    Only an Unsloth decision can change (see :func:`tasks.hardware.for_model`); Unsloth
+    is imported here, before this stage touches transformers, since it patches it.
+    """
+    if hw.backend != "unsloth":
+        return hw
+    import_unsloth()
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        base.name_or_path, revision=hub_load_revision(base), **LOAD_KWARGS
+    )
+    refined = for_model(cfg, hw, config.model_type)
+    if refined is not hw:
+        log.warning("train: backend changed: %s", refined.reason)
+    return refined
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, also as the RuntimeError compiled kernels raise."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
+def oom_message(cfg: PipelineConfig, hw: HardwareDecision, exc: BaseException) -> str:
+    """What ran out, and the settings that shrink the need."""
+    t = cfg.train
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"CUDA out of memory on {hw.gpu_name} ({first[:200]}) with train.micro_batch_size="
+        f"{t.micro_batch_size}, train.grad_accum={t.grad_accum}, model.max_seq_length="
+        f"{cfg.model.max_seq_length}, train.lora.r={t.lora.r}, train.gradient_checkpointing="
+        f"{t.gradient_checkpointing}. Lower train.micro_batch_size (raise train.grad_accum to "
+        "keep the effective batch), model.max_seq_length or train.lora.r, or set "
+        "train.gradient_checkpointing=unsloth (or on)"
+        + ("" if hw.load_in_4bit else ", or model.load_in_4bit=true")
+    )
+
+
+def _release_cuda_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _fit(
+    cfg: PipelineConfig,
+    run_cfg: PipelineConfig,
+    base: BaseModelRef,
+    data: DataRef,
+    out_dir: Path,
+    hw: HardwareDecision,
+    tracker: Tracker,
+    resume: Path | None,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+) -> TrainRef:
+    """One attempt: load, train (resuming from ``resume``), export. ``run_cfg`` is what
+    the trainer runs with (``cfg`` unless an out-of-memory retry shrank the micro-batch);
+    ``cfg`` is what the run records."""
+    ckpt_dir = out_dir / "checkpoints"
+    model, tokenizer = select_backend(hw)(run_cfg, base, hw)
+    own = template_text(tokenizer.chat_template)
+    if own is None or hashlib.sha256(own.encode()).hexdigest() != base.chat_template_sha256:
+        raise ConfigError(
+            f"the tokenizer at {base.tokenizer_path} no longer carries the chat template the "
+            "base stage recorded; re-run the base stage"
+        )
+
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    choice = getattr(model, "slothflow_checkpointing", None) or choose_gradient_checkpointing(
+        run_cfg, hw, None, None
+    )
+    tracker.set_tags(
+        {
+            "slothflow.backend": hw.backend,
+            "slothflow.device": hw.device,
+            # tags, not params: an out-of-memory retry may change them
+            "slothflow.gradient_checkpointing": choice.label,
+            "slothflow.gradient_checkpointing_reason": choice.reason,
+        }
+    )
+    tracker.log_params(
+        {
+            "train.backend": hw.backend,
+            "train.backend_reason": hw.reason,
+            "train.device": hw.device,
+            "train.dtype": hw.dtype,
+            "train.trainable_params": n_trainable,
+        }
+    )
+    perf = None
+    if hw.device == "cuda":
+        perf = GpuPerf(
+            flops_per_token(model.config, cfg.model.max_seq_length, n_trainable),
+            peak_flops(hw.gpu_name),
+        )
+    tracker.log_input("train", data.train_path, data.fingerprint, "training", data.train_rows)
+    tracker.log_input(
+        "validation", data.validation_path, data.fingerprint, "validation", data.validation_rows
+    )
+
+    tracker_cb = _train_callback_cls()(
+        tracker=tracker,
+        journal=_StepJournal(out_dir / "tracked_steps.jsonl"),
+        ckpt_dir=ckpt_dir,
+        keep=cfg.train.keep_checkpoints,
+        samples=val_rows[: cfg.train.sample_generations],
+        tokenizer=tokenizer,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        perf=perf,
+    )
+    trainer = build_trainer(
+        run_cfg, hw, model, tokenizer, train_rows, val_rows, ckpt_dir, [tracker_cb]
+    )
+    if len(trainer.train_dataset) == 0:
+        raise ConfigError(
+            f"no training row keeps any answer token within model.max_seq_length="
+            f"{cfg.model.max_seq_length} (TRL drops rows whose answer was truncated away); "
+            "raise model.max_seq_length or shorten the prompts"
+        )
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - t0
+    state = trainer.state
+    best_step = state.best_global_step or state.global_step
+    best_eval = _best_eval_loss(state.log_history, best_step)
+    if best_eval is None:
+        best_eval = float(trainer.evaluate()["eval_loss"])
+    log.info("train: best checkpoint is step %d (eval_loss %.4f)", best_step, best_eval)
+
+    # Export the best adapter (the trainer loaded it at the end) and the tokenizer,
+    # each renamed into place so a crash never leaves half of one.
+    adapter_dir, tok_dir = out_dir / "adapter", out_dir / "tokenizer"
+    tmp = out_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    _replace_dir(tmp, adapter_dir)
+    tmp = out_dir / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, tok_dir)
+    state.save_to_json(str(out_dir / "trainer_state.json"))
+    (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+    metrics = {
+        "best_eval_loss": best_eval,
+        "best_step": float(best_step),
+        "global_step": float(state.global_step),
+        "train_loss": float(result.training_loss),
+        "epoch": float(state.epoch or 0.0),
+        "train_wall_s": wall,
+        "resumed_from_step": float(tracker_cb.resumed_from_step),
+    }
+    if state.num_input_tokens_seen and result.metrics.get("train_runtime"):
+        metrics["train_tokens_per_s"] = (
+            state.num_input_tokens_seen / result.metrics["train_runtime"]
+        )
+    if perf is not None:
+        metrics["gpu_peak_mem_gb"] = perf.run_peak_gb
+    if run_cfg is not cfg:
+        metrics["oom_retry_micro_batch_size"] = float(run_cfg.train.micro_batch_size)
+    journal = tracker_cb.journal  # a re-run after a crash here must not log these twice
+    if not journal.seen("final", state.global_step):
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=state.global_step)
+        journal.record("final", state.global_step)
+    tracker.set_tags({"slothflow.best_step": str(best_step)})
+    tracker.log_artifact(adapter_dir, "adapter")
+    tracker.log_artifact(tok_dir, "tokenizer")
+    tracker.log_artifact(out_dir / "trainer_state.json", "trainer")
+    tracker.log_text(dump_config(cfg), "config/resolved.yaml")
+
+    return TrainRef(
+        stage=STAGE,
+        path=str(out_dir),
+        adapter_path=str(adapter_dir),
+        tokenizer_path=str(tok_dir),
+        base=base,
+        data_fingerprint=data.fingerprint,
+        config_hash=config_hash(cfg),
+        backend=hw.backend,
+        best_step=int(best_step),
+        metrics=metrics,
+    )
+
+
+def _best_eval_loss(history: list[dict[str, Any]], step: int) -> float | None:
+    for entry in history:
+        if entry.get("step") == step and "eval_loss" in entry:
+            return float(entry["eval_loss"])
+    return None
+
+
+# --------------------------------------------------------------------------- in a run
+
+
+def train_in_run(
+    ctx: RunContext, cfg: PipelineConfig, base: BaseModelRef, data: DataRef
+) -> TrainRef:
+    """``train`` inside a run: tracked as stage ``train``; a finished stage is reused."""
+    from tasks import run as run_mod
+
+    hw = HardwareDecision.from_params(ctx.hardware)
+    out = ctx.stage_dir(STAGE)
+    key = inputs_hash(cfg, base, data, hw)
+    done = load_done(out, key, TrainRef)
+    if done is not None and Path(done.adapter_path).exists():
+        log.info(
+            "train: already done (best step %d); reusing %s", done.best_step, done.adapter_path
+        )
+        return done
+    with run_mod.stage(ctx, STAGE) as tracker:
+        ref = train(cfg, base, data, out, hw, tracker)
+    mark_done(out, key, ref)
+    return ref
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Failures worth a retry: I/O and connection trouble (a full or flaky disk, the
+    tracking server away for a moment). A bad config, bad data or a code error fails
+    the same way every time, and a retry would only burn the time again."""
+    from tasks.tracking import TrackingUnavailableError
+
+    if isinstance(exc, ConfigError):
+        return False
+    if isinstance(
+        exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+    ):
+        return False
+    return isinstance(exc, OSError | TrackingUnavailableError)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only :func:`is_transient` failures."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # the state could not even give its exception back
+        exc = err
+    return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+@stage_task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def train_task(ctx: RunContext, cfg: PipelineConfig, base: BaseModelRef, data: DataRef) -> TrainRef:
+    """Prefect task of stage ``train``. A retry re-enters ``train`` on the same folder,
+    which resumes from the last complete checkpoint instead of starting over."""
+    return train_in_run(ctx, cfg, base, data)

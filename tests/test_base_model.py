@@ -1,0 +1,143 @@
+"""Stage ``base``: the embedded build, local folders and hub ids through a real Hugging
+Face cache layout (offline), safetensors only, never remote code, chat templates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tasks import embedded
+from tasks.base_model import LOAD_KWARGS, prepare_base
+from tasks.config import ConfigError, ModelConfig, load_config
+from tasks.home import Home
+
+
+@pytest.fixture(scope="module")
+def smoke_model_cfg() -> ModelConfig:
+    return load_config("ci-smoke").model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smoke_model_cfg: ModelConfig, session_home: Home) -> Path:
+    return embedded.ensure_built(smoke_model_cfg.embedded, session_home.models)
+
+
+def _hub_layout(src: Path, repo_id: str) -> tuple[Path, str]:
+    """Copy a model folder into ``HF_HUB_CACHE`` the way ``snapshot_download`` lays it
+    out: ``models--org--name/snapshots/<commit>/`` plus ``refs/main``."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap, commit
+
+
+def test_embedded_base(smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path) -> None:
+    ref = prepare_base(smoke_model_cfg, session_home)
+    assert Path(ref.name_or_path) == tiny_dir
+    assert ref.revision.startswith("sha256:")
+    assert ref.tokenizer_path == ref.name_or_path
+    assert ref.chat_template_sha256 == hashlib.sha256(embedded.CHAT_TEMPLATE.encode()).hexdigest()
+    assert ref.license == "Apache-2.0"
+
+
+def test_hub_id_offline_through_the_cache_layout(
+    smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path
+) -> None:
+    """The real ``from_pretrained(repo_id, revision=commit)`` path, with no network."""
+    from tasks.hardware import HardwareDecision
+    from tasks.train import load_peft
+
+    repo_id = f"slothflow-test/tiny-{uuid.uuid4().hex[:8]}"
+    snap, commit = _hub_layout(tiny_dir, repo_id)
+    cfg = smoke_model_cfg.model_copy(update={"name_or_path": repo_id, "revision": "main"})
+    ref = prepare_base(cfg, session_home)
+    assert ref.name_or_path == repo_id  # passed to from_pretrained as a hub id
+    assert ref.revision == commit  # the branch resolved to the commit it points at
+    assert Path(ref.path) == snap
+
+    pipeline_cfg = load_config("ci-smoke", [f"model.name_or_path={repo_id}"])
+    hw = HardwareDecision("cpu", "peft", "float32", False, "test")
+    model, tok = load_peft(pipeline_cfg, ref, hw)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(snap / "model.safetensors"))
+    loaded = model.get_base_model().state_dict()
+    name = "model.embed_tokens.weight"
+    assert (loaded[name] == on_disk[name]).all()  # the snapshot's weights, not a fresh init
+    assert tok.chat_template == embedded.CHAT_TEMPLATE
+
+
+def test_hub_id_missing_from_the_offline_cache_is_a_config_error(
+    smoke_model_cfg: ModelConfig, session_home: Home
+) -> None:
+    cfg = smoke_model_cfg.model_copy(update={"name_or_path": "nobody/not-cached"})
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        prepare_base(cfg, session_home)
+
+
+def test_pickle_only_weights_are_refused(
+    smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path, tmp_path: Path
+) -> None:
+    d = tmp_path / "bin-only"
+    shutil.copytree(tiny_dir, d)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="safetensors"):
+        prepare_base(smoke_model_cfg.model_copy(update={"name_or_path": str(d)}), session_home)
+
+
+def test_remote_code_is_never_trusted(
+    smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path, tmp_path: Path
+) -> None:
+    assert LOAD_KWARGS == {"trust_remote_code": False}
+    d = tmp_path / "custom-code"
+    shutil.copytree(tiny_dir, d)
+    conf = json.loads((d / "config.json").read_text())
+    conf["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (d / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        prepare_base(smoke_model_cfg.model_copy(update={"name_or_path": str(d)}), session_home)
+    # and nothing in the code base ever turns it on
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        p
+        for sub in ("tasks", "flows", "slothflow")
+        for p in (root / sub).rglob("*.py")
+        if "trust_remote_code=True" in p.read_text()
+    ]
+    assert offenders == []
+
+
+def test_chat_template_from_config_or_a_clear_error(
+    smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path, tmp_path: Path
+) -> None:
+    d = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, d)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = smoke_model_cfg.model_copy(update={"name_or_path": str(d)})
+    with pytest.raises(ConfigError, match=r"model\.chat_template"):
+        prepare_base(cfg, session_home)
+
+    template = tmp_path / "t.jinja"
+    template.write_text(embedded.CHAT_TEMPLATE.replace("<|assistant|>", "<|assistant|> "))
+    ref = prepare_base(cfg.model_copy(update={"chat_template": str(template)}), session_home)
+    assert ref.tokenizer_path != ref.name_or_path  # a tokenizer copy that carries it
+    assert ref.chat_template_sha256 == hashlib.sha256(template.read_bytes()).hexdigest()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(ref.tokenizer_path).chat_template == template.read_text()
+
+    with pytest.raises(ConfigError, match=r"model\.chat_template: file not found"):
+        prepare_base(cfg.model_copy(update={"chat_template": "nope.jinja"}), session_home)

@@ -1,0 +1,555 @@
+"""The data stage: normalisation, quarantine, deduplication, splits, PII, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import DataConfig, load_config
+from tasks.data import REASONS, DataError, clean, split_of
+from tasks.data.dedup import answer_key, jaccard, shingles
+from tasks.data.rows import Reject, normalize_text, to_messages
+from tasks.refs import sha256_file
+
+# --------------------------------------------------------------------------- helpers
+
+_VOCAB = [
+    f"{a}{b}"
+    for a in ("ka", "lo", "mi", "ne", "po", "ru", "si", "ta")
+    for b in ("bar", "cen", "dul", "fim", "gor", "hep", "jat", "kov", "lun", "mes", "nor", "pid")
+]
+
+
+def sentence(rng: random.Random, n: int = 14) -> str:
+    return " ".join(rng.choice(_VOCAB) for _ in range(n)).capitalize() + "."
+
+
+def good_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Distinct rows that share nothing beyond chance (no near-duplicates among them)."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        if i % 2:
+            rows.append({"instruction": sentence(rng), "input": "", "output": sentence(rng, 6)})
+        else:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": sentence(rng)},
+                        {"role": "assistant", "content": sentence(rng, 6)},
+                    ]
+                }
+            )
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def cfg_for(*sources: Path | str, **kw: Any) -> DataConfig:
+    return DataConfig(sources=[str(s) for s in sources], **kw)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def report_of(out: Path) -> dict[str, Any]:
+    r = json.loads((out / "report.json").read_text())
+    # The contract every run must meet, whatever the data.
+    assert r["input_records"] == r["kept_records"] + sum(r["rejected"].values())
+    assert r["kept_records"] == r["splits"]["train"] + r["splits"]["validation"]
+    assert len(read_jsonl(out / "rejected.jsonl")) == sum(r["rejected"].values())
+    return r
+
+
+def prompt_shingles(row: dict[str, Any]) -> list[str]:
+    prompt = "\n\n".join(m["content"] for m in row["messages"][:-1])
+    return shingles(prompt, set(), 3)
+
+
+def build_tokenizer(folder: Path) -> str:
+    """A byte-level BPE tokenizer trained on the spot (no download), saved like a hub one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(1)
+    corpus = [sentence(rng) for _ in range(400)]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "kind"),
+    [
+        ("cafe\u0301", "café", "nfc"),  # decomposed e + combining acute -> one code point
+        ("\ufeffhello", "hello", "bom"),
+        ("zero\u200bwidth", "zerowidth", "zero_width"),
+        ("a\u00a0b\u202fc", "a b c", "nbsp"),
+        ("line1\r\nline2\rline3", "line1\nline2\nline3", "crlf"),
+        ("  \t padded \n ", "padded", "surrounding_whitespace"),
+        ("bell\x07 and nul\x00", "bell and nul", "control_chars"),
+    ],
+)
+def test_each_normalisation(raw: str, expected: str, kind: str) -> None:
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    assert normalize_text(raw, counts) == expected
+    assert counts[kind] == 1
+
+
+def test_zero_width_joiner_is_kept() -> None:
+    # ZWJ builds emoji sequences and Indic spellings: removing it would change the text.
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    assert normalize_text(family) == family
+
+
+def test_alpaca_becomes_chat() -> None:
+    assert to_messages({"instruction": "Translate", "input": "hola", "output": "hello"}) == [
+        {"role": "user", "content": "Translate\n\nhola"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    assert to_messages({"instruction": " Say hi ", "input": "", "output": "hi"})[0] == {
+        "role": "user",
+        "content": "Say hi",
+    }
+    with_system = to_messages({"system": "Be brief.", "instruction": "Q", "output": "A"})
+    assert with_system[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_chat_roles_are_normalised_and_system_kept() -> None:
+    msgs = to_messages(
+        {
+            "messages": [
+                {"role": "System", "content": "sys"},
+                {"role": " USER ", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    )
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ([1, 2], "not_an_object"),
+        ({"text": "hi"}, "unknown_shape"),
+        ({"messages": "hi"}, "wrong_type"),
+        ({"messages": [{"role": "user", "content": 3}]}, "wrong_type"),
+        ({"instruction": "q", "output": 42}, "wrong_type"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "bad_role"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "bad_role_order"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]},
+            "bad_role_order",
+        ),
+        ({"instruction": "  ", "input": "", "output": "a"}, "empty_prompt"),
+        ({"instruction": "q", "output": " \u200b "}, "empty_answer"),
+        ({"instruction": "q", "output": "\ud800"}, "invalid_utf8"),  # lone surrogate
+    ],
+)
+def test_row_rejections(value: Any, reason: str) -> None:
+    with pytest.raises(Reject) as exc:
+        to_messages(value)
+    assert exc.value.reason == reason
+
+
+# --------------------------------------------------------------------------- quarantine
+
+
+def test_every_rejection_reason_is_quarantined_with_source_and_line(
+    tmp_path: Path, tokenizer_dir: str
+) -> None:
+    good = good_rows(40)
+    dup_source = {"instruction": sentence(random.Random(9), 30), "output": "Nefim pogor"}
+    near = dict(dup_source, instruction=dup_source["instruction"] + " rujat")
+    lines: list[Any] = [
+        *good,
+        "x" * 3000,  # line_too_long (max_line_bytes=2000)
+        "{not json",  # malformed_json
+        "[1, 2]",  # not_an_object
+        {"text": "no shape"},  # unknown_shape
+        {"messages": [{"role": "user", "content": 5}]},  # wrong_type
+        {"messages": [{"role": "robot", "content": "x"}]},  # bad_role
+        {"messages": [{"role": "assistant", "content": "x"}]},  # bad_role_order
+        {"instruction": "", "input": "", "output": "x"},  # empty_prompt
+        {"instruction": "Kabar", "output": ""},  # empty_answer
+        {"instruction": "Ok", "output": "Ok"},  # too_few_tokens (min_tokens=8)
+        {"instruction": "Kabar " * 200, "output": "x"},  # too_many_tokens (max 300)
+        dup_source,
+        dup_source,  # exact_duplicate
+        near,  # near_duplicate (one extra word, same answer)
+        "",  # blank: not a record
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    with open(src, "ab") as f:
+        f.write(b'{"instruction": "caf\xe9", "output": "x"}\n')  # invalid_utf8 (latin-1 byte)
+    cfg = cfg_for(src, max_line_bytes=2000, min_tokens=8, max_tokens=300, val_fraction=0.3)
+    clean(cfg, tmp_path / "out", tokenizer_dir)
+    r = report_of(tmp_path / "out")
+    rows = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    by_reason = {row["reason"]: row for row in rows}
+    expected_line = {
+        "line_too_long": 41,
+        "malformed_json": 42,
+        "not_an_object": 43,
+        "unknown_shape": 44,
+        "wrong_type": 45,
+        "bad_role": 46,
+        "bad_role_order": 47,
+        "empty_prompt": 48,
+        "empty_answer": 49,
+        "too_few_tokens": 50,
+        "too_many_tokens": 51,
+        "exact_duplicate": 53,
+        "near_duplicate": 54,
+        "invalid_utf8": 56,
+    }
+    for reason, line in expected_line.items():
+        assert by_reason[reason]["line"] == line, reason
+        assert by_reason[reason]["source"] == str(src)
+        assert r["rejected"][reason] == 1, reason
+    assert set(r["rejected"]) == set(expected_line)
+    assert set(expected_line) | {"malformed_csv"} == set(REASONS)  # CSV: test_data_formats
+    assert r["input_records"] == 55  # every non-blank line
+    assert r["kept_records"] == 41  # 40 good rows + the first copy of dup_source
+    assert "x" * 100 in by_reason["line_too_long"]["text"]  # a preview, not the whole line
+    assert len(by_reason["line_too_long"]["text"]) <= 1000
+    assert "rujat" in by_reason["near_duplicate"]["text"]
+
+
+def test_blank_input_is_a_clear_error(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", ["{broken", "[]", ""])
+    with pytest.raises(DataError, match=r"no rows left.*malformed_json=1"):
+        clean(cfg_for(src), tmp_path / "out")
+    # The reports are written before the error, so the cause can be inspected.
+    assert report_of(tmp_path / "out")["kept_records"] == 0
+
+
+def test_empty_validation_split_is_a_clear_error(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(3))
+    with pytest.raises(DataError, match="validation split is empty"):
+        clean(cfg_for(src, val_fraction=0.001), tmp_path / "out")
+
+
+def test_missing_tokenizer_is_reported_not_silent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(30))
+    with caplog.at_level(logging.WARNING):
+        clean(cfg_for(src, val_fraction=0.5), tmp_path / "out")
+    assert "token-length filter" in caplog.text and "SKIPPED" in caplog.text
+    r = report_of(tmp_path / "out")
+    assert r["length_filter"]["applied"] is False
+    assert "skipped" in r["length_filter"]["note"]
+    assert "skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_exact_duplicates_after_normalisation(tmp_path: Path) -> None:
+    base = {"instruction": "Kabar locen midul nefim", "output": "Pogor rujat"}
+    variants = [
+        base,
+        {"instruction": "\ufeffKabar locen midul nefim  ", "output": "Pogor rujat\r\n"},
+        {
+            "messages": [
+                {"role": "user", "content": "Kabar\u00a0locen midul nefim"},
+                {"role": "assistant", "content": "Pogor rujat"},
+            ]
+        },
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", [*good_rows(20), *variants])
+    clean(cfg_for(src, val_fraction=0.3), tmp_path / "out")
+    r = report_of(tmp_path / "out")
+    assert r["rejected"] == {"exact_duplicate": 2}
+
+
+def test_near_duplicates_need_the_same_answer(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    prompt = sentence(rng, 30)
+    tweaked = prompt.replace(".", " kabar.")  # one extra word: Jaccard ~0.94
+    rows = [
+        *good_rows(20),
+        {"instruction": prompt, "output": "Yes"},
+        {"instruction": tweaked, "output": "yes!"},  # same answer (case/punctuation): dup
+        {"instruction": tweaked + " lofim", "output": "No"},  # different answer: conflict
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    clean(cfg_for(src, val_fraction=0.3), tmp_path / "out")
+    r = report_of(tmp_path / "out")
+    assert r["rejected"] == {"near_duplicate": 1}
+    assert r["near_dup"]["conflicting_answers"] == 1
+    (rej,) = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert rej["line"] == 22
+
+
+def test_sample_has_no_near_duplicates_despite_shared_instruction(tmp_path: Path) -> None:
+    """The shipped sample shares one long instruction; that paragraph is boilerplate and
+    must not make distinct sentences near-duplicates."""
+    ref = clean(load_config("default").data, tmp_path / "out")
+    r = report_of(tmp_path / "out")
+    assert r["input_records"] == 3000
+    assert r["kept_records"] >= 2700
+    assert ref.validation_rows >= 250
+    assert r["near_dup"]["boilerplate_paragraphs"] == 1
+    # A whole-row check would have flagged templated rows; count what is really there:
+    rows = read_jsonl(tmp_path / "out" / "train.jsonl")[:400]
+    sentences = [shingles(x["messages"][0]["content"].split("\n\n")[1], set(), 3) for x in rows]
+    whole = [prompt_shingles(x) for x in rows]
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i)]
+    assert sum(jaccard(whole[i], whole[j]) >= 0.85 for i, j in pairs) > 0
+    assert all(jaccard(sentences[i], sentences[j]) < 0.85 for i, j in pairs)
+
+
+def _clusters(n: int, copies: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` base rows, each with ``copies`` near-duplicates (one word changed)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = sentence(rng, 120).rstrip(".").split()
+        answer = sentence(rng, 5)
+        for c in range(copies + 1):
+            w = list(words)
+            if c:
+                w[rng.randrange(len(w))] = rng.choice(_VOCAB)
+            rows.append({"instruction": " ".join(w) + ".", "output": answer})
+    rng.shuffle(rows)
+    return rows
+
+
+def test_no_near_duplicate_pair_straddles_the_split(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _clusters(60, 3, seed=7))
+    clean(cfg_for(src, val_fraction=0.3), tmp_path / "out")
+    r = report_of(tmp_path / "out")
+    assert r["rejected"].get("near_duplicate", 0) >= 170  # nearly all 180 planted copies
+    train = read_jsonl(tmp_path / "out" / "train.jsonl")
+    val = read_jsonl(tmp_path / "out" / "validation.jsonl")
+    for v in val:
+        for t in train:
+            same_answer = answer_key(v["messages"][-1]["content"]) == answer_key(
+                t["messages"][-1]["content"]
+            )
+            assert not (same_answer and jaccard(prompt_shingles(v), prompt_shingles(t)) >= 0.85)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_is_stable_when_rows_are_added(tmp_path: Path) -> None:
+    old = good_rows(300, seed=1)
+    new = good_rows(300, seed=2)
+    a = write_jsonl(tmp_path / "a.jsonl", old)
+    b = write_jsonl(tmp_path / "b.jsonl", new)
+    clean(cfg_for(a), tmp_path / "one")
+    clean(cfg_for(b, a), tmp_path / "two")  # new data first: order must not matter
+    before = {r["id"]: r["split"] for r in read_jsonl(tmp_path / "one" / "manifest.jsonl")}
+    after = {r["id"]: r["split"] for r in read_jsonl(tmp_path / "two" / "manifest.jsonl")}
+    assert set(before) <= set(after)
+    assert all(after[i] == s for i, s in before.items())
+    val = sum(s == "validation" for s in after.values()) / len(after)
+    assert 0.05 < val < 0.15  # val_fraction 0.1
+    assert split_of("abc", "slothflow-v1", 0.1) == split_of("abc", "slothflow-v1", 0.1)
+
+
+def test_previous_manifest_rows_survive_later_near_duplicates(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    words = sentence(rng, 40)
+    old_row = {"instruction": words, "output": "Kabar"}
+    new_row = {"instruction": words.replace(".", " lobar."), "output": "Kabar"}
+    first = write_jsonl(tmp_path / "old.jsonl", [*good_rows(30), old_row])
+    clean(cfg_for(first, val_fraction=0.3), tmp_path / "run1")
+    (old_id,) = [
+        r["id"]
+        for r in read_jsonl(tmp_path / "run1" / "train.jsonl")
+        + read_jsonl(tmp_path / "run1" / "validation.jsonl")
+        if r["messages"][-1]["content"] == "Kabar"
+    ]
+    # The later file puts the new near-duplicate *before* the old row.
+    second = write_jsonl(tmp_path / "new.jsonl", [new_row])
+    cfg = cfg_for(second, first, val_fraction=0.3)
+    clean(cfg, tmp_path / "run2", previous_manifest=tmp_path / "run1" / "manifest.jsonl")
+    (rej,) = read_jsonl(tmp_path / "run2" / "rejected.jsonl")
+    assert rej["reason"] == "near_duplicate" and rej["duplicate_of"] == old_id
+    assert report_of(tmp_path / "run2")["previous_manifest"]["kept"] == 31
+    # Without the manifest the first arrival wins: the manifest is what protects old rows.
+    clean(cfg, tmp_path / "run3")
+    (rej,) = read_jsonl(tmp_path / "run3" / "rejected.jsonl")
+    assert rej["source"] == str(first)
+
+
+# --------------------------------------------------------------------------- PII
+
+
+def test_pii_is_scrubbed_in_outputs_and_quarantine(tmp_path: Path) -> None:
+    secret_rows = [
+        {"instruction": "Mail jane.doe@example.com about it", "output": "Call +44 20 7946 0958"},
+        {"instruction": "Mail jane.doe@example.com about it", "output": "Call +44 20 7946 0958"},
+        '{"instruction": "broken bob@corp.io (555) 123-4567',
+    ]
+    harmless = {"instruction": "On 2024-01-15 we sold 3 of 4 items for 12.50", "output": "Ok fine"}
+    # An over-long line whose 1000-byte preview cuts an address in half ("...@exa"):
+    prefix = '{"instruction": "' + "a " * 486
+    assert len(prefix) == 989
+    cut = prefix + "cut.off@example.com " + "b " * 1000 + '", "output": "x"}'
+    src = write_jsonl(tmp_path / "in.jsonl", [*good_rows(30), *secret_rows, harmless, cut])
+    cfg = cfg_for(src, pii_scrub=True, val_fraction=0.3, max_line_bytes=2000)
+    clean(cfg, tmp_path / "out")
+    r = report_of(tmp_path / "out")
+    everything = "".join(
+        (tmp_path / "out" / f).read_text()
+        for f in ("train.jsonl", "validation.jsonl", "rejected.jsonl")
+    )
+    for secret in ("jane.doe@example.com", "bob@corp.io", "7946 0958", "123-4567", "cut.off"):
+        assert secret not in everything
+    assert "<EMAIL>" in everything and "<PHONE>" in everything
+    assert "2024-01-15" in everything and "12.50" in everything  # not phone numbers
+    # Counted in every valid row (both copies: scrubbing runs before deduplication).
+    assert r["pii"]["emails"] == 2 and r["pii"]["phones"] == 2
+    assert r["pii"]["in_rejected"] == {"emails": 1, "phones": 1}  # the broken line
+    assert r["rejected"] == {"exact_duplicate": 1, "line_too_long": 1, "malformed_json": 1}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class RecordingTracker:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: self.calls.append((name, (a, k)))
+
+
+def test_outputs_load_in_datasets_and_are_logged(tmp_path: Path, tokenizer_dir: str) -> None:
+    import datasets
+
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(60))
+    tracker = RecordingTracker()
+    ref = clean(cfg_for(src, val_fraction=0.3), tmp_path / "out", tokenizer_dir, tracker=tracker)
+    ds = datasets.load_dataset(
+        "json",
+        data_files={"train": ref.train_path, "validation": ref.validation_path},
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert (
+        ds["train"].num_rows == ref.train_rows and ds["validation"].num_rows == ref.validation_rows
+    )
+    assert set(ds["train"].column_names) == {"id", "messages"}
+    inputs = {a[0]: a for name, (a, _) in tracker.calls if name == "log_input"}
+    assert inputs["train"][2] == sha256_file(Path(ref.train_path))
+    assert inputs["validation"][2] == sha256_file(Path(ref.validation_path))
+    artifacts = {Path(a[0]).name for name, (a, _) in tracker.calls if name == "log_artifact"}
+    assert artifacts == {"report.json", "report.md", "token_lengths.png", "rejected.jsonl"}
+    png = (tmp_path / "out" / "token_lengths.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    r = report_of(tmp_path / "out")
+    assert r["length_filter"]["applied"] and r["length_filter"]["unit"] == "tokens"
+    assert r["fingerprint"] == ref.fingerprint and len(ref.fingerprint) == 64
+    # Same input, same fingerprint; one changed row, a new one.
+    again = clean(cfg_for(src, val_fraction=0.3), tmp_path / "again", tokenizer_dir)
+    assert again.fingerprint == ref.fingerprint
+    write_jsonl(src, good_rows(61))
+    assert clean(cfg_for(src, val_fraction=0.3), tmp_path / "more").fingerprint != ref.fingerprint
+
+
+def test_clean_task_reuses_a_finished_stage(tmp_path: Path, tokenizer_dir: str) -> None:
+    from tasks.data import clean_task
+    from tasks.refs import RunContext
+
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
+    ctx = RunContext(
+        run_id="t", run_dir=str(tmp_path / "run"), config_hash="x", code_version="x", hardware={}
+    )
+    cfg = cfg_for(src, val_fraction=0.3)
+    fn = getattr(clean_task, "fn", clean_task)  # the plain function under the Prefect task
+    first = fn(ctx, cfg, tokenizer_dir)
+    stamp = Path(first.train_path).stat().st_mtime_ns
+    second = fn(ctx, cfg, tokenizer_dir)
+    assert second == first and Path(first.train_path).stat().st_mtime_ns == stamp
+    write_jsonl(src, good_rows(41))  # new content: the stage runs again
+    assert fn(ctx, cfg, tokenizer_dir).fingerprint != first.fingerprint
+
+
+def test_clean_task_records_the_stage_in_mlflow(tmp_path: Path, tokenizer_dir: str) -> None:
+    """The task as the flow runs it, against a real MLflow store (SQLite): params,
+    metrics, report artifacts, and both splits as dataset inputs with full-content
+    hashes. A FAILED stage run when the data is unusable."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from tasks.config import TrackingConfig
+    from tasks.data import clean_task
+    from tasks.home import Home
+    from tasks.refs import RunContext
+
+    tcfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="d")
+    tref = tracking.open_pipeline_run(tcfg, Home(tmp_path / "home"), run_id="r1")
+    ctx = RunContext(
+        run_id="r1",
+        run_dir=str(tmp_path / "run"),
+        config_hash="x",
+        code_version="x",
+        hardware={},
+        tracking=tref.model_dump(),
+    )
+    src = write_jsonl(tmp_path / "in.jsonl", [*good_rows(40), "{broken"])
+    fn = getattr(clean_task, "fn", clean_task)
+    ref = fn(ctx, cfg_for(src, val_fraction=0.3), tokenizer_dir)
+    client = MlflowClient(tcfg.tracking_uri)
+    query = "tags.`slothflow.stage` = 'data' and tags.`slothflow.run_id` = 'r1'"
+    (run,) = client.search_runs([tref.experiment_id], query)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data.input_records"] == 41
+    assert run.data.metrics["data.rejected.malformed_json"] == 1
+    assert run.data.params["data.val_fraction"] == "0.3"
+    assert run.data.params["data.train.sha256"] == sha256_file(Path(ref.train_path))
+    assert run.data.tags["slothflow.data_fingerprint"] == ref.fingerprint
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert inputs["validation"].dataset.digest == sha256_file(Path(ref.validation_path))[:16]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/report.json", "data/report.md", "data/token_lengths.png"} <= artifacts
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{broken"])
+    tref2 = tracking.open_pipeline_run(tcfg, Home(tmp_path / "home"), run_id="r2")
+    ctx2 = ctx.model_copy(
+        update={"run_id": "r2", "run_dir": str(tmp_path / "run2"), "tracking": tref2.model_dump()}
+    )
+    with pytest.raises(DataError):
+        fn(ctx2, cfg_for(bad), tokenizer_dir)
+    query = "tags.`slothflow.stage` = 'data' and tags.`slothflow.run_id` = 'r2'"
+    (run,) = client.search_runs([tref.experiment_id], query)
+    assert run.info.status == "FAILED"

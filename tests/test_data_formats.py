@@ -1,0 +1,318 @@
+"""The data stage's readers: every input format, remote URLs, hostile bytes, huge lines,
+and `slothflow data clean` as a user runs it."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tasks.data import DataError, clean
+from tasks.data.read import lines, read, resolve
+from tests.conftest import clean_env
+from tests.test_data import cfg_for, good_rows, read_jsonl, report_of, write_jsonl
+
+SLOTHFLOW = str(Path(sys.executable).parent / "slothflow")
+
+
+def _as_alpaca(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for r in rows:
+        if "messages" in r:
+            out.append(
+                {
+                    "instruction": r["messages"][0]["content"],
+                    "input": "",
+                    "output": r["messages"][1]["content"],
+                }
+            )
+        else:
+            out.append(r)
+    return out
+
+
+def _ids(out: Path) -> set[str]:
+    return {r["id"] for r in read_jsonl(out / "manifest.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Row ids of the JSONL original; every other format must give the same ones."""
+    d = tmp_path_factory.mktemp("ref")
+    src = write_jsonl(d / "rows.jsonl", _as_alpaca(good_rows(40)))
+    clean(cfg_for(src, val_fraction=0.3), d / "out")
+    return _ids(d / "out")
+
+
+def test_parquet(tmp_path: Path, reference: set[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(_as_alpaca(good_rows(40))), tmp_path / "rows.parquet")
+    clean(cfg_for(tmp_path / "rows.parquet", val_fraction=0.3), tmp_path / "out")
+    assert _ids(tmp_path / "out") == reference
+
+
+def test_csv_alpaca_and_chat_columns(tmp_path: Path, reference: set[str]) -> None:
+    rows = _as_alpaca(good_rows(40))
+    with open(tmp_path / "rows.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(rows)
+        f.write('"unterminated,quote\n')  # malformed: swallows the rest as one field
+    clean(cfg_for(tmp_path / "rows.csv", val_fraction=0.3), tmp_path / "out")
+    assert _ids(tmp_path / "out") == reference
+    r = report_of(tmp_path / "out")
+    assert r["rejected"] == {"malformed_csv": 1}
+
+    chat = [
+        {
+            "messages": json.dumps(
+                [
+                    {"role": "user", "content": x["instruction"]},
+                    {"role": "assistant", "content": x["output"]},
+                ]
+            )
+        }
+        for x in rows
+    ]
+    with open(tmp_path / "chat.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["messages"])
+        w.writeheader()
+        w.writerows(chat)
+    clean(cfg_for(tmp_path / "chat.csv", val_fraction=0.3), tmp_path / "out2")
+    assert _ids(tmp_path / "out2") == reference
+
+
+def test_json_array_and_json_lines_named_json(tmp_path: Path, reference: set[str]) -> None:
+    rows = _as_alpaca(good_rows(40))
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    clean(cfg_for(tmp_path / "array.json", val_fraction=0.3), tmp_path / "a")
+    assert _ids(tmp_path / "a") == reference
+    # `datasets` writes JSON Lines to .json files by default
+    write_jsonl(tmp_path / "lines.json", rows)
+    clean(cfg_for(tmp_path / "lines.json", val_fraction=0.3), tmp_path / "b")
+    assert _ids(tmp_path / "b") == reference
+
+
+def test_saved_datasets_folder(tmp_path: Path, reference: set[str]) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_list(_as_alpaca(good_rows(40)))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    clean(cfg_for(tmp_path / "saved", val_fraction=0.3), tmp_path / "out")
+    assert _ids(tmp_path / "out") == reference
+    datasets.DatasetDict({"a": ds.select(range(20)), "b": ds.select(range(20, 40))}).save_to_disk(
+        str(tmp_path / "dict")
+    )
+    clean(cfg_for(tmp_path / "dict", val_fraction=0.3), tmp_path / "out2")
+    assert _ids(tmp_path / "out2") == reference
+
+
+def test_fsspec_urls_and_compression(tmp_path: Path, reference: set[str]) -> None:
+    rows = _as_alpaca(good_rows(40))
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    clean(cfg_for(src.as_uri(), val_fraction=0.3), tmp_path / "file")  # file://
+    assert _ids(tmp_path / "file") == reference
+    # fsspec's in-memory filesystem stands in for s3:// (the same fsspec code path:
+    # url_to_fs -> open); the CI machine cannot reach an object store.
+    with fsspec.open("memory://bucket/rows.jsonl.gz", "wb", compression="gzip") as f:
+        f.write(src.read_bytes())
+    clean(cfg_for("memory://bucket/rows.jsonl.gz", val_fraction=0.3), tmp_path / "mem")
+    assert _ids(tmp_path / "mem") == reference
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wb") as g:
+        g.write(src.read_bytes())
+    clean(cfg_for(tmp_path / "rows.jsonl.gz", val_fraction=0.3), tmp_path / "gz")
+    assert _ids(tmp_path / "gz") == reference
+
+
+def test_relative_sources_fall_back_to_the_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve("data/sample/topics_alpaca.jsonl").url.endswith(
+        "data/sample/topics_alpaca.jsonl"
+    )
+    (tmp_path / "data" / "sample").mkdir(parents=True)
+    local = write_jsonl(tmp_path / "data" / "sample" / "topics_alpaca.jsonl", [])
+    assert resolve("data/sample/topics_alpaca.jsonl").url == str(local)  # cwd first
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.lists(
+        st.one_of(
+            st.binary(max_size=120),
+            st.sampled_from(
+                [
+                    b'{"instruction": "q", "output": "a"}',
+                    b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                    b"\xef\xbb\xbf{}",
+                    b"\r",
+                    b"[" * 2000,  # deep nesting
+                    b'{"instruction": "caf\xc3\xa9", "output": "\xff"}',
+                ]
+            ),
+        ),
+        max_size=30,
+    ).map(lambda parts: b"\n".join(parts))
+)
+def test_arbitrary_bytes_never_crash_and_counts_add_up(tmp_path: Path, data: bytes) -> None:
+    src = tmp_path / "fuzz.jsonl"
+    src.write_bytes(data)
+    cfg = cfg_for(src, max_line_bytes=64, val_fraction=0.5)
+    records = list(read(resolve(str(src)), 64))
+    # Every non-blank line is one record (an over-long one too: it is not read to check).
+    assert len(records) == sum(1 for x in data.split(b"\n") if x.strip() or len(x) > 64)
+    out = tmp_path / "out"
+    # Nothing or too little left is a clear DataError; the reports are written anyway.
+    with contextlib.suppress(DataError):
+        clean(cfg, out)
+    r = report_of(out)
+    assert r["input_records"] == len(records)
+
+
+def test_line_reader_splits_exactly() -> None:
+    import io
+
+    data = b"a\n\nbbbbbbbbbb\ncc"
+    got = list(lines(io.BytesIO(data), max_bytes=5, chunk=3))
+    assert got == [(1, b"a", b""), (2, b"", b""), (3, None, b"bbbbbbbbbb"), (4, b"cc", b"")]
+
+
+def test_a_huge_line_is_rejected_in_bounded_memory(tmp_path: Path) -> None:
+    """A 100 MB line among good rows: quarantined, and peak memory grows by far less than
+    the line (measured in a fresh process, so other tests' allocations do not count)."""
+    src = tmp_path / "huge.jsonl"
+    with open(src, "wb") as f:
+        for row in good_rows(30):
+            f.write(json.dumps(row).encode() + b"\n")
+        f.write(b'{"instruction": "')
+        block = b"x" * (1 << 20)
+        for _ in range(100):
+            f.write(block)
+        f.write(b'", "output": "y"}\n')
+        for row in good_rows(30, seed=9):
+            f.write(json.dumps(row).encode() + b"\n")
+    script = textwrap.dedent(
+        f"""
+        import json, resource, sys
+        from pathlib import Path
+        from tasks.config import DataConfig
+        from tasks.data import clean
+        import matplotlib.pyplot  # imported before the baseline: not the line's cost
+        cfg = DataConfig(sources=[{str(src)!r}], val_fraction=0.3)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        clean(cfg, Path({str(tmp_path / "out")!r}))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"growth_mb": (peak - base) / 1024}}))
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    growth = json.loads(r.stdout.strip().splitlines()[-1])["growth_mb"]
+    assert growth < 40, f"peak RSS grew by {growth:.0f} MB for a 100 MB line"
+    rep = report_of(tmp_path / "out")
+    assert rep["rejected"] == {"line_too_long": 1} and rep["kept_records"] == 60
+    (rej,) = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert rej["line"] == 31 and len(rej["text"]) <= 1000
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    fake_home = tmp_path / "fakehome"
+    fake_home.mkdir(exist_ok=True)
+    return subprocess.run(
+        [SLOTHFLOW, *args],
+        env=clean_env(tmp_path / "home", fake_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+
+
+def test_cli_cleans_a_messy_file(tmp_path: Path) -> None:
+    from tests.test_data import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    messy = tmp_path / "messy.jsonl"
+    with open(messy, "wb") as f:
+        f.write(b"\xef\xbb\xbf")  # a BOM at the start of the file
+        for row in good_rows(60):
+            f.write(json.dumps(row).encode() + b"\r\n")  # Windows line endings
+        f.write(b"\n   \n")
+        f.write(b'{"instruction": "dup", "output": "\xe2\x80\x8bx\xc2\xa0y"}\n' * 2)
+        f.write(b'{"instruction": "oops"\n')
+        f.write(b'{"instruction": "q", "output": ""}\n')
+        f.write(b"\xff\xfe garbage\n")
+        f.write(b'{"instruction": "mail me at a@b.example", "output": "ok then"}\n')
+    r = _cli(
+        [
+            "data",
+            "clean",
+            str(messy),
+            "--out",
+            "out",
+            "--tokenizer",
+            tok,
+            "--set",
+            "data.pii_scrub=true",
+            "--set",
+            "data.val_fraction=0.3",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "66 rows in, 62 kept" in r.stdout
+    rep = report_of(tmp_path / "out")
+    assert rep["rejected"] == {
+        "empty_answer": 1,
+        "exact_duplicate": 1,
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+    }
+    assert rep["normalisation"]["zero_width"] >= 1 and rep["normalisation"]["nbsp"] >= 1
+    assert rep["pii"]["emails"] == 1
+    assert (tmp_path / "out" / "report.md").exists()
+    assert (tmp_path / "out" / "token_lengths.png").exists()
+    kept = read_jsonl(tmp_path / "out" / "train.jsonl") + read_jsonl(
+        tmp_path / "out" / "validation.jsonl"
+    )
+    assert any(m["messages"][-1]["content"] == "x y" for m in kept)
+
+
+def test_cli_names_the_cause_when_nothing_is_left(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "bad.jsonl", ["{nope", '{"instruction": "q", "output": ""}'])
+    r = _cli(["data", "clean", "bad.jsonl", "--out", "out"], tmp_path)
+    assert r.returncode == 2
+    assert "no rows left" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["data", "clean", "missing.jsonl", "--out", "out"], tmp_path)
+    assert r.returncode == 2 and "input not found: missing.jsonl" in r.stderr
+    r = _cli(["data", "clean", "--help"], tmp_path)
+    assert r.returncode == 0 and "--tokenizer" in r.stdout

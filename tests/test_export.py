@@ -1,0 +1,305 @@
+"""Export: merge, parity and stop checks, manifests, publishing (Hub boundary mocked)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from tests import export_fixtures as fx
+
+
+def _corrupt(merged: Path, scale: float = 0.05, suffix: str = "q_proj.weight") -> None:
+    """Shift one weight matrix, as a merge that applied the scaling wrongly would."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(merged / "model.safetensors")
+    key = next(k for k in weights if k.endswith(suffix))
+    weights[key] = weights[key] + scale
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_stop_token_ids_union_of_config_tokenizer_and_template() -> None:
+    from tasks.export import load_tokenizer, stop_token_ids, turn_end_token_id
+
+    tok = load_tokenizer(str(fx.base_dir()))
+    eos = tok.eos_token_id
+    # The embedded template ends an answer with the EOS token itself.
+    assert turn_end_token_id(tok) == eos
+    assert stop_token_ids(tok, None) == [eos]
+    # A configured list is kept in order and completed, never reordered or duplicated.
+    assert stop_token_ids(tok, [5, eos]) == [5, eos]
+    assert stop_token_ids(tok, 6) == [6, eos]
+
+
+def test_relocate_manifest_rewrites_artifact_paths() -> None:
+    from tasks.export import relocate_manifest
+
+    m = {
+        "artifact_path": "/old/adapter",
+        "serving": {
+            "model": "/bases/tiny",
+            "vllm_args": ["--enable-lora", "--lora-modules", "m=/old/adapter"],
+        },
+    }
+    got = relocate_manifest(m, Path("/new/place/adapter"))
+    assert got["serving"]["vllm_args"][-1] == "m=/new/place/adapter"
+    assert got["serving"]["model"] == "/bases/tiny"  # the base is not inside the artifact
+    assert m["serving"]["vllm_args"][-1] == "m=/old/adapter"  # input untouched
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def test_parity_matches_for_a_real_merge_and_catches_a_corrupted_one(tmp_path: Path) -> None:
+    from tasks.export import ExportError, check_parity, load_tokenizer, merge_peft, probe_prompts
+
+    adapter = fx.random_adapter()
+    train = fx.train_ref(adapter)
+    merged = tmp_path / "merged"
+    merge_peft(train, "float32", "cpu", merged)
+    tok = load_tokenizer(str(fx.base_dir()))
+    tok.save_pretrained(merged)
+    prompts = probe_prompts(tok, fx.data_ref().validation_path, 3)
+    base = str(fx.base_dir())
+
+    diff = check_parity(base, str(adapter), str(merged), prompts, "float32", "cpu", 1e-3)
+    # What is compared: merged logits vs base + unmerged adapter; in float32 only the
+    # summation order differs.
+    assert diff < 1e-4
+
+    # The adapter really changes the logits, so parity is not trivially satisfied by a
+    # merge that silently dropped it: the bare base is far from the merged model.
+    import torch
+
+    from tasks.export import load_causal_lm, probe_logits
+
+    bare = probe_logits(load_causal_lm(base, "float32", "cpu"), tok, prompts)
+    full = probe_logits(load_causal_lm(str(merged), "float32", "cpu"), tok, prompts)
+    assert max(float((a - b).abs().max()) for a, b in zip(bare, full, strict=True)) > 1e-2
+    del torch
+
+    _corrupt(merged)
+    with pytest.raises(ExportError, match="parity check failed"):
+        check_parity(base, str(adapter), str(merged), prompts, "float32", "cpu", 1e-3)
+
+
+def test_export_stage_fails_when_the_merge_is_corrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import export as export_mod
+
+    real_merge = export_mod.merge_peft
+
+    def bad_merge(train: Any, dtype: str, device: str, out: Path) -> None:
+        real_merge(train, dtype, device, out)
+        _corrupt(out)
+
+    monkeypatch.setattr(export_mod, "merge_peft", bad_merge)
+    with pytest.raises(export_mod.ExportError, match="parity check failed"):
+        export_mod.export(
+            fx.pipeline_cfg(),
+            fx.train_ref(fx.random_adapter()),
+            fx.data_ref(),
+            tmp_path / "export",
+            fx.cpu(),
+            run_id="t",
+            code_version="test",
+        )
+    # The failed stage wrote no merged manifest: nothing downstream can pick it up.
+    assert not (tmp_path / "export" / "merged" / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------- the full export
+
+
+@pytest.mark.slow
+def test_export_writes_checked_artifacts_and_manifests() -> None:
+    from tasks.export import chat_template_sha256, load_tokenizer
+
+    ref = fx.exported("strong")
+    merged, adapter = Path(ref.merged_path or ""), Path(ref.adapter_path)
+    assert ref.parity_max_abs_diff is not None and ref.parity_max_abs_diff < 1e-4
+    assert ref.stop_fraction == 1.0
+
+    # safetensors only, tokenizer and chat template beside the weights
+    assert (merged / "model.safetensors").exists()
+    assert not list(merged.glob("*.bin")) and not list(adapter.glob("*.bin"))
+    assert (adapter / "adapter_model.safetensors").exists()
+    tok = load_tokenizer(str(merged))
+    template = (merged / "chat_template.jinja").read_text()
+    assert template == tok.chat_template
+    gen = json.loads((merged / "generation_config.json").read_text())
+    eos = gen["eos_token_id"]
+    assert tok.eos_token_id in ([eos] if isinstance(eos, int) else eos)
+
+    m = json.loads((merged / "manifest.json").read_text())
+    a = json.loads((adapter / "manifest.json").read_text())
+    assert m["kind"] == "merged" and a["kind"] == "adapter"
+    base = fx.base_ref()
+    for man in (m, a):
+        assert man["base_model"] == {
+            "id": base.name_or_path,
+            "revision": base.revision,
+            "license": "Apache-2.0",
+        }
+        assert man["chat_template_sha256"] == chat_template_sha256(template)
+        assert man["data_fingerprint"] == fx.data_ref().fingerprint
+        assert man["config_hash"] == "c" * 64
+        assert man["code_version"] == "test"
+        assert man["metrics"]["train.loss"] == 0.1
+        assert man["metrics"]["export.parity_max_abs_diff"] == ref.parity_max_abs_diff
+    assert m["files"]["model.safetensors"]  # content hashes of what the manifest describes
+
+    # Serving contract: a list of vLLM CLI flags.
+    margs = m["serving"]["vllm_args"]
+    assert margs[margs.index("--max-model-len") + 1] == "256"
+    assert m["serving"]["served_model_name"] == "tiny-topics"
+    aargs = a["serving"]["vllm_args"]
+    assert "--enable-lora" in aargs
+    assert aargs[aargs.index("--lora-modules") + 1] == f"tiny-topics={adapter}"
+    assert aargs[aargs.index("--max-lora-rank") + 1] == "64"
+    assert a["serving"]["model"] == base.name_or_path
+
+
+@pytest.mark.slow
+def test_stop_check_catches_a_model_whose_eos_was_removed(tmp_path: Path) -> None:
+    from tasks.export import StopCheckError, check_stop, load_tokenizer, probe_prompts
+
+    good = Path(fx.exported("strong").merged_path or "")
+    prompts = probe_prompts(load_tokenizer(str(good)), fx.data_ref().validation_path, 4)
+    assert check_stop(str(good), prompts, 4, "cpu", "float32") == 1.0
+
+    # The field failure: the exported generation config names a different end token
+    # (e.g. <|end_of_text|> where the chat template ends turns with <|eot_id|>).
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    gen = json.loads((broken / "generation_config.json").read_text())
+    gen["eos_token_id"] = gen["bos_token_id"]
+    (broken / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(StopCheckError, match="did not end on an EOS token") as info:
+        check_stop(str(broken), prompts, 4, "cpu", "float32")
+    assert info.value.fraction == 0.0
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: the Hub is the one boundary we mock."""
+
+    calls: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def __init__(self, token: str | None = None) -> None:
+        FakeHfApi.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id: str, **kw: Any) -> None:
+        FakeHfApi.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+
+    def upload_folder(self, **kw: Any) -> None:
+        files = sorted(p.name for p in Path(kw["folder_path"]).iterdir())
+        FakeHfApi.calls.append(("upload_folder", {**kw, "files": files}))
+
+
+def test_publish_pushes_a_private_repo_with_a_model_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import huggingface_hub
+
+    from tasks.publish import publish
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(fx.random_adapter(), folder)
+    from tasks.export import ManifestInfo, write_manifest
+
+    info = ManifestInfo(
+        base=fx.base_ref(),
+        chat_template_sha256="t" * 64,
+        data_fingerprint="d" * 64,
+        config_hash="c" * 64,
+        code_version="abc123",
+        run_id="run-1",
+        dtype="float32",
+        eos_token_ids=[2],
+    )
+    write_manifest(folder, "adapter", info, {"eval.exact_match": 0.97}, {"vllm_args": ["--x"]})
+    secret = "hf_TESTSECRET_never_logged"
+    monkeypatch.setenv("SLOTHFLOW_TEST_HF_TOKEN", secret)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    cfg = fx.pipeline_cfg(
+        export={
+            "publish": True,
+            "hub_repo": "acme/tiny-topics",
+            "hub_token": {"env": "SLOTHFLOW_TEST_HF_TOKEN"},
+        }
+    ).export
+    with caplog.at_level(logging.DEBUG):
+        url = publish(folder, cfg)
+
+    assert url == "https://huggingface.co/acme/tiny-topics"
+    kinds = [c[0] for c in FakeHfApi.calls]
+    assert kinds == ["init", "create_repo", "upload_folder"]
+    assert FakeHfApi.calls[0][1]["token"] == secret  # handed to the client, nowhere else
+    assert FakeHfApi.calls[1][1]["private"] is True
+    assert "README.md" in FakeHfApi.calls[2][1]["files"]
+    card = (folder / "README.md").read_text()
+    assert "acme/tiny-topics" in card and "d" * 64 in card and "eval.exact_match" in card
+    assert secret not in caplog.text and secret not in card
+
+
+def test_publish_without_token_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from tasks.config import ConfigError
+    from tasks.publish import publish
+
+    monkeypatch.delenv("SLOTHFLOW_TEST_HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    cfg = fx.pipeline_cfg(
+        export={
+            "publish": True,
+            "hub_repo": "acme/x",
+            "hub_token": {"env": "SLOTHFLOW_TEST_HF_TOKEN"},
+        }
+    ).export
+    with pytest.raises(ConfigError, match="SLOTHFLOW_TEST_HF_TOKEN"):
+        publish(tmp_path, cfg)
+
+
+@pytest.mark.gpu
+def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path) -> None:
+    """On the GPU the export is 16-bit: merged bf16 weights vs bf16 base + adapter."""
+    from tasks.export import (
+        DEFAULT_PARITY_ATOL,
+        ExportError,
+        check_parity,
+        load_tokenizer,
+        merge_peft,
+        probe_prompts,
+    )
+
+    adapter = fx.random_adapter()
+    merged = tmp_path / "merged"
+    merge_peft(fx.train_ref(adapter), "bfloat16", "cuda", merged)
+    tok = load_tokenizer(str(fx.base_dir()))
+    tok.save_pretrained(merged)
+    prompts = probe_prompts(tok, fx.data_ref().validation_path, 8)
+    base = str(fx.base_dir())
+    atol = DEFAULT_PARITY_ATOL["bfloat16"]
+    diff = check_parity(base, str(adapter), str(merged), prompts, "bfloat16", "cuda", atol)
+    print(f"bf16 cuda parity max|dlogit| = {diff:.4g} (atol {atol})")
+    assert diff <= atol
+    # The tiny random model's logits are small, so shift the output layer itself.
+    _corrupt(merged, scale=0.5, suffix="lm_head.weight")
+    with pytest.raises(ExportError, match="parity check failed"):
+        check_parity(base, str(adapter), str(merged), prompts, "bfloat16", "cuda", atol)

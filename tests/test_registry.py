@@ -1,0 +1,239 @@
+"""The MLflow registry on real MLflow (SQLite in tmp_path, and one real `mlflow server`),
+and the four stage tasks chained on a real run: champion vs challenger."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.evaluate import EvalRef
+from tasks.gate import GateRef
+from tests import export_fixtures as fx
+
+
+def _ev() -> EvalRef:
+    s = {"exact_match": 0.95, "f1": 0.95, "answer_perplexity": 1.1, "answer_nll": 0.1}
+    return EvalRef(
+        stage="evaluate",
+        path="/x",
+        n_items=220,
+        primary_metric="exact_match",
+        candidate="merged",
+        scores={"base": {**s, "exact_match": 0.0}, "adapter": s, "merged": s},
+        results_path="/x/r.json",
+        table_path="/x/t.md",
+        validation_fingerprint="f",
+    )
+
+
+def _gate(passed: bool = True) -> GateRef:
+    return GateRef(
+        stage="gate",
+        path="/x",
+        passed=passed,
+        reasons=[] if passed else ["exact_match 0.1 (need >= 0.9)"],
+        decision_path="/x/gate.json",
+        primary_metric="exact_match",
+        candidate=0.95,
+        base=0.0,
+        champion=None,
+    )
+
+
+def _run(uri: str, artifacts: Path | None) -> str:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.create_experiment(
+        f"t-{uuid.uuid4().hex[:8]}", artifact_location=artifacts.as_uri() if artifacts else None
+    )
+    return str(c.create_run(exp).info.run_id)
+
+
+def _register(uri: str, run: str, name: str = "tiny-topics") -> Any:
+    from tasks.registry import register
+
+    cfg = fx.pipeline_cfg(tracking={"registered_model": name})
+    return register(
+        cfg,
+        fx.exported("random"),
+        _ev(),
+        _gate(),
+        tracking_uri=uri,
+        mlflow_run_id=run,
+        run_id="r-1",
+    )
+
+
+def test_parse_spec() -> None:
+    from tasks.config import ConfigError
+    from tasks.registry import parse_spec
+
+    assert parse_spec("m@champion") == ("m", "champion", None)
+    assert parse_spec("models:/m-x/12") == ("m-x", None, 12)
+    with pytest.raises(ConfigError, match="NAME@alias"):
+        parse_spec("m")
+
+
+def test_register_adds_a_challenger_version_with_lineage(tmp_path: Path) -> None:
+    from tasks.registry import CHALLENGER, list_versions, resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ref = _register(uri, _run(uri, tmp_path / "artifacts"))
+    assert (ref.version, ref.alias, ref.model_uri) == (1, CHALLENGER, "models:/tiny-topics/1")
+
+    [v] = list_versions("tiny-topics", uri)
+    exp = fx.exported("random")
+    assert v["aliases"] == [CHALLENGER]
+    assert v["tags"]["slothflow.run_id"] == "r-1"
+    assert v["tags"]["data_fingerprint"] == exp.data_fingerprint
+    assert v["tags"]["config_hash"] == exp.config_hash
+    assert v["tags"]["base_revision"] == exp.base.revision
+    assert v["tags"]["eval.exact_match"] == "0.95"
+
+    for spec in ("tiny-topics@challenger", "tiny-topics/1"):
+        got = resolve(spec, uri)
+        assert got.version == 1 and got.path == got.merged_path
+        assert got.manifest["kind"] == "merged"
+        assert (got.path / "model.safetensors").exists()
+        assert (
+            got.adapter_path is not None
+            and (got.adapter_path / "adapter_model.safetensors").exists()
+        )
+        # The registered manifest carries the evaluation and the gate, and points here.
+        assert got.manifest["metrics"]["eval.merged.exact_match"] == 0.95
+        assert got.manifest["gate"]["passed"] is True
+        assert got.manifest["serving"]["model"] == str(got.path)
+
+
+def test_register_refuses_a_failed_gate(tmp_path: Path) -> None:
+    from tasks.registry import GateNotPassedError, register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(GateNotPassedError, match=r"need >= 0\.9"):
+        register(
+            fx.pipeline_cfg(),
+            fx.exported("random"),
+            _ev(),
+            _gate(passed=False),
+            tracking_uri=uri,
+            mlflow_run_id="unused",
+            run_id="r",
+        )
+
+
+def test_promote_moves_champion_to_previous(tmp_path: Path) -> None:
+    from tasks.config import ConfigError
+    from tasks.registry import current_champion, list_versions, promote, resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert current_champion("tiny-topics", uri) is None
+    _register(uri, _run(uri, tmp_path / "a1"))
+    promote("tiny-topics", 1, uri)
+    _register(uri, _run(uri, tmp_path / "a2"))
+    aliases = {v["version"]: v["aliases"] for v in list_versions("tiny-topics", uri)}
+    assert aliases == {2: ["challenger"], 1: ["champion"]}
+
+    promote("tiny-topics", 2, uri)
+    aliases = {v["version"]: v["aliases"] for v in list_versions("tiny-topics", uri)}
+    assert aliases == {2: ["champion"], 1: ["previous"]}
+    champ = current_champion("tiny-topics", uri)
+    assert champ is not None and champ.version == 2
+    with pytest.raises(ConfigError, match="not found"):
+        resolve("tiny-topics@challenger", uri)
+
+
+def test_registry_against_an_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    from tasks.registry import list_versions, resolve
+
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    ref = _register(mlflow_server, _run(mlflow_server, None), name=name)
+    assert ref.source.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
+    got = resolve(f"{name}@challenger", mlflow_server, cache_dir=tmp_path / "cache")
+    assert got.path.is_relative_to(tmp_path / "cache")  # downloaded through the server
+    assert json.loads((got.path / "manifest.json").read_text())["kind"] == "merged"
+    assert got.manifest["artifact_path"] == str(got.path)
+    assert list_versions(name, mlflow_server)[0]["aliases"] == ["challenger"]
+    # A second resolve reuses the download.
+    assert resolve(f"{name}/1", mlflow_server, cache_dir=tmp_path / "cache").path == got.path
+
+
+def test_models_list_cli_shows_versions_aliases_metrics_lineage(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from slothflow.cli import app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _register(uri, _run(uri, tmp_path / "artifacts"))
+    args = [
+        "models",
+        "list",
+        "--set",
+        f"tracking.tracking_uri={uri}",
+        "--set",
+        "tracking.registered_model=tiny-topics",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "challenger" in res.output and "exact_match 0.95" in res.output and "r-1" in res.output
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert json.loads(res.output)[0]["tags"]["config_hash"] == "c" * 64
+
+
+# --------------------------------------------------------------------------- the stage tasks
+
+
+@pytest.mark.slow
+def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.evaluate import evaluate_task
+    from tasks.export import export_task
+    from tasks.gate import gate_task
+    from tasks.home import Home
+    from tasks.registry import list_versions, promote, register_task
+    from tasks.run import open_run
+
+    home = Home(tmp_path / "home")
+    data = fx.data_ref()
+
+    def chain(cfg: Any, adapter: Path) -> tuple[Any, ...]:
+        ctx = open_run(cfg, home)
+        exp = export_task.fn(ctx, cfg, fx.train_ref(adapter), data)
+        ev = evaluate_task.fn(ctx, cfg, data, exp)
+        gate = gate_task.fn(ctx, cfg, ev)
+        reg = register_task.fn(ctx, cfg, exp, ev, gate)
+        return ctx, exp, ev, gate, reg
+
+    adapters = fx.trained_adapters()
+    cfg_a = fx.pipeline_cfg()
+    ctx_a, exp_a, _, gate_a, reg_a = chain(cfg_a, adapters["strong"])
+    assert gate_a.passed and reg_a is not None and reg_a.version == 1
+    # Resume: a finished stage returns its reference without redoing the work.
+    assert export_task.fn(ctx_a, cfg_a, fx.train_ref(adapters["strong"]), data) == exp_a
+    uri = home.mlflow_db_uri
+    promote("tiny-topics", 1, uri)
+
+    # Only the champion rule can fail the weaker model: threshold and margin are off.
+    cfg_b = fx.pipeline_cfg(
+        name="issue6-b",
+        eval={"threshold": 0.0, "base_margin": 0.0},
+        export={"stop_check": "warn"},
+    )
+    ctx_b, _, ev_b, gate_b, reg_b = chain(cfg_b, adapters["weak"])
+    assert ev_b.champion == "tiny-topics v1"
+    assert ev_b.scores["champion"]["exact_match"] >= 0.9  # re-evaluated on the held-out set
+    assert not gate_b.passed
+    assert len(gate_b.reasons) == 1 and "champion" in gate_b.reasons[0]
+    assert reg_b is None
+    assert [v["version"] for v in list_versions("tiny-topics", uri)] == [1]
+    assert (Path(ctx_b.run_dir) / "export" / "merged" / "model.safetensors").exists()  # kept
+
+    client = MlflowClient(uri)
+    assert ctx_b.tracking is not None
+    parent = client.get_run(ctx_b.tracking["parent_run_id"])
+    assert parent.data.tags["slothflow.gate"] == "failed"

@@ -1,0 +1,417 @@
+"""Stage ``train``: backend choice, clear errors, label masks, a short run whose loss
+falls, checkpoint bookkeeping. The kill-and-resume test is in test_train_resume.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.sample_data import write_split
+from tasks.base_model import prepare_base
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.hardware import HardwareDecision, Probe, decide
+from tasks.home import Home
+from tasks.refs import BaseModelRef, DataRef
+from tasks.train import (
+    COMPLETE_MARKER,
+    BackendNotReadyError,
+    _StepJournal,
+    build_trainer,
+    check_settings,
+    data_ref_from_folder,
+    is_transient,
+    last_complete_checkpoint,
+    load_peft,
+    load_unsloth,
+    mark_complete,
+    read_chat_rows,
+    rotate,
+    select_backend,
+    train,
+)
+
+CPU = HardwareDecision("cpu", "peft", "float32", False, "test: cpu")
+GPU_UNSLOTH = HardwareDecision("cuda", "unsloth", "bfloat16", True, "test: cuda + unsloth")
+
+
+class RecordingTracker:
+    """A :class:`~tasks.tracking.Tracker` that keeps everything in memory."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.params: dict[str, Any] = {}
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.dicts: dict[str, Any] = {}
+        self.texts: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.inputs: list[str] = []
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((Path(path), artifact_path))
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.dicts[name] = obj
+
+    def log_text(self, text: str, name: str) -> None:
+        self.texts[name] = text
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_input(
+        self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
+    ) -> None:
+        self.inputs.append(name)
+
+    def series(self, key: str) -> list[tuple[int | None, float]]:
+        return [(s, m[key]) for s, m in self.metrics if key in m]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> DataRef:
+    return write_split(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def smoke() -> PipelineConfig:
+    return load_config("ci-smoke")
+
+
+@pytest.fixture(scope="module")
+def base(smoke: PipelineConfig, session_home: Home) -> BaseModelRef:
+    return prepare_base(smoke.model, session_home)
+
+
+# --------------------------------------------------------------------------- choices
+
+
+def test_backend_dispatch_and_unsloth_is_a_clear_error() -> None:
+    assert select_backend(CPU) is load_peft
+    assert select_backend(GPU_UNSLOTH) is load_unsloth
+    with pytest.raises(BackendNotReadyError, match=r"train\.backend=peft"):
+        load_unsloth(load_config("ci-smoke"), None, GPU_UNSLOTH)  # type: ignore[arg-type]
+
+
+def test_requests_the_cpu_cannot_honour_are_config_errors() -> None:
+    cpu = Probe(cuda=False)
+    with pytest.raises(ConfigError, match=r"train\.backend='unsloth'"):
+        decide(load_config("ci-smoke", ["train.backend=unsloth"]), cpu)
+    with pytest.raises(ConfigError, match=r"model\.load_in_4bit"):
+        decide(load_config("ci-smoke", ["model.load_in_4bit=true"]), cpu)
+
+
+def test_settings_checks_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"train\.save_steps=5 .* train\.eval_steps=3"):
+        check_settings(load_config("ci-smoke", ["train.save_steps=5"]), CPU)
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing='unsloth'"):
+        check_settings(load_config("ci-smoke", ["train.gradient_checkpointing=unsloth"]), CPU)
+
+
+def test_hardware_decision_round_trips_through_the_run_context() -> None:
+    d = decide(load_config("ci-smoke"), Probe(cuda=False))
+    ctx_form = {k.removeprefix("hardware."): v for k, v in d.as_params().items()}
+    assert HardwareDecision.from_params(ctx_form) == d
+    assert HardwareDecision.from_params(GPU_UNSLOTH.as_params()) == GPU_UNSLOTH
+
+
+def test_only_io_failures_are_retried() -> None:
+    from tasks.tracking import TrackingUnavailableError
+
+    assert is_transient(OSError("disk hiccup"))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TrackingUnavailableError("mlflow away"))
+    assert not is_transient(ConfigError("bad field"))
+    assert not is_transient(FileNotFoundError("no such data"))
+    assert not is_transient(RuntimeError("shape mismatch"))
+    # and through Prefect's retry hook, with the state Prefect builds from the exception
+    from prefect.states import Failed
+
+    from tasks.train import retry_transient
+
+    assert retry_transient(None, None, Failed(data=OSError("disk hiccup")))
+    assert not retry_transient(None, None, Failed(data=ConfigError("bad field")))
+
+
+def test_data_folder_without_splits_is_refused(tmp_path: Path, data: DataRef) -> None:
+    with pytest.raises(ConfigError, match=r"missing train\.jsonl"):
+        data_ref_from_folder(tmp_path)
+    ref = data_ref_from_folder(Path(data.path))
+    assert ref.fingerprint == data.fingerprint and ref.train_rows == data.train_rows
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt(root: Path, step: int, complete: bool = True) -> Path:
+    p = root / f"checkpoint-{step}"
+    p.mkdir(parents=True)
+    (p / "adapter_model.safetensors").write_bytes(b"x")
+    if complete:
+        mark_complete(p)
+    return p
+
+
+def test_half_written_checkpoint_is_ignored_for_the_previous_one(tmp_path: Path) -> None:
+    _ckpt(tmp_path, 3)
+    six = _ckpt(tmp_path, 6)
+    torn = _ckpt(tmp_path, 9, complete=False)  # the process died while writing it
+    assert last_complete_checkpoint(tmp_path) == six
+    assert not torn.exists()  # removed, so the trainer cannot mistake or reuse it
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_rotation_keeps_last_k_plus_best(tmp_path: Path) -> None:
+    ck = {s: _ckpt(tmp_path, s) for s in (3, 6, 9, 12, 15)}
+    removed = rotate(tmp_path, keep=2, best=ck[6])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-12",
+        "checkpoint-15",
+        "checkpoint-6",
+    ]
+    assert set(removed) == {ck[3], ck[9]}
+    assert all((p / COMPLETE_MARKER).exists() for p in tmp_path.iterdir())
+
+
+def test_step_journal_survives_a_torn_line(tmp_path: Path) -> None:
+    j = _StepJournal(tmp_path / "j.jsonl")
+    j.record("train", 1)
+    j.record("eval", 3)
+    with open(tmp_path / "j.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # killed mid-write
+    again = _StepJournal(tmp_path / "j.jsonl")
+    assert again.seen("train", 1) and again.seen("eval", 3) and not again.seen("train", 3)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def test_assistant_only_loss_masks_everything_but_the_answer(
+    smoke: PipelineConfig, base: BaseModelRef, data: DataRef, tmp_path: Path
+) -> None:
+    rows = read_chat_rows(data.train_path)[:8]
+    model, tok = load_peft(smoke, base, CPU)
+    trainer = build_trainer(smoke, CPU, model, tok, rows, rows[:2], tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    for ids, labels, row in zip(batch["input_ids"], batch["labels"], rows, strict=True):
+        kept = [int(i) for i, lab in zip(ids, labels, strict=True) if lab != -100]
+        # exactly the answer and the end-of-turn token that teaches the model to stop
+        assert tok.decode(kept) == row["messages"][-1]["content"] + tok.eos_token
+        assert (labels != -100).sum() < len(ids) // 4
+
+
+def test_full_sequence_loss_when_configured(
+    smoke: PipelineConfig, base: BaseModelRef, data: DataRef, tmp_path: Path
+) -> None:
+    cfg = load_config("ci-smoke", ["train.assistant_only_loss=false"])
+    rows = read_chat_rows(data.train_path)[:2]
+    model, tok = load_peft(cfg, base, CPU)
+    trainer = build_trainer(cfg, CPU, model, tok, rows, rows, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert (batch["labels"] != -100).sum() == batch["attention_mask"].sum()
+
+
+@pytest.fixture(scope="module")
+def short_run(
+    smoke: PipelineConfig,
+    base: BaseModelRef,
+    data: DataRef,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Any, RecordingTracker, Path]:
+    cfg = load_config(
+        "ci-smoke", ["train.max_steps=16", "train.eval_steps=8", "train.save_steps=8"]
+    )
+    out = tmp_path_factory.mktemp("train")
+    tracker = RecordingTracker()
+    return train(cfg, base, data, out, CPU, tracker), tracker, out
+
+
+def test_short_run_loss_falls_and_exports_the_best_adapter(
+    short_run: tuple[Any, RecordingTracker, Path],
+) -> None:
+    ref, tracker, _out = short_run
+    losses = [v for _, v in tracker.series("train_loss")]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    evals = tracker.series("eval_loss")
+    assert [s for s, _ in evals] == [8, 16]
+    assert ref.best_step == min(evals, key=lambda e: e[1])[0]
+    assert ref.metrics["best_eval_loss"] == pytest.approx(min(v for _, v in evals))
+    adapter = Path(ref.adapter_path)
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    assert not list(adapter.glob("*.bin"))
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    assert (Path(ref.tokenizer_path) / "tokenizer.json").exists()
+    assert ref.backend == "peft" and ref.data_fingerprint
+
+
+def test_short_run_tracks_what_the_issue_lists(
+    short_run: tuple[Any, RecordingTracker, Path],
+) -> None:
+    ref, tracker, out = short_run
+    for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_s", "eval_loss"):
+        assert tracker.series(key), key
+    assert all(v > 0 for _, v in tracker.series("tokens_per_s"))
+    steps = [s for s, _ in tracker.series("train_loss")]
+    assert steps == sorted(set(steps))  # one value per step
+    assert set(tracker.dicts) == {"samples/step-000008.json", "samples/step-000016.json"}
+    sample = tracker.dicts["samples/step-000016.json"]["samples"][0]
+    assert set(sample) == {"prompt", "expected", "generated"}
+    logged = {a for _, a in tracker.artifacts}
+    assert {"adapter", "tokenizer", "trainer"} <= logged
+    assert "checkpoints" not in " ".join(str(p) for p, _ in tracker.artifacts)
+    assert "config/resolved.yaml" in tracker.texts
+    assert tracker.inputs == ["train", "validation"]
+    assert tracker.tags["slothflow.best_step"] == str(ref.best_step)
+    # last K (2) complete checkpoints plus the best, nothing else
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-16", "checkpoint-8"]
+
+
+def test_packed_batches_keep_documents_apart_on_cpu(
+    base: BaseModelRef, data: DataRef, tmp_path: Path
+) -> None:
+    """Packing (TRL's best-fit, padding-free) flattens rows into one sequence with
+    restarting position ids; transformers then builds a block-diagonal mask for sdpa.
+    The packed loss must equal the rows' losses computed one by one."""
+    import torch
+
+    cfg = load_config("ci-smoke", ["train.packing=true", "train.early_stopping_patience=2"])
+    rows = read_chat_rows(data.train_path)[:6]
+    model, tok = load_peft(cfg, base, CPU)
+    trainer = build_trainer(cfg, CPU, model, tok, rows, rows[:2], tmp_path)
+    from transformers import EarlyStoppingCallback
+
+    assert any(isinstance(c, EarlyStoppingCallback) for c in trainer.callback_handler.callbacks)
+    batch = trainer.data_collator(
+        [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    )
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    pos = batch["position_ids"][0]
+    starts = [*(i for i in range(len(pos)) if pos[i] == 0), len(pos)]
+    assert len(starts) - 1 == len(rows)  # every row packed, none cut
+
+    model.eval()
+    with torch.no_grad():
+        packed = model(**{k: batch[k] for k in ("input_ids", "position_ids")}).logits[0]
+        for a, b in itertools.pairwise(starts):
+            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_train_names_what_is_wrong(data: DataRef, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from slothflow.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--data", data.path, "-r", "ci-smoke", "--run-id", "nope-1"])
+    assert r.exit_code == 2 and "cannot resume 'nope-1'" in r.output, r.output
+    r = runner.invoke(app, ["train", "--data", str(tmp_path), "-r", "ci-smoke"])
+    assert r.exit_code == 2 and "missing train.jsonl" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- GPU decisions
+# The decisions below are pure functions of config, model shape and free memory; they
+# are checked here on CPU. Their effect on a real GPU is in tests/test_train_gpu.py.
+
+H200 = HardwareDecision("cuda", "unsloth", "bfloat16", True, "test: H200", "NVIDIA H200", 139.8)
+
+
+def _llama3_8b_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
+
+
+def test_unsloth_falls_back_to_peft_for_other_architectures_only_under_auto() -> None:
+    from tasks.hardware import for_model
+
+    auto = load_config("llama3-8b-qlora", ["train.backend=auto"])
+    assert for_model(auto, H200, "llama") is H200
+    fallback = for_model(auto, H200, "phi3")
+    assert fallback.backend == "peft" and fallback.load_in_4bit and fallback.dtype == "bfloat16"
+    assert "no kernels for model_type 'phi3'" in fallback.reason
+    with pytest.raises(ConfigError, match=r"train\.backend='unsloth' but Unsloth has no kernels"):
+        for_model(load_config("llama3-8b-qlora"), H200, "phi3")
+
+
+def test_auto_checkpointing_is_off_when_the_activations_fit() -> None:
+    from tasks.train import activation_bytes, choose_gradient_checkpointing
+
+    cfg = load_config("llama3-8b-qlora", ["train.gradient_checkpointing=auto"])
+    shape = _llama3_8b_config()
+    need = activation_bytes(shape, 4, 2048)
+    # 8B, micro-batch 4 x 2048: ~48 GiB of layer activations + ~8 GiB of fp32 logits
+    assert 50 * 2**30 < need < 65 * 2**30
+    roomy = choose_gradient_checkpointing(cfg, H200, shape, 130 * 2**30)  # an H200 after load
+    assert roomy.mode is False and roomy.label == "off"
+    assert roomy.reason.endswith("off, no recompute") and "GiB free" in roomy.reason
+    tight = choose_gradient_checkpointing(cfg, H200, shape, 70 * 2**30)  # an 80 GB card
+    assert tight.mode == "unsloth" and "unsloth (offloaded)" in tight.reason
+    # explicit settings are honoured as they are, on every backend
+    for mode, want in (("on", True), ("off", False), ("unsloth", "unsloth")):
+        c = load_config("llama3-8b-qlora", [f"train.gradient_checkpointing={mode}"])
+        assert choose_gradient_checkpointing(c, H200, shape, 130 * 2**30).mode == want
+    # PEFT keeps its rule: on with CUDA, off on CPU; the trainer's flag is Unsloth's to set
+    peft_gpu = HardwareDecision("cuda", "peft", "bfloat16", True, "test")
+    assert choose_gradient_checkpointing(cfg, peft_gpu, shape, None).mode is True
+    assert choose_gradient_checkpointing(load_config("default"), CPU, None, None).mode is False
+    from tasks.train import gradient_checkpointing
+
+    assert gradient_checkpointing(cfg, H200) is False
+
+
+def test_mfu_counts_flops_like_the_gpu_baseline() -> None:
+    """``../shared/gpu/README.md``: raw Unsloth on the 8B shape, 11,294 tokens/s = 36.4%
+    MFU of 989 TFLOP/s, counting 4 N_frozen + 6 N_lora + attention."""
+    from tasks.train import flops_per_token, peak_flops
+
+    lora_8b = 32 * 16 * ((4096 + 4096) * 2 + 2 * (4096 + 1024) + 2 * (4096 + 14336) + 18432)
+    fpt = flops_per_token(_llama3_8b_config(), 2048, lora_8b)
+    assert 11294 * fpt / 989e12 == pytest.approx(0.364, abs=0.001)
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA GeForce RTX 3090") is None and peak_flops(None) is None
+
+
+def test_out_of_memory_is_recognised_and_the_message_names_the_knobs() -> None:
+    import torch
+
+    from tasks.train import TrainOutOfMemoryError, is_cuda_oom, oom_message
+
+    assert is_cuda_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_cuda_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert not is_cuda_oom(RuntimeError("shape mismatch")) and not is_cuda_oom(OSError("x"))
+    cfg = load_config("llama3-8b-qlora")
+    msg = oom_message(cfg, H200, torch.OutOfMemoryError("CUDA out of memory. Tried 9 GiB\nmore"))
+    for knob in (
+        "train.micro_batch_size=4",
+        "train.grad_accum=4",
+        "model.max_seq_length=2048",
+        "train.lora.r=16",
+        "train.gradient_checkpointing=unsloth",
+        "Tried 9 GiB",
+    ):
+        assert knob in msg, knob
+    # not retried by Prefect: the same settings run out of memory the same way
+    assert not is_transient(TrainOutOfMemoryError(msg))

@@ -1,0 +1,137 @@
+"""Kill-and-resume: SIGKILL `slothflow train` after a checkpoint, run it again for the same
+run, and check that it resumed (not restarted), that the adapter equals an uninterrupted
+run's, and that MLflow holds every step exactly once, in one stage run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.sample_data import write_split
+from tasks.base_model import prepare_base
+from tasks.config import load_config
+from tasks.hardware import HardwareDecision
+from tasks.home import Home
+from tasks.refs import TrainRef
+from tasks.train import COMPLETE_MARKER, train
+from tests.conftest import BIN, REPO, clean_env
+from tests.test_train import RecordingTracker
+
+SETS = ["train.max_steps=12", "train.eval_steps=3", "train.save_steps=3", "train.logging_steps=1"]
+CPU = HardwareDecision("cpu", "peft", "float32", False, "no CUDA device")
+
+
+def _slothflow(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / "slothflow"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for(pred, proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"slothflow exited ({proc.returncode}) too early:\n{log.read_text()[-3000:]}"
+            )
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    import torch
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    data = write_split(tmp_path / "data", limit=600)
+    home = tmp_path / "home"
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**clean_env(home, tmp_path / "fake-home"), "MLFLOW_TRACKING_URI": db}
+    args = ["train", "--data", data.path, "-r", "ci-smoke"]
+    for s in SETS:
+        args += ["--set", s]
+
+    # 1. start, and SIGKILL it once checkpoint-6 is committed and step 7 has reached
+    #    MLflow: the resumed attempt replays step 7 and must not log it a second time.
+    first = _slothflow(args, env, tmp_path / "first.log")
+    runs = home / "runs"
+
+    def committed(step: int) -> list[Path]:
+        return list(runs.glob(f"*/train/checkpoints/checkpoint-{step}/{COMPLETE_MARKER}"))
+
+    def step7_logged() -> bool:
+        return any('"step": 7' in j.read_text() for j in runs.glob("*/train/tracked_steps.jsonl"))
+
+    _wait_for(lambda: bool(committed(6)) and step7_logged(), first, tmp_path / "first.log")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert not (run_dir / "train" / "ref.json").exists()  # it really was cut short
+    assert not committed(12)
+
+    # 2. run it again for the same run: it must resume, not restart
+    second = _slothflow([*args, "--run-id", run_dir.name], env, tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    blob = json.loads((run_dir / "train" / "ref.json").read_text())
+    resumed = TrainRef.model_validate(blob["ref"])
+    assert 6 <= resumed.metrics["resumed_from_step"] < 12
+    assert resumed.metrics["global_step"] == 12
+    assert "resuming from checkpoint-" in (tmp_path / "second.log").read_text()
+
+    # 3. the same training, uninterrupted, in this process
+    cfg = load_config("ci-smoke", SETS)
+    base = prepare_base(cfg.model, Home(home))
+    rec = RecordingTracker()
+    whole = train(cfg, base, data, tmp_path / "whole", CPU, rec)
+    assert whole.best_step == resumed.best_step
+    a = load_file(str(Path(resumed.adapter_path) / "adapter_model.safetensors"))
+    b = load_file(str(Path(whole.adapter_path) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    last = load_file(
+        str(run_dir / "train" / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors")
+    )
+    last_whole = load_file(
+        str(tmp_path / "whole" / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors")
+    )
+    for k in last:
+        torch.testing.assert_close(last[k], last_whole[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    # 4. MLflow: one train stage run, every step exactly once, the same values
+    client = MlflowClient(tracking_uri=db)
+    (exp,) = [e for e in client.search_experiments() if e.name == cfg.tracking.experiment]
+    stage_runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`slothflow.run_id` = '{run_dir.name}' and tags.`slothflow.stage` = 'train'",
+    )
+    assert len(stage_runs) == 1
+    assert stage_runs[0].info.status == "FINISHED"
+    rid = stage_runs[0].info.run_id
+    history = {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
+        for key in ("train_loss", "eval_loss", "learning_rate")
+    }
+    assert [s for s, _ in history["train_loss"]] == list(range(1, 13))
+    assert [s for s, _ in history["learning_rate"]] == list(range(1, 13))
+    assert [s for s, _ in history["eval_loss"]] == [3, 6, 9, 12]
+    want = dict(rec.series("train_loss"))
+    for step, value in history["train_loss"]:
+        assert value == pytest.approx(want[step], rel=1e-4), step
+    # the killed attempt's metrics and the resumed ones landed in the same run
+    assert client.get_run(rid).data.params["train.backend"] == "peft"
+    assert os.path.exists(resumed.adapter_path)
