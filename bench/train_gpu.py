@@ -231,7 +231,10 @@ def _run(tag: str, argv: list[str], timeout: float, log: Any) -> int | str:
             log.write(line)
             tail.append(line)
             del tail[:-40]
-            if line.startswith(("RESULT", "ARM", "MAKE", "[", "Traceback", "  ")) or "Error" in line:
+            if (
+                line.startswith(("RESULT", "ARM", "MAKE", "[", "Traceback", "  "))
+                or "Error" in line
+            ):
                 print("    " + line.rstrip()[:300], flush=True)
 
     th = threading.Thread(target=pump, daemon=True)
@@ -281,7 +284,12 @@ def cmd_all(a: argparse.Namespace) -> None:
                 } | ({"error_tail": r["error_tail"][-1500:]} if "error_tail" in r else {})
             result["env"] = baseline.get("env")
     if not (model / "config.json").exists():
-        _run("make 8b", [sys.executable, a.baseline, "make", "--shape", "8b", "--out", str(model)], 240, log)
+        _run(
+            "make 8b",
+            [sys.executable, a.baseline, "make", "--shape", "8b", "--out", str(model)],
+            240,
+            log,
+        )
     for kind, gc in arms:
         if kind != "project":
             continue

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 STAGES = ["base", "data", "train", "export", "evaluate", "gate", "register", "serve"]
 
 
-@flow(name="slothflow-pipeline", log_prints=True, validate_parameters=True)
+# No log_prints: it patches print() and breaks libraries that capture their own stdout
+# (dill disassembles functions through print while datasets fingerprints a map).
+@flow(name="slothflow-pipeline", validate_parameters=True)
 def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline for one recipe.
 

@@ -70,13 +70,31 @@ def main(
     from rich.logging import RichHandler
 
     home_mod.activate(home)
+    # Our own modules log at INFO; third-party libraries only their warnings (some log
+    # bytecode disassembly or every HTTP request at INFO). --verbose shows everything.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
     )
-    # Per-request HTTP lines from Prefect's and MLflow's clients drown the stage logs.
-    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "mlflow.store.db.utils"):
+    for ours in ("tasks", "flows", "slothflow"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        quiet_http_logs()
+
+
+def verbose_logging() -> bool:
+    import logging
+
+    return logging.getLogger().level <= logging.DEBUG
+
+
+def quiet_http_logs() -> None:
+    """Per-request HTTP lines from the Prefect, MLflow and OpenAI clients drown the stage
+    logs. Called again after Prefect is imported: its logging set-up resets levels."""
+    import logging
+
+    for noisy in ("httpx", "httpcore", "urllib3", "openai", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -132,6 +150,8 @@ def run(
             preflight(cfg, home)
             from flows.pipeline import pipeline
 
+            if not verbose_logging():
+                quiet_http_logs()
             try:
                 summary = pipeline(config=cfg, resume_run_id=resume)
             except (ConfigError, home_mod.HomeBusyError):

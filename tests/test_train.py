@@ -362,12 +362,13 @@ def test_auto_checkpointing_is_off_when_the_activations_fit() -> None:
     cfg = load_config("llama3-8b-qlora", ["train.gradient_checkpointing=auto"])
     shape = _llama3_8b_config()
     need = activation_bytes(shape, 4, 2048)
-    # 8B, micro-batch 4 x 2048: ~48 GiB of layer activations + ~8 GiB of fp32 logits
-    assert 50 * 2**30 < need < 65 * 2**30
+    # 8B, micro-batch 4 x 2048: 27.5 GiB of layer activations + 7.8 GiB of fp32 logits
+    # (measured on the H200: 35.7 GiB peak, 4-bit weights included)
+    assert 34 * 2**30 < need < 37 * 2**30
     roomy = choose_gradient_checkpointing(cfg, H200, shape, 130 * 2**30)  # an H200 after load
     assert roomy.mode is False and roomy.label == "off"
     assert roomy.reason.endswith("off, no recompute") and "GiB free" in roomy.reason
-    tight = choose_gradient_checkpointing(cfg, H200, shape, 70 * 2**30)  # an 80 GB card
+    tight = choose_gradient_checkpointing(cfg, H200, shape, 40 * 2**30)  # a 48 GB card
     assert tight.mode == "unsloth" and "unsloth (offloaded)" in tight.reason
     # explicit settings are honoured as they are, on every backend
     for mode, want in (("on", True), ("off", False), ("unsloth", "unsloth")):

@@ -44,6 +44,8 @@ TINY_SETS = [
     "train.save_steps=30",
     "train.logging_steps=5",
     "train.sample_generations=2",
+    # the recipe says "off" (for CPU); on the GPU let the stage size it
+    "train.gradient_checkpointing=auto",
 ]
 # Llama-3.2-1B's decoder shape (hidden 2048, 16 layers, GQA 32/8, MLP 8192, tied
 # embeddings, its 128,256-id vocabulary) with random weights, over the embedded tokenizer.
@@ -263,7 +265,7 @@ def test_merged_16bit_save_reloads_in_plain_transformers(
         base=base_1b.name_or_path,
         adapter=ref.adapter_path,
         tok=ref.tokenizer_path,
-        probe=probe_file,
+        probe=str(probe_file),
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no Unsloth there
     env["PYTHONPATH"] = ":".join(
