@@ -136,8 +136,7 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run the whole pipeline as a Prefect flow: base model -> data -> train -> export -> evaluate
-    -> gate -> register -> serve.
+    """Run the whole pipeline as a Prefect flow: base -> data -> train -> export -> evaluate -> gate -> register -> serve.
 
     With no options it runs the embedded default: a tiny model built on the spot, local MLflow on SQLite and Prefect without a server.
     """

@@ -113,8 +113,9 @@ def start(
         bool, typer.Option("--track", help="Record the stage in MLflow as a run of its own.")
     ] = False,
 ) -> None:
-    """Start vLLM for MODEL in the background, check it (health, warm-up, smoke test,
-    load test with SLOs) and print the endpoint. A failed check stops it again."""
+    """Start vLLM for MODEL in the background, check it and print the endpoint.
+
+    The checks: health, warm-up, smoke test, load test with SLOs. A failed check stops the server again."""
     with _errors():
         from tasks.config import load_config
         from tasks.deploy import deploy, summary_lines
