@@ -15,8 +15,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from slothflow.options import RecipeOpt, SetOpt
 from tasks import home as home_mod
 from tasks.config import ConfigError
 
@@ -37,19 +39,6 @@ data_app = typer.Typer(
     help="Clean instruction data (the pipeline's data stage).", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
-
-RecipeOpt = Annotated[
-    str,
-    typer.Option(
-        "--recipe", "-r", help="Recipe name (see `slothflow config list`) or path to a YAML file."
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", "-s", help="Override one field, e.g. --set train.max_steps=20 (repeatable)."
-    ),
-]
 
 
 @app.callback()
@@ -106,13 +95,13 @@ def _friendly_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, HomeBusyError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except Exception as exc:
         from tasks.tracking import TrackingUnavailableError
 
         if isinstance(exc, TrackingUnavailableError):
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         raise
 
@@ -161,7 +150,9 @@ def run(
                 if isinstance(exc, TrackingUnavailableError):
                     raise
                 last = _last_run(home)
-                console.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}")
+                console.print(
+                    f"[bold red]pipeline failed:[/] {escape(f'{type(exc).__name__}: {exc}')}"
+                )
                 if last:
                     console.print(
                         f"Earlier stages' results are kept in {home.run_dir(last)}.\n"
@@ -191,8 +182,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if failed
         else "[bold green]pipeline finished[/]"
     )
+    out.print(f"{head}: run {summary['run_id']}", soft_wrap=True, highlight=False)
     lines = [
-        f"{head}: run {summary['run_id']}",
         f"  outputs:     {summary['run_dir']}",
         f"  config hash: {summary['config_hash'][:12]}",
         f"  hardware:    {summary['hardware']}",
@@ -210,8 +201,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if "mlflow" in summary:
         lines.append(f"  MLflow:      {summary['mlflow']}")
     lines += summary.get("serving", [])
+    # Model output and paths may contain "[...]": never read them as Rich markup.
     for line in lines:
-        out.print(line, soft_wrap=True, highlight=False)
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 def _short(ref: Any) -> str:
@@ -347,7 +339,7 @@ def data_clean(
             try:
                 ref = clean(cfg, out_dir, tokenizer, previous, progress=progress)
             except (DataError, SourceError) as exc:
-                console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
                 raise typer.Exit(2) from None
     report = json.loads(Path(ref.report_path).read_text())
     rejected = sum(report["rejected"].values())

@@ -13,22 +13,8 @@ from typing import Annotated
 
 import typer
 
+from slothflow.options import RecipeOpt, SetOpt
 from tasks import home as home_mod
-
-# The same options as the other commands; spelled out here because cli.py imports this
-# module while it is being imported itself (importing them back would be a cycle).
-RecipeOpt = Annotated[
-    str,
-    typer.Option(
-        "--recipe", "-r", help="Recipe name (see `slothflow config list`) or path to a YAML file."
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", "-s", help="Override one field, e.g. --set train.max_steps=20 (repeatable)."
-    ),
-]
 
 
 def train_cmd(

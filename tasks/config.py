@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -487,6 +488,18 @@ class TrackingConfig(_Strict):
         "$MLFLOW_TRACKING_URI, else SQLite under SLOTHFLOW_HOME.",
     )
     experiment: str = Field("slothflow", description="MLflow experiment name.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        # Config values are shown in the Prefect UI and logged: never credentials.
+        if v and urllib.parse.urlsplit(v).password:
+            raise ValueError(
+                "must not embed a password; set MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD (MLflow server) or PGPASSWORD (PostgreSQL) instead"
+            )
+        return v
+
     registered_model: str = Field("slothflow-model", description="MLflow registered model name.")
     system_metrics: bool = Field(False, description="Log CPU/GPU system metrics during stages.")
     connect_timeout_s: float = Field(

@@ -9,12 +9,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tasks import hardware, tracking
-from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
+from tasks.config import (
+    HASH_EXCLUDED_SECTIONS,
+    ConfigError,
+    PipelineConfig,
+    config_hash,
+    dump_config,
+)
 from tasks.home import Home
 from tasks.refs import RunContext, write_json_atomic
 from tasks.tracking import NullTracker, Tracker
@@ -25,7 +32,8 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def new_run_id(cfg: PipelineConfig, chash: str) -> str:
-    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{chash[:8]}"
+    # The random tail keeps two runs started within one second apart.
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{chash[:8]}{secrets.token_hex(2)}"
 
 
 def latest_run_id(home: Home) -> str | None:
@@ -91,7 +99,12 @@ def open_run(
         tref = tracking.open_pipeline_run(cfg.tracking, home, run_id)
         parent = tracking.pipeline_tracker(tref)
         parent.log_params(
-            tracking.flatten_params(cfg.model_dump(mode="json", exclude={"tracking"}))
+            # Only what the config hash covers: a resumed run has the same values for
+            # these (MLflow params are write-once), while the sections outside the hash
+            # (deploy, tracking) may change on resume and live in config/resolved.yaml.
+            tracking.flatten_params(
+                cfg.model_dump(mode="json", exclude=set(HASH_EXCLUDED_SECTIONS))
+            )
         )
         parent.log_params({"config_hash": chash, **decision.as_params()})
         parent.set_tags(
@@ -165,10 +178,13 @@ def previous_output(
     record = Path(ctx.run_dir) / f"previous_{stage}_{filename}.json"
     if record.exists():
         return json.loads(record.read_text())["path"]
+    own = re.compile(rf"^{re.escape(recipe)}-\d{{8}}-\d{{6}}-[0-9a-f]+$")  # not "recipe-x-..."
     candidates = [
         p
         for p in home.runs.glob(f"{recipe}-*/{stage}/{filename}")
-        if p.parents[1].name != ctx.run_id and (p.parent / "ref.json").exists()
+        if own.match(p.parents[1].name)
+        and p.parents[1].name != ctx.run_id
+        and (p.parent / "ref.json").exists()
     ]
     chosen = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
     write_json_atomic(record, {"path": chosen})

@@ -105,7 +105,25 @@ def redact_uri(uri: str) -> str:
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, home: Home) -> str:
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or home.mlflow_db_uri
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or home.mlflow_db_uri
+    check_no_credentials(uri)
+    return uri
+
+
+def check_no_credentials(uri: str) -> None:
+    """Refuse a tracking URI that embeds a password.
+
+    The URI travels in task parameters (which Prefect stores and shows), ``run.json`` and
+    logs; credentials must not. MLflow servers take ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``) from the environment, and
+    PostgreSQL takes ``PGPASSWORD`` (or ``~/.pgpass``).
+    """
+    if urllib.parse.urlsplit(uri).password:
+        raise TrackingUnavailableError(
+            f"tracking URI {redact_uri(uri)} embeds a password; keep credentials out of URIs: "
+            "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD for an MLflow server, "
+            "or PGPASSWORD for a PostgreSQL store"
+        )
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:

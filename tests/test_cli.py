@@ -85,30 +85,116 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
     assert "unreachable" in r.stderr
 
 
-@pytest.mark.e2e
-def test_pipeline_run_end_to_end(tmp_path: Path) -> None:
-    """`slothflow run` on the CI recipe: a real Prefect flow (ephemeral) and a real MLflow
-    SQLite store, everything under SLOTHFLOW_HOME and nothing written to $HOME."""
-    r = _run(["run", "-r", "ci-smoke"], tmp_path, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "MLflow" in r.stdout and "mlflow.db" in r.stdout
-    home = tmp_path / "home"
-    (run_dir,) = (home / "runs").iterdir()
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "FINISHED"
-    assert (run_dir / "config.yaml").exists()
-    assert (home / "mlflow" / "mlflow.db").exists()
-    assert (home / "prefect").is_dir()
-    # Nothing leaked into the user's home directory.
-    assert [p.name for p in (tmp_path / "fakehome").iterdir()] == []
-
+def _client(home: Path):  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+
+
+@pytest.mark.e2e
+def test_pipeline_end_to_end_fails_at_serve_and_resumes(tmp_path: Path) -> None:
+    """`slothflow run` on the CI recipe with a real Prefect flow (ephemeral) and a real
+    MLflow SQLite store: every stage runs and hands over; the serve stage then fails on
+    a busy port; the run resumes with serving off, reusing every finished stage, and
+    everything stays under SLOTHFLOW_HOME (nothing in $HOME)."""
+    import socket
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        r = _run(
+            [
+                "run",
+                "-r",
+                "ci-smoke",
+                "--set",
+                "deploy.enabled=true",
+                "--set",
+                f"deploy.port={port}",
+            ],
+            tmp_path,
+            timeout=1200,
+        )
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "pipeline failed" in r.stderr and f"{port}" in r.stderr
+    home = tmp_path / "home"
+    (run_dir,) = (home / "runs").iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "FAILED"
+    finished = {p.parent.name for p in run_dir.glob("*/ref.json")}
+    assert finished == {"base", "data", "train", "export", "evaluate", "gate", "register"}
+    assert f"--resume {run_dir.name}" in r.stderr
+
+    # Fix the cause (serving is outside the config hash, so the run may be resumed).
+    r2 = _run(
+        ["run", "-r", "ci-smoke", "--resume", "last", "--set", "deploy.enabled=false"], tmp_path
+    )
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-5000:]
+    assert "MLflow" in r2.stdout and "mlflow.db" in r2.stdout
+    assert "gate:        PASSED" in r2.stdout
+    assert [p.name for p in (home / "runs").iterdir()] == [run_dir.name]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "FINISHED"
+    assert set(result["stages"]) == {"base", "data", "train", "export", "evaluate", "register"}
+    assert (home / "prefect").is_dir()
+    assert [p.name for p in (tmp_path / "fakehome").iterdir()] == []
+
+    client = _client(home)
     exp = client.get_experiment_by_name("slothflow")
-    runs = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["config_hash"] == result["config_hash"]
-    for stage in result["stages"]:
-        child = client.search_runs([exp.experiment_id], f"tags.`slothflow.stage` = '{stage}'")
-        assert child and child[0].info.status == "FINISHED", stage
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["config_hash"] == result["config_hash"]
+    for stage in ("base", "data", "train", "export", "evaluate", "gate", "register"):
+        runs = client.search_runs([exp.experiment_id], f"tags.`slothflow.stage` = '{stage}'")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED", stage
+        assert runs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # Reused, not redone: one registered version, no duplicated training steps.
+    versions = client.search_model_versions("name = 'slothflow-model'")
+    assert [v.version for v in versions] == ["1"]
+    (train_run,) = client.search_runs([exp.experiment_id], "tags.`slothflow.stage` = 'train'")
+    steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "train_loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 6
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
+    """`make run`'s job: the embedded default, end to end, ending with a real vLLM server
+    that answers held-out questions; then `slothflow serve stop` leaves nothing running."""
+    from openai import OpenAI
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    r = _run(["run", "--set", f"deploy.port={port}"], tmp_path, timeout=1500)
+    try:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        home = tmp_path / "home"
+        (run_dir,) = (home / "runs").iterdir()
+        result = json.loads((run_dir / "result.json").read_text())
+        ev = result["stages"]["evaluate"]
+        assert ev["items"] >= 200
+        assert ev["merged"] >= 0.9 and ev["base"] <= 0.05, ev
+        assert result["gate"]["passed"]
+        assert f"endpoint: http://127.0.0.1:{port}/v1" in r.stdout
+        assert f"slothflow serve stop --port {port}" in r.stdout
+        key = next((home / "serve").rglob("api_key")).read_text().strip()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+        lines = (run_dir / "data" / "validation.jsonl").read_text().splitlines()
+        rows = [json.loads(x) for x in lines[:20]]
+        right = 0
+        for row in rows:
+            prompt = [m for m in row["messages"] if m["role"] != "assistant"]
+            want = row["messages"][-1]["content"]
+            out = client.chat.completions.create(
+                model="slothflow-model", messages=prompt, max_tokens=8, temperature=0
+            )
+            right += out.choices[0].message.content.strip() == want
+        assert right >= 17, f"{right}/20 served answers correct"
+    finally:
+        stop = _run(["serve", "stop"], tmp_path)
+    assert stop.returncode == 0, stop.stderr
+    status = _run(["serve", "status", "--json"], tmp_path)
+    assert json.loads(status.stdout or "[]") == []

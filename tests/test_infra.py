@@ -39,6 +39,10 @@ def test_compose_takes_secrets_from_env_not_values() -> None:
         for line in text.splitlines():
             if f"{key}:" in line:
                 assert "${" in line, line
+    compose = yaml.safe_load(text)
+    # Credentials never on a command line (visible in `ps`).
+    for svc in compose["services"].values():
+        assert "POSTGRES_PASSWORD" not in str(svc.get("command", ""))
     example = (REPO / "infra" / ".env.example").read_text()
     assert all(
         line.endswith("=") for line in example.splitlines() if line and not line.startswith("#")

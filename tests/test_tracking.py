@@ -58,14 +58,28 @@ def test_dataset_input_records_full_content_hash(tmp_path: Path) -> None:
 def test_unreachable_server_fails_fast_with_clear_message(tmp_path: Path) -> None:
     from tests.conftest import free_port
 
-    cfg = TrackingConfig(
-        tracking_uri=f"http://user:pw@127.0.0.1:{free_port()}", connect_timeout_s=2
-    )
+    cfg = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", connect_timeout_s=2)
     t0 = time.time()
-    with pytest.raises(tracking.TrackingUnavailableError, match="unreachable") as exc:
+    with pytest.raises(tracking.TrackingUnavailableError, match="unreachable"):
         tracking.open_pipeline_run(cfg, Home(tmp_path), run_id="x")
     assert time.time() - t0 < 10
-    assert "pw" not in str(exc.value) and "***" in str(exc.value)
+
+
+def test_credentials_never_ride_in_the_tracking_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.config import ConfigError, build_config
+
+    with pytest.raises(
+        ConfigError, match=r"tracking\.tracking_uri: .*must not embed a password"
+    ) as exc:
+        build_config({"tracking": {"tracking_uri": "postgresql://u:hunter2@db/mlflow"}})
+    assert "hunter2" not in str(exc.value)
+    # From the environment too: the URI would end up in task parameters and run.json.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:hunter2@127.0.0.1:5000")
+    with pytest.raises(tracking.TrackingUnavailableError, match="embeds a password") as exc2:
+        tracking.resolve_tracking_uri(TrackingConfig(), Home(tmp_path))
+    assert "hunter2" not in str(exc2.value) and "***" in str(exc2.value)
 
 
 def test_open_run_logs_config_hash_hardware_and_code(tmp_path: Path) -> None:
