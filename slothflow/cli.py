@@ -95,13 +95,15 @@ def _friendly_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, HomeBusyError) as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as exc:
         from tasks.tracking import TrackingUnavailableError
 
         if isinstance(exc, TrackingUnavailableError):
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         raise
 
@@ -151,13 +153,15 @@ def run(
                     raise
                 last = _last_run(home)
                 console.print(
-                    f"[bold red]pipeline failed:[/] {escape(f'{type(exc).__name__}: {exc}')}"
+                    f"[bold red]pipeline failed:[/] {escape(f'{type(exc).__name__}: {exc}')}",
+                    soft_wrap=True,
                 )
                 if last:
                     console.print(
                         f"Earlier stages' results are kept in {home.run_dir(last)}.\n"
                         f"Fix the cause, then resume: [bold]slothflow run -r {recipe} "
-                        f"--resume {last}[/]"
+                        f"--resume {last}[/]",
+                        soft_wrap=True,
                     )
                 raise typer.Exit(1) from None
     _print_summary(summary)
@@ -339,7 +343,9 @@ def data_clean(
             try:
                 ref = clean(cfg, out_dir, tokenizer, previous, progress=progress)
             except (DataError, SourceError) as exc:
-                console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+                console.print(
+                    f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+                )
                 raise typer.Exit(2) from None
     report = json.loads(Path(ref.report_path).read_text())
     rejected = sum(report["rejected"].values())
