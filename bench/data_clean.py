@@ -105,9 +105,11 @@ def generate(path: Path, rows: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def build_tokenizer(folder: Path, corpus_file: Path) -> str:
-    """A byte-level BPE tokenizer trained on the spot (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The embedded model's byte-level BPE tokenizer, trained on the spot (no download).
+
+    Saved without its chat template: the data stage then counts each row's turns joined
+    by newlines, the same text the seed approach below counts (equal work)."""
+    from tasks.embedded import train_tokenizer
 
     texts = []
     with open(corpus_file, encoding="utf-8") as f:
@@ -115,18 +117,9 @@ def build_tokenizer(folder: Path, corpus_file: Path) -> str:
             if i >= 5000:
                 break
             texts.extend(m["content"] for m in json.loads(line)["messages"])
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=8000,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
-    ).save_pretrained(folder)
+    tok = train_tokenizer(iter(texts), 8000)
+    tok.chat_template = None
+    tok.save_pretrained(folder)
     return str(folder)
 
 

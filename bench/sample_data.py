@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.config import REPO_ROOT
-from tasks.refs import DataRef, sha256_file, sha256_json
+from tasks.refs import DataRef, data_fingerprint, sha256_file, sha256_json
 
 SAMPLE = (
     REPO_ROOT / "data" / "sample" / "topics_chat.jsonl",
@@ -78,7 +78,7 @@ def write_split(
         path=str(out_dir),
         train_path=str(paths["train"]),
         validation_path=str(paths["validation"]),
-        fingerprint=sha256_json([sha256_file(paths["train"]), sha256_file(paths["validation"])]),
+        fingerprint=data_fingerprint(sha256_file(paths["train"]), sha256_file(paths["validation"])),
         train_rows=len(splits["train"]),
         validation_rows=len(splits["validation"]),
         report_path=str(report),

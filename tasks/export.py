@@ -19,6 +19,11 @@ Two checks fail the stage (no artifact that fails them is handed on):
   evaluation's token budget, using the *saved* generation config: merges that lose
   the end-of-turn token are a known failure in the field.
 
+The merge is written to ``merged.staging/`` and renamed to ``merged/`` only once both
+checks passed and its manifest is written: ``slothflow serve`` treats any model folder
+as servable, so a merge that failed a check is moved to ``merged.rejected/`` (kept for
+inspection) and never sits under the servable name.
+
 The manifest's ``kind`` and ``serving.vllm_args`` are a contract with the serving
 stage: keep them stable.
 """
@@ -32,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import PipelineConfig
+from tasks.base_model import template_text
+from tasks.config import ConfigError, PipelineConfig
 from tasks.hardware import HardwareDecision
 from tasks.orchestration import stage_task
 from tasks.refs import (
@@ -59,6 +65,12 @@ MANIFEST_SCHEMA = 1
 #: merged weights (W + BA) once more than the unmerged path, ~2^-8 relative per
 #: weight, which accumulates through the layers.
 DEFAULT_PARITY_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
+
+#: The ``--max-lora-rank`` values vLLM accepts (its argument parser refuses others).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+#: Where the merge is written, and where a merge that failed a check is moved.
+MERGED, STAGING, REJECTED = "merged", "merged.staging", "merged.rejected"
 
 
 class ExportError(RuntimeError):
@@ -102,10 +114,12 @@ def parity_tolerance(cfg: PipelineConfig) -> float:
     return cfg.export.parity_atol or DEFAULT_PARITY_ATOL[cfg.export.dtype]
 
 
-def chat_template_sha256(template: str | None) -> str:
+def chat_template_sha256(template: str | dict[str, str] | None) -> str:
+    """The hash the base stage records (a tokenizer with several named templates
+    hashes as the base stage reads it)."""
     import hashlib
 
-    return hashlib.sha256((template or "").encode("utf-8")).hexdigest()
+    return hashlib.sha256((template_text(template) or "").encode("utf-8")).hexdigest()
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -149,6 +163,18 @@ def stop_token_ids(tokenizer: Any, configured: int | list[int] | None) -> list[i
     return ids
 
 
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of rank ``r``."""
+    for allowed in VLLM_LORA_RANKS:
+        if r <= allowed:
+            return allowed
+    raise ExportError(
+        f"LoRA rank {r} is above the largest --max-lora-rank vLLM accepts "
+        f"({VLLM_LORA_RANKS[-1]}): the adapter artifact could not be served; train with "
+        "a smaller train.lora.r"
+    )
+
+
 def vllm_args(
     kind: str,
     served_model_name: str,
@@ -156,19 +182,26 @@ def vllm_args(
     dtype: str,
     adapter_dir: Path | None = None,
     lora_rank: int | None = None,
+    base_revision: str | None = None,
 ) -> list[str]:
     """CLI flags vLLM needs for this artifact (``--model`` is added by whoever serves:
-    the artifact folder for ``merged``, ``serving.model`` (the base) for ``adapter``)."""
+    the artifact folder for ``merged``, ``serving.model`` (the base) for ``adapter``).
+
+    ``base_revision`` is the Hub commit of an adapter's base (None for a local base):
+    the adapter only matches the revision it was trained on, and vLLM would otherwise
+    load the branch head. vLLM's tokenizer revision follows ``--revision``."""
     args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--generation-config", "auto"]
     if kind == "merged":
         return [*args, "--served-model-name", served_model_name]
     assert adapter_dir is not None and lora_rank is not None
+    if base_revision:
+        args += ["--revision", base_revision]
     # vLLM's default --max-lora-rank is 16; a larger adapter is refused without it.
     return [
         *args,
         "--enable-lora",
         "--max-lora-rank",
-        str(max(lora_rank, 8)),
+        str(vllm_max_lora_rank(lora_rank)),
         "--lora-modules",
         f"{served_model_name}={adapter_dir}",
     ]
@@ -227,11 +260,14 @@ def write_manifest(
     info: ManifestInfo,
     metrics: dict[str, float],
     serving: dict[str, Any],
+    artifact_path: Path | None = None,
 ) -> dict[str, Any]:
+    """Write ``folder/manifest.json``. ``artifact_path``: where the folder will live
+    once renamed into place (default: where it is)."""
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "kind": kind,
-        "artifact_path": str(folder),
+        "artifact_path": str(artifact_path or folder),
         "base_model": {
             "id": info.base.name_or_path,
             "revision": info.base.revision,
@@ -298,26 +334,35 @@ def merge_peft(train: TrainRef, dtype: str, device: str, out: Path) -> None:
     merged.save_pretrained(out, safe_serialization=True)
 
 
-def merge_unsloth(train: TrainRef, cfg: PipelineConfig, hw: HardwareDecision, out: Path) -> None:
-    """Unsloth's merged 16-bit save (GPU). It dequantises a 4-bit base before merging.
+def check_merge_dtype(backend: str, dtype: str) -> None:
+    """Refuse, before any work, a dtype the backend's merge cannot write."""
+    if backend == "unsloth" and dtype not in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"export.dtype={dtype}: Unsloth's merge (train.backend=unsloth) writes 16-bit "
+            "weights only; set export.dtype to bfloat16 or float16"
+        )
 
-    Not yet verified on the device (issue 5 does that); it is never used on CPU.
+
+def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
+    """Unsloth's merged 16-bit save (GPU), through :func:`tasks.gpu_merge.merge_16bit`:
+    the adapter's base path rewritten to ``train.base``, Unsloth's buffers kept beside
+    ``out`` (not in the cwd), ``out`` written atomically.
+
+    This path is exercised on the device by ``tests/test_train_gpu.py`` (merge_16bit on a
+    real Unsloth adapter); the CPU tests cover the dtype guard and the argument plumbing.
     """
-    try:
-        from unsloth import FastLanguageModel  # GPU-only: imported here, never at module level
-    except ImportError as exc:
-        raise ExportError(
-            "train.backend=unsloth produced this adapter but unsloth is not importable here "
-            f"({exc}); install 'slothflow[gpu]' on a CUDA machine, or export with "
-            "train.backend=peft"
-        ) from None
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=train.adapter_path,
+    from tasks import gpu_merge  # imports tasks.train; GPU packages only inside the call
+
+    check_merge_dtype("unsloth", cfg.export.dtype)
+    # Without unsloth installed this raises BackendNotReadyError (a ConfigError) saying so.
+    gpu_merge.merge_16bit(
+        train.base,
+        train.adapter_path,
+        train.tokenizer_path,
+        out,
+        dtype=cfg.export.dtype,
         max_seq_length=cfg.model.max_seq_length,
-        dtype=_torch_dtype(cfg.export.dtype),
-        load_in_4bit=hw.load_in_4bit,
     )
-    model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit")
 
 
 def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
@@ -468,6 +513,43 @@ def _max_model_len(path: Path) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
+def check_export_config(cfg: PipelineConfig, train: TrainRef) -> None:
+    """Refuse, before any work, an export this config cannot finish."""
+    if cfg.export.merge:
+        check_merge_dtype(train.backend, cfg.export.dtype)
+    if cfg.export.publish:
+        if not cfg.export.hub_repo:
+            raise ConfigError("export.publish needs export.hub_repo (org/name)")
+        if cfg.export.publish_kind == "merged" and not cfg.export.merge:
+            raise ConfigError(
+                "export.publish_kind=merged but export.merge is false: nothing merged to "
+                "publish; set export.publish_kind=adapter or export.merge=true"
+            )
+
+
+def check_chat_template(tokenizer: Any, base: BaseModelRef) -> str:
+    """The tokenizer's chat template hash; raises when it is not the one the base stage
+    recorded (as training does): an artifact must carry the template it was trained on."""
+    got = chat_template_sha256(tokenizer.chat_template)
+    if got != base.chat_template_sha256:
+        raise ExportError(
+            f"chat template mismatch: the tokenizer's template hashes to {got[:12]}, but the "
+            f"base stage recorded {base.chat_template_sha256[:12]} for {base.name_or_path}; "
+            "the model was trained with a different template than the one it would be "
+            "exported with. Re-run the base and train stages"
+        )
+    return got
+
+
+def _reject(staging: Path, rejected: Path) -> None:
+    """Move a merge that failed a check out of the way, kept for inspection."""
+    if not staging.exists():
+        return
+    shutil.rmtree(rejected, ignore_errors=True)
+    staging.rename(rejected)
+    log.error("the rejected merge is kept at %s (not servable under that name)", rejected)
+
+
 def export(
     cfg: PipelineConfig,
     train: TrainRef,
@@ -480,23 +562,19 @@ def export(
     tracker: Tracker | None = None,
 ) -> ExportRef:
     """Write ``out_dir/adapter`` and (when ``export.merge``) ``out_dir/merged``, check
-    parity and stopping, write the manifests. Raises :class:`ExportError` on a bad merge."""
+    parity and stopping, write the manifests. Raises :class:`ExportError` on a bad merge
+    (the merge is then left in ``out_dir/merged.rejected``, never in ``merged``)."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
+    check_export_config(cfg, train)
     tokenizer = load_tokenizer(train.tokenizer_path)
-    template_hash = chat_template_sha256(tokenizer.chat_template)
-    if template_hash != train.base.chat_template_sha256:
-        log.warning(
-            "the tokenizer's chat template hash %s differs from the base's %s; the export "
-            "carries the tokenizer's",
-            template_hash[:12],
-            train.base.chat_template_sha256[:12],
-        )
+    template_hash = check_chat_template(tokenizer, train.base)
     from transformers import GenerationConfig
 
+    base_revision = _base_revision(train.base)
     try:
         configured_eos = GenerationConfig.from_pretrained(
-            train.base.name_or_path, revision=_base_revision(train.base)
+            train.base.name_or_path, revision=base_revision
         ).eos_token_id
     except OSError:
         configured_eos = None
@@ -522,62 +600,71 @@ def export(
         shutil.rmtree(adapter_dir)
     shutil.copytree(train.adapter_path, adapter_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
     _save_tokenizer(tokenizer, adapter_dir)
+    import json
+
+    lora_rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+    vllm_max_lora_rank(lora_rank)  # refuse an unservable rank before the merge
 
     merged_dir: Path | None = None
     atol = parity_tolerance(cfg)
     diff: float | None = None
     stop_fraction = 1.0
+    # An earlier attempt's merge (checked or rejected) is not this export's.
+    for name in (MERGED, STAGING, REJECTED):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
     if cfg.export.merge:
-        merged_dir = out_dir / "merged"
-        if merged_dir.exists():
-            shutil.rmtree(merged_dir)
-        merged_dir.mkdir(parents=True)
+        final, staging = out_dir / MERGED, out_dir / STAGING
         t0 = time.monotonic()
-        if train.backend == "unsloth":
-            merge_unsloth(train, cfg, hw, merged_dir)
-        else:
-            merge_peft(train, cfg.export.dtype, hw.device, merged_dir)
-        _save_tokenizer(tokenizer, merged_dir)
-        _write_generation_config(train.base, merged_dir, tokenizer, eos_ids)
-        metrics["export.merge_seconds"] = time.monotonic() - t0
-        diff = check_parity(
-            train.base.name_or_path,
-            train.adapter_path,
-            str(merged_dir),
-            prompts,
-            cfg.export.dtype,
-            hw.device,
-            atol,
-            _base_revision(train.base),
-        )
-        metrics["export.parity_max_abs_diff"] = diff
         try:
-            stop_fraction = check_stop(
-                str(merged_dir), prompts, cfg.eval.max_new_tokens, hw.device, cfg.export.dtype
+            if train.backend == "unsloth":
+                merge_unsloth(train, cfg, staging)
+            else:
+                merge_peft(train, cfg.export.dtype, hw.device, staging)
+            _save_tokenizer(tokenizer, staging)
+            _write_generation_config(train.base, staging, tokenizer, eos_ids)
+            metrics["export.merge_seconds"] = time.monotonic() - t0
+            diff = check_parity(
+                train.base.name_or_path,
+                train.adapter_path,
+                str(staging),
+                prompts,
+                cfg.export.dtype,
+                hw.device,
+                atol,
+                base_revision,
             )
-        except StopCheckError as exc:
-            if cfg.export.stop_check == "fail":
-                raise
-            log.warning("%s (export.stop_check=warn: going on)", exc)
-            stop_fraction = exc.fraction
-        metrics["export.stop_fraction"] = stop_fraction
-        write_manifest(
-            merged_dir,
-            "merged",
-            info,
-            metrics,
-            {
-                "model": str(merged_dir),
-                "served_model_name": served,
-                "vllm_args": vllm_args(
-                    "merged", served, _max_model_len(merged_dir), cfg.export.dtype
-                ),
-            },
-        )
+            metrics["export.parity_max_abs_diff"] = diff
+            try:
+                stop_fraction = check_stop(
+                    str(staging), prompts, cfg.eval.max_new_tokens, hw.device, cfg.export.dtype
+                )
+            except StopCheckError as exc:
+                if cfg.export.stop_check == "fail":
+                    raise
+                log.warning("%s (export.stop_check=warn: going on)", exc)
+                stop_fraction = exc.fraction
+            metrics["export.stop_fraction"] = stop_fraction
+            write_manifest(
+                staging,
+                "merged",
+                info,
+                metrics,
+                {
+                    "model": str(final),
+                    "served_model_name": served,
+                    "vllm_args": vllm_args(
+                        "merged", served, _max_model_len(staging), cfg.export.dtype
+                    ),
+                },
+                artifact_path=final,
+            )
+        except Exception:
+            _reject(staging, out_dir / REJECTED)
+            raise
+        # Only a checked merge with its manifest ever appears under the servable name.
+        staging.rename(final)
+        merged_dir = final
 
-    import json
-
-    lora_rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
     write_manifest(
         adapter_dir,
         "adapter",
@@ -595,6 +682,7 @@ def export(
                 cfg.export.dtype,
                 adapter_dir,
                 lora_rank,
+                base_revision,
             ),
         },
     )
@@ -624,9 +712,18 @@ def export(
     if cfg.export.publish:
         from tasks.publish import publish
 
-        url = publish(Path(ref.candidate_path), cfg.export)
+        url = publish(published_artifact(ref, cfg.export.publish_kind), cfg.export)
         tracker.set_tags({"slothflow.hub_repo": url})
     return ref
+
+
+def published_artifact(ref: ExportRef, kind: str) -> Path:
+    """The folder ``export.publish_kind`` names."""
+    if kind == "adapter":
+        return Path(ref.adapter_path)
+    if ref.merged_path is None:
+        raise ConfigError("export.publish_kind=merged but this export has no merged model")
+    return Path(ref.merged_path)
 
 
 def export_inputs_hash(cfg: PipelineConfig, train: TrainRef, data: DataRef) -> str:

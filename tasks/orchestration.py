@@ -29,3 +29,30 @@ def stage_task(**task_kwargs: Any) -> Callable[[F], F]:
         return task(**task_kwargs)(fn)  # type: ignore[no-any-return,unused-ignore]
 
     return wrap
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Failures worth a retry: I/O and connection trouble (a flaky disk or object store,
+    the network, the tracking server away for a moment). A bad config, bad data, a
+    missing file or a code error fails the same way every time, and a retry would only
+    burn the time again."""
+    from tasks.config import ConfigError
+    from tasks.tracking import TrackingUnavailableError
+
+    if isinstance(exc, ConfigError):
+        return False
+    if isinstance(
+        exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+    ):
+        return False
+    return isinstance(exc, OSError | TrackingUnavailableError)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn`` of every stage: retry only :func:`is_transient`
+    failures."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # the state could not even give its exception back
+        exc = err
+    return is_transient(exc if isinstance(exc, BaseException) else None)

@@ -70,11 +70,17 @@ def publish(folder: Path, cfg: ExportConfig) -> str:
 
     token = cfg.hub_token.resolve(required=True)
     manifest = read_manifest(folder)
-    (folder / "README.md").write_text(model_card(manifest, cfg.hub_repo), encoding="utf-8")
     api = HfApi(token=token)
-    # private=True on create only: an existing repo keeps its visibility (we never
-    # flip a repo someone made public on purpose), but a new one is never public.
+    # private=True on create only: an existing repo keeps its visibility (we never flip
+    # a repo someone made public on purpose), so pushing into one that is public is
+    # refused: exported weights go to private repos only.
     api.create_repo(cfg.hub_repo, private=True, exist_ok=True, repo_type="model")
+    if api.repo_info(cfg.hub_repo, repo_type="model").private is not True:
+        raise ConfigError(
+            f"refusing to publish to {cfg.hub_repo}: the repo exists and is public; "
+            "export.hub_repo must name a private repo (or one that does not exist yet)"
+        )
+    (folder / "README.md").write_text(model_card(manifest, cfg.hub_repo), encoding="utf-8")
     api.upload_folder(
         repo_id=cfg.hub_repo,
         folder_path=str(folder),

@@ -67,6 +67,13 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def data_fingerprint(train_sha256: str, validation_sha256: str) -> str:
+    """The cleaned data's fingerprint from its two splits' file hashes. The one formula:
+    the data stage writes it to ``report.json`` and ``slothflow train --data DIR``
+    recomputes it, so lineage and caching agree however the data got there."""
+    return sha256_json({"train": train_sha256, "validation": validation_sha256})
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,23 @@ class GateNotPassedError(RuntimeError):
     """Registration was asked for a candidate that failed the gate."""
 
 
+class NotRegisteredError(ConfigError):
+    """The registry answered that the model, version or alias does not exist.
+
+    Only this means "no such model": an unreachable store or a refused request raises
+    MLflow's own exception, so a champion check never mistakes an outage for "none"."""
+
+
+#: Tags that make registration idempotent: one version per (run, exported artifact).
+TAG_RUN_ID = "slothflow.run_id"
+TAG_ARTIFACT = "slothflow.artifact_sha256"
+
+
+def _is_missing(exc: Exception) -> bool:
+    """MLflow's answer for a registered model or version that does not exist."""
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 class RegistryRef(StageRef):
     name: str
     version: int
@@ -101,7 +118,7 @@ def _flat_scores(ev: EvalRef) -> dict[str, float]:
 def lineage_tags(export: ExportRef, ev: EvalRef, gate: GateRef, run_id: str) -> dict[str, str]:
     m = ev.primary_metric
     return {
-        "slothflow.run_id": run_id,
+        TAG_RUN_ID: run_id,
         "data_fingerprint": export.data_fingerprint,
         "config_hash": export.config_hash,
         "base_model": export.base.name_or_path,
@@ -120,7 +137,9 @@ def _ensure_registered_model(client: Any, name: str) -> None:
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
         client.create_registered_model(
             name,
             description="slothflow exports. Aliases: "
@@ -149,27 +168,38 @@ def register(
     client = _client(tracking_uri)
     name = cfg.tracking.registered_model
     metrics = _flat_scores(ev)
-    for kind, folder in (("merged", export.merged_path), ("adapter", export.adapter_path)):
-        if folder is None:
-            continue
-        client.log_artifacts(mlflow_run_id, folder, f"model/{kind}")
-        # The registered copy's manifest also carries what evaluation and the gate found.
-        manifest = read_manifest(Path(folder))
-        manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
-        manifest["gate"] = {"passed": gate.passed, "reasons": gate.reasons}
-        client.log_dict(mlflow_run_id, manifest, f"model/{kind}/{MANIFEST}")
-    source = client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/") + "/model"
+    artifacts = {
+        kind: Path(folder)
+        for kind, folder in (("merged", export.merged_path), ("adapter", export.adapter_path))
+        if folder is not None
+    }
+    manifests = {kind: read_manifest(folder) for kind, folder in artifacts.items()}
+    artifact_key = sha256_json({kind: m.get("files", {}) for kind, m in manifests.items()})
     _ensure_registered_model(client, name)
-    tags = lineage_tags(export, ev, gate, run_id)
-    mv = client.create_model_version(
-        name,
-        source=source,
-        run_id=mlflow_run_id,
-        tags=tags,
-        description=f"run {run_id}: {gate.primary_metric} {gate.candidate:.4f} "
-        f"(base {gate.base:.4f}) on {ev.n_items} held-out items",
-    )
+    # A retry after a failure between creating the version and aliasing it must not
+    # register the same candidate twice.
+    mv = _version_of(client, name, run_id, artifact_key)
+    if mv is not None:
+        log.info("%s version %s already holds this run's candidate: reusing it", name, mv.version)
+    else:
+        for kind, folder in artifacts.items():
+            client.log_artifacts(mlflow_run_id, str(folder), f"model/{kind}")
+            # The registered copy's manifest also carries what evaluation and the gate found.
+            manifest = manifests[kind]
+            manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+            manifest["gate"] = {"passed": gate.passed, "reasons": gate.reasons}
+            client.log_dict(mlflow_run_id, manifest, f"model/{kind}/{MANIFEST}")
+        source = client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/") + "/model"
+        mv = client.create_model_version(
+            name,
+            source=source,
+            run_id=mlflow_run_id,
+            tags={**lineage_tags(export, ev, gate, run_id), TAG_ARTIFACT: artifact_key},
+            description=f"run {run_id}: {gate.primary_metric} {gate.candidate:.4f} "
+            f"(base {gate.base:.4f}) on {ev.n_items} held-out items",
+        )
     version = int(mv.version)
+    source = str(mv.source)
     client.set_registered_model_alias(name, CHALLENGER, version)
     tracker.set_tags({"slothflow.registered": f"{name}/{version}"})
     log.info("registered %s version %d as %r (%s)", name, version, CHALLENGER, source)
@@ -184,25 +214,26 @@ def register(
     )
 
 
+def _version_of(client: Any, name: str, run_id: str, artifact_key: str) -> Any | None:
+    """The version already registered for this run's candidate, if any."""
+    if "'" in run_id:
+        raise ValueError(f"run id {run_id!r} cannot contain a quote")
+    found = client.search_model_versions(f"name = '{name}' and tag.`{TAG_RUN_ID}` = '{run_id}'")
+    same = [mv for mv in found if (mv.tags or {}).get(TAG_ARTIFACT) == artifact_key]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
 def promote(name: str, version: int, tracking_uri: str) -> None:
     """Make ``version`` the champion; the old champion becomes ``previous``. For the
     rollout stage (and tests); clears ``challenger`` when it pointed at ``version``."""
-    from mlflow.exceptions import MlflowException
-
     client = _client(tracking_uri)
-    try:
-        old = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        old = None
-    if old is not None and int(old.version) != version:
-        client.set_registered_model_alias(name, PREVIOUS, int(old.version))
+    aliases = {a: int(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+    old = aliases.get(CHAMPION)
+    if old is not None and old != version:
+        client.set_registered_model_alias(name, PREVIOUS, old)
     client.set_registered_model_alias(name, CHAMPION, version)
-    try:
-        chal = client.get_model_version_by_alias(name, CHALLENGER)
-        if int(chal.version) == version:
-            client.delete_registered_model_alias(name, CHALLENGER)
-    except MlflowException:
-        pass
+    if aliases.get(CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
 
 
 def _local_path(uri: str) -> Path | None:
@@ -251,13 +282,22 @@ def resolve(spec: str, tracking_uri: str, cache_dir: Path | None = None) -> Reso
     name, alias, version = parse_spec(spec)
     client = _client(tracking_uri)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, str(version))
-        )
+        if alias:
+            # The model's alias map, not get_model_version_by_alias: a missing alias is
+            # answered there with INVALID_PARAMETER_VALUE, which a bad request also gets.
+            aliases = client.get_registered_model(name).aliases or {}
+            if alias not in aliases:
+                raise NotRegisteredError(
+                    f"model {spec!r} not found in the registry: {name} has no alias {alias!r}"
+                )
+            version = int(aliases[alias])
+        mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
-        raise ConfigError(f"model {spec!r} not found in the registry: {exc.message}") from None
+        if not _is_missing(exc):
+            raise  # unreachable store, permission denied: not "no such model"
+        raise NotRegisteredError(
+            f"model {spec!r} not found in the registry: {exc.message}"
+        ) from None
     v = int(mv.version)
     folder = _fetch(client, mv.source, cache_dir, name, v)
     merged = folder / "merged" if (folder / "merged" / MANIFEST).exists() else None
@@ -279,13 +319,13 @@ def resolve(spec: str, tracking_uri: str, cache_dir: Path | None = None) -> Reso
 def current_champion(
     name: str, tracking_uri: str, cache_dir: Path | None = None
 ) -> ResolvedModel | None:
-    """The ``champion`` version, or None when there is none (first rollout)."""
+    """The ``champion`` version, or None when the registry says there is none (first
+    rollout). A registry that cannot be asked raises: the gate must not take an outage
+    for "no champion yet" and skip its champion rule."""
     try:
         return resolve(f"{name}@{CHAMPION}", tracking_uri, cache_dir)
-    except ConfigError as exc:
-        if "not found" in str(exc):
-            return None
-        raise
+    except NotRegisteredError:
+        return None
 
 
 def list_versions(name: str, tracking_uri: str) -> list[dict[str, Any]]:
@@ -299,7 +339,9 @@ def list_versions(name: str, tracking_uri: str) -> list[dict[str, Any]]:
         by_version: dict[int, list[str]] = {}
         for alias, v in (client.get_registered_model(name).aliases or {}).items():
             by_version.setdefault(int(v), []).append(alias)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
         return []
     out = []
     for mv in sorted(versions, key=lambda m: int(m.version), reverse=True):

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from tasks.config import EMBEDDED_MODEL, ConfigError
 
-REVISION_FILES = (
-    "config.json",
-    "generation_config.json",
+#: The files that make up a tokenizer (its vocabulary, merges, settings, chat template).
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -32,6 +31,7 @@ REVISION_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+REVISION_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -53,14 +53,27 @@ def local_revision(folder: Path) -> str:
         raise ConfigError(
             f"{folder}: no *.safetensors weights (slothflow loads safetensors only, never pickles)"
         )
+    return files_revision(folder, files)
+
+
+def files_revision(folder: Path, files: list[Path]) -> str:
+    """``sha256:<hex>`` over each file's path relative to ``folder`` and its content."""
     h = hashlib.sha256()
-    for p in files:
+    for p in sorted(files):
         h.update(p.relative_to(folder).as_posix().encode() + b"\0")
         with open(p, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
         h.update(b"\0")
     return "sha256:" + h.hexdigest()
+
+
+def tokenizer_revision(folder: Path) -> str:
+    """Content hash of a tokenizer folder: the :data:`TOKENIZER_FILES` it holds (what
+    ``AutoTokenizer.from_pretrained`` reads), hashed as :func:`local_revision` does."""
+    return files_revision(
+        folder, [p for p in folder.iterdir() if p.is_file() and p.name in TOKENIZER_FILES]
+    )
 
 
 def _hub_cache_dir() -> Path:

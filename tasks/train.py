@@ -43,18 +43,20 @@ from typing import Any
 from tasks.base_model import LOAD_KWARGS, hub_load_revision, template_text
 from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
 from tasks.hardware import HardwareDecision, for_model
-from tasks.orchestration import stage_task
+from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import (
     BaseModelRef,
     DataRef,
     RunContext,
     TrainRef,
+    data_fingerprint,
     load_done,
     mark_done,
     sha256_file,
     sha256_json,
     write_json_atomic,
 )
+from tasks.tokens import chat_token_lengths
 from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -231,6 +233,10 @@ class GpuPerf:
         return out
 
 
+#: Seconds between MLflow system-metric samples while training on CUDA.
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
 @contextlib.contextmanager
 def _system_metrics(tracker: Tracker, hw: HardwareDecision) -> Iterator[None]:
     """MLflow system metrics (GPU utilisation and memory, CPU, disk) while training on
@@ -243,7 +249,7 @@ def _system_metrics(tracker: Tracker, hw: HardwareDecision) -> Iterator[None]:
 
             monitor = SystemMetricsMonitor(
                 run_id,
-                sampling_interval=10,
+                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
                 resume_logging=True,
                 tracking_uri=getattr(tracker, "tracking_uri", None),
             )
@@ -568,11 +574,37 @@ def data_ref_from_folder(folder: Path) -> DataRef:
         path=str(folder),
         train_path=str(train_p),
         validation_path=str(val_p),
-        fingerprint=sha256_json([sha256_file(train_p), sha256_file(val_p)]),
+        fingerprint=data_fingerprint(sha256_file(train_p), sha256_file(val_p)),
         train_rows=sum(1 for ln in open(train_p, encoding="utf-8") if ln.strip()),
         validation_rows=sum(1 for ln in open(val_p, encoding="utf-8") if ln.strip()),
         report_path=str(folder / "report.json"),
     )
+
+
+def length_fit(
+    cfg: PipelineConfig, tokenizer: Any, train_rows: list[dict[str, Any]], n_prepared: int
+) -> dict[str, int]:
+    """How many training rows TRL truncated to ``model.max_seq_length`` and how many it
+    dropped (truncated until no answer token was left), logged as a warning: rows the
+    data stage kept should all fit (``data.max_tokens <= model.max_seq_length``), but
+    data cleaned by another tokenizer or with other limits may not."""
+    limit = cfg.model.max_seq_length
+    lengths = chat_token_lengths(tokenizer, [r["messages"] for r in train_rows])
+    over = sum(n > limit for n in lengths)
+    # Packing chunks rows instead of filtering them, so it never drops one.
+    dropped = 0 if cfg.train.packing else len(train_rows) - n_prepared
+    if over:
+        log.warning(
+            "train: %d of %d training rows are longer than model.max_seq_length=%d tokens: "
+            "%d truncated, %d dropped (no answer token left); clean the data with the base "
+            "model's tokenizer and data.max_tokens <= model.max_seq_length",
+            over,
+            len(train_rows),
+            limit,
+            over - dropped,
+            dropped,
+        )
+    return {"train_rows_truncated": over - dropped, "train_rows_dropped": dropped}
 
 
 # --------------------------------------------------------------------------- backends
@@ -1079,6 +1111,7 @@ def _fit(
             f"{cfg.model.max_seq_length} (TRL drops rows whose answer was truncated away); "
             "raise model.max_seq_length or shorten the prompts"
         )
+    fitted = length_fit(run_cfg, tokenizer, train_rows, len(trainer.train_dataset))
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - t0
@@ -1111,6 +1144,7 @@ def _fit(
         "epoch": float(state.epoch or 0.0),
         "train_wall_s": wall,
         "resumed_from_step": float(tracker_cb.resumed_from_step),
+        **{k: float(v) for k, v in fitted.items()},
     }
     if state.num_input_tokens_seen and result.metrics.get("train_runtime"):
         metrics["train_tokens_per_s"] = (
@@ -1173,30 +1207,6 @@ def train_in_run(
         ref = train(cfg, base, data, out, hw, tracker)
     mark_done(out, key, ref)
     return ref
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    """Failures worth a retry: I/O and connection trouble (a full or flaky disk, the
-    tracking server away for a moment). A bad config, bad data or a code error fails
-    the same way every time, and a retry would only burn the time again."""
-    from tasks.tracking import TrackingUnavailableError
-
-    if isinstance(exc, ConfigError):
-        return False
-    if isinstance(
-        exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
-    ):
-        return False
-    return isinstance(exc, OSError | TrackingUnavailableError)
-
-
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry only :func:`is_transient` failures."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as err:  # the state could not even give its exception back
-        exc = err
-    return is_transient(exc if isinstance(exc, BaseException) else None)
 
 
 @stage_task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)

@@ -122,21 +122,30 @@ def build_digit_model(out_dir: Path, models_cache: Path, wrong: bool = False) ->
     return out_dir
 
 
-def offline_score(model_dir: Path, rows: list[dict[str, Any]]) -> float:
-    """Exact match of greedy ``generate`` on ``rows``: the "offline evaluation" figure."""
+def offline_answers(model_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Greedy ``generate`` answers to ``rows``: the "offline evaluation" per item."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    hits = 0
+    answers = []
     for row in rows:
         ids = tok.apply_chat_template(
             row["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-        answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += answer.strip() == row["messages"][-1]["content"].strip()
+        answers.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def offline_score(model_dir: Path, rows: list[dict[str, Any]]) -> float:
+    """Exact match of greedy ``generate`` on ``rows``: the "offline evaluation" figure."""
+    answers = offline_answers(model_dir, rows)
+    hits = sum(
+        a.strip() == r["messages"][-1]["content"].strip()
+        for a, r in zip(answers, rows, strict=True)
+    )
     return hits / len(rows)
 
 

@@ -141,3 +141,44 @@ def test_chat_template_from_config_or_a_clear_error(
 
     with pytest.raises(ConfigError, match=r"model\.chat_template: file not found"):
         prepare_base(cfg.model_copy(update={"chat_template": "nope.jinja"}), session_home)
+
+
+def test_resumed_base_stage_notices_a_changed_folder_or_template(
+    smoke_model_cfg: ModelConfig, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The base stage's cache key covers what the name resolves to (a local folder's
+    content) and the chat-template file's content, not only the config text."""
+    from tasks.base_model import base_inputs_hash, prepare_base_in_run
+    from tasks.refs import RunContext
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dir, d)
+    template = tmp_path / "t.jinja"
+    template.write_text(embedded.CHAT_TEMPLATE)
+    cfg = smoke_model_cfg.model_copy(
+        update={"name_or_path": str(d), "chat_template": str(template)}
+    )
+    ctx = RunContext(
+        run_id="t", run_dir=str(tmp_path / "run"), config_hash="x", code_version="x", hardware={}
+    )
+    first = prepare_base_in_run(ctx, cfg)
+    key = base_inputs_hash(cfg)
+    assert prepare_base_in_run(ctx, cfg) == first  # nothing changed: reused
+    (d / "README.md").write_text("notes")  # not part of the model: same key
+    assert base_inputs_hash(cfg) == key
+
+    # the same config text, an edited template file: redone, with the new template
+    template.write_text(embedded.CHAT_TEMPLATE.replace("<|assistant|>", "<|assistant|> "))
+    assert base_inputs_hash(cfg) != key
+    second = prepare_base_in_run(ctx, cfg)
+    assert second.chat_template_sha256 == hashlib.sha256(template.read_bytes()).hexdigest()
+    assert second.chat_template_sha256 != first.chat_template_sha256
+
+    # the same config text, a changed local folder: redone, with the new revision
+    key = base_inputs_hash(cfg)
+    cfg_json = json.loads((d / "config.json").read_text())
+    cfg_json["rms_norm_eps"] = 1e-5 if cfg_json.get("rms_norm_eps") != 1e-5 else 1e-6
+    (d / "config.json").write_text(json.dumps(cfg_json))
+    assert base_inputs_hash(cfg) != key
+    third = prepare_base_in_run(ctx, cfg)
+    assert third.revision != second.revision

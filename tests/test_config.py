@@ -73,6 +73,17 @@ def test_bad_value_names_the_field() -> None:
         build_config({"data": {"val_fraction": 1.5}})
 
 
+def test_data_max_tokens_must_fit_model_max_seq_length() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data\.max_tokens=300 exceeds model\.max_seq_length=128"
+    ):
+        load_config("default", ["data.max_tokens=300"])
+    assert load_config("default", ["data.max_tokens=128"]).data.max_tokens == 128
+    # the defaults agree with each other
+    defaults = build_config({})
+    assert defaults.data.max_tokens <= defaults.model.max_seq_length
+
+
 def test_overrides_apply_parse_yaml_and_validate() -> None:
     cfg = load_config("default", ["train.max_steps=7", "train.lora.target_modules=[q_proj]"])
     assert cfg.train.max_steps == 7 and cfg.train.lora.target_modules == ["q_proj"]

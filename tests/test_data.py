@@ -16,6 +16,7 @@ from tasks.data import REASONS, DataError, clean, split_of
 from tasks.data.dedup import answer_key, jaccard, shingles
 from tasks.data.rows import Reject, normalize_text, to_messages
 from tasks.refs import sha256_file
+from tests.recording import RecordingTracker
 
 # --------------------------------------------------------------------------- helpers
 
@@ -79,25 +80,12 @@ def prompt_shingles(row: dict[str, Any]) -> list[str]:
 
 
 def build_tokenizer(folder: Path) -> str:
-    """A byte-level BPE tokenizer trained on the spot (no download), saved like a hub one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The embedded model's byte-level BPE tokenizer (with its chat template), trained on
+    the spot on a small corpus and saved like a hub one."""
+    from tasks.embedded import train_tokenizer
 
     rng = random.Random(1)
-    corpus = [sentence(rng) for _ in range(400)]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
-    )
-    fast.save_pretrained(folder)
+    train_tokenizer(iter([sentence(rng) for _ in range(400)]), 300).save_pretrained(folder)
     return str(folder)
 
 
@@ -206,7 +194,7 @@ def test_every_rejection_reason_is_quarantined_with_source_and_line(
         {"messages": [{"role": "assistant", "content": "x"}]},  # bad_role_order
         {"instruction": "", "input": "", "output": "x"},  # empty_prompt
         {"instruction": "Kabar", "output": ""},  # empty_answer
-        {"instruction": "Ok", "output": "Ok"},  # too_few_tokens (min_tokens=8)
+        {"instruction": "Ok", "output": "Ok"},  # too_few_tokens: 9 with the template, min 12
         {"instruction": "Kabar " * 200, "output": "x"},  # too_many_tokens (max 300)
         dup_source,
         dup_source,  # exact_duplicate
@@ -216,7 +204,7 @@ def test_every_rejection_reason_is_quarantined_with_source_and_line(
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     with open(src, "ab") as f:
         f.write(b'{"instruction": "caf\xe9", "output": "x"}\n')  # invalid_utf8 (latin-1 byte)
-    cfg = cfg_for(src, max_line_bytes=2000, min_tokens=8, max_tokens=300, val_fraction=0.3)
+    cfg = cfg_for(src, max_line_bytes=2000, min_tokens=12, max_tokens=300, val_fraction=0.3)
     clean(cfg, tmp_path / "out", tokenizer_dir)
     r = report_of(tmp_path / "out")
     rows = read_jsonl(tmp_path / "out" / "rejected.jsonl")
@@ -275,6 +263,108 @@ def test_missing_tokenizer_is_reported_not_silent(
     assert r["length_filter"]["applied"] is False
     assert "skipped" in r["length_filter"]["note"]
     assert "skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _chat_rows(n: int, seed: int = 3) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": sentence(rng, rng.randint(3, 20))},
+                {"role": "assistant", "content": sentence(rng, 4)},
+            ]
+        }
+        for _ in range(n)
+    ]
+
+
+def test_length_filter_counts_the_chat_template_the_trainer_sees(
+    tmp_path: Path, tokenizer_dir: str
+) -> None:
+    from transformers import AutoTokenizer
+
+    rows = _chat_rows(80)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tok.chat_template
+    msgs = [r["messages"] for r in rows]
+    templated = [len(tok.apply_chat_template(m, tokenize=True, return_dict=False)) for m in msgs]
+    joined = [
+        len(tok("\n".join(t["content"] for t in m), add_special_tokens=False).input_ids)
+        for m in msgs
+    ]
+    limit = sorted(templated)[len(templated) // 2]
+    # the template's tokens matter: some rows fit by their text alone but not as trained
+    assert sum(n > limit for n in templated) > sum(n > limit for n in joined)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = cfg_for(src, max_tokens=limit, min_tokens=1, val_fraction=0.3, near_dup=False)
+    clean(cfg, tmp_path / "out", tokenizer_dir)
+    r = report_of(tmp_path / "out")
+    assert r["rejected"]["too_many_tokens"] == sum(n > limit for n in templated)
+    assert r["length_filter"]["chat_template"] is True
+    assert "chat template" in r["length_filter"]["counted_text"]
+    assert r["lengths"]["max"] <= limit
+
+    # A tokenizer without a template: the turns joined by newlines, and the report says so.
+    plain = tmp_path / "plain-tok"
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    clean(cfg, tmp_path / "out2", str(plain))
+    r2 = report_of(tmp_path / "out2")
+    assert r2["rejected"].get("too_many_tokens", 0) == sum(n > limit for n in joined)
+    assert r2["length_filter"]["chat_template"] is False
+    assert "no chat template" in r2["length_filter"]["counted_text"]
+
+
+def test_tokenizer_identity_covers_every_tokenizer_file(tmp_path: Path, tokenizer_dir: str) -> None:
+    import shutil
+
+    from tasks.data.clean import tokenizer_identity
+
+    d = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, d)
+    seen = {tokenizer_identity(str(d))}
+    (d / "README.md").write_text("notes")  # not a tokenizer file: no change
+    assert tokenizer_identity(str(d)) in seen
+    for name in ("vocab.json", "merges.txt", "chat_template.jinja", "tokenizer_config.json"):
+        with open(d / name, "a", encoding="utf-8") as f:
+            f.write("\n")
+        now = tokenizer_identity(str(d))
+        assert now not in seen, name
+        seen.add(now)
+    assert tokenizer_identity("org/hub-tokenizer") == "org/hub-tokenizer"
+
+
+def test_missing_filesystem_backend_names_the_source_and_the_install(tmp_path: Path) -> None:
+    import importlib.util
+
+    from tasks.data import SourceError, inputs_hash
+
+    local = write_jsonl(tmp_path / "in.jsonl", good_rows(10))
+    if importlib.util.find_spec("s3fs") is None:
+        cfg = cfg_for(local, "s3://bucket/rows.jsonl")
+        want = r"data\.sources\[1\]: s3://bucket/rows\.jsonl: .*pip install 'slothflow\[s3\]'"
+        with pytest.raises(SourceError, match=want):
+            clean(cfg, tmp_path / "out")
+        with pytest.raises(SourceError, match=want):
+            inputs_hash(cfg, None)
+    if importlib.util.find_spec("gcsfs") is None:  # a protocol slothflow ships no extra for
+        with pytest.raises(SourceError, match=r"data\.sources\[0\]: .*backend for gcs://"):
+            clean(cfg_for("gcs://bucket/rows.jsonl"), tmp_path / "out")
+
+
+def test_data_and_train_retry_the_same_failures() -> None:
+    from tasks.data import SourceError, clean_task
+    from tasks.orchestration import HAVE_PREFECT, is_transient, retry_transient
+    from tasks.train import train_task
+
+    if HAVE_PREFECT:
+        for t in (clean_task, train_task):
+            assert t.retry_condition_fn is retry_transient  # type: ignore[attr-defined]
+    assert is_transient(ConnectionResetError("object store hiccup"))
+    assert not is_transient(SourceError("input not found"))
+    assert not is_transient(DataError("no rows left"))
+    assert not is_transient(FileNotFoundError("gone"))
 
 
 # --------------------------------------------------------------------------- duplicates
@@ -446,14 +536,6 @@ def test_pii_is_scrubbed_in_outputs_and_quarantine(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- outputs
 
 
-class RecordingTracker:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: self.calls.append((name, (a, k)))
-
-
 def test_outputs_load_in_datasets_and_are_logged(tmp_path: Path, tokenizer_dir: str) -> None:
     import datasets
 
@@ -469,10 +551,9 @@ def test_outputs_load_in_datasets_and_are_logged(tmp_path: Path, tokenizer_dir: 
         ds["train"].num_rows == ref.train_rows and ds["validation"].num_rows == ref.validation_rows
     )
     assert set(ds["train"].column_names) == {"id", "messages"}
-    inputs = {a[0]: a for name, (a, _) in tracker.calls if name == "log_input"}
-    assert inputs["train"][2] == sha256_file(Path(ref.train_path))
-    assert inputs["validation"][2] == sha256_file(Path(ref.validation_path))
-    artifacts = {Path(a[0]).name for name, (a, _) in tracker.calls if name == "log_artifact"}
+    assert tracker.input("train").sha256 == sha256_file(Path(ref.train_path))
+    assert tracker.input("validation").sha256 == sha256_file(Path(ref.validation_path))
+    artifacts = {p.name for p, _ in tracker.artifacts}
     assert artifacts == {"report.json", "report.md", "token_lengths.png", "rejected.jsonl"}
     png = (tmp_path / "out" / "token_lengths.png").read_bytes()
     assert png.startswith(b"\x89PNG")
@@ -484,6 +565,21 @@ def test_outputs_load_in_datasets_and_are_logged(tmp_path: Path, tokenizer_dir: 
     assert again.fingerprint == ref.fingerprint
     write_jsonl(src, good_rows(61))
     assert clean(cfg_for(src, val_fraction=0.3), tmp_path / "more").fingerprint != ref.fingerprint
+
+
+def test_data_clean_then_train_keeps_the_reports_fingerprint(
+    tmp_path: Path, tokenizer_dir: str
+) -> None:
+    """``slothflow data clean --out D`` writes no ref.json; ``slothflow train --data D``
+    must still record the fingerprint report.json carries (one lineage)."""
+    from tasks.train import data_ref_from_folder
+
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
+    ref = clean(cfg_for(src, val_fraction=0.3), tmp_path / "out", tokenizer_dir)
+    assert not (tmp_path / "out" / "ref.json").exists()
+    again = data_ref_from_folder(tmp_path / "out")
+    assert again.fingerprint == report_of(tmp_path / "out")["fingerprint"] == ref.fingerprint
+    assert (again.train_rows, again.validation_rows) == (ref.train_rows, ref.validation_rows)
 
 
 def test_clean_task_reuses_a_finished_stage(tmp_path: Path, tokenizer_dir: str) -> None:

@@ -55,6 +55,36 @@ def test_relocate_manifest_rewrites_artifact_paths() -> None:
     assert m["serving"]["vllm_args"][-1] == "m=/old/adapter"  # input untouched
 
 
+@pytest.mark.parametrize(
+    ("r", "want"),
+    [(1, 8), (8, 8), (9, 16), (24, 32), (64, 64), (65, 128), (257, 320), (321, 512), (512, 512)],
+)
+def test_max_lora_rank_rounds_up_to_a_value_vllm_accepts(r: int, want: int) -> None:
+    from tasks.export import VLLM_LORA_RANKS, vllm_args, vllm_max_lora_rank
+
+    assert vllm_max_lora_rank(r) == want
+    args = vllm_args("adapter", "m", 256, "bfloat16", Path("/a"), r)
+    assert int(args[args.index("--max-lora-rank") + 1]) in VLLM_LORA_RANKS
+
+
+def test_max_lora_rank_above_what_vllm_serves_is_an_error() -> None:
+    from tasks.export import ExportError, vllm_max_lora_rank
+
+    with pytest.raises(ExportError, match="could not be served"):
+        vllm_max_lora_rank(513)
+
+
+def test_adapter_vllm_args_pin_the_trained_base_revision() -> None:
+    from tasks.export import vllm_args
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = vllm_args("adapter", "m", 256, "bfloat16", Path("/a"), 16, commit)
+    assert hub[hub.index("--revision") + 1] == commit
+    # A local base (no hub commit) and a merged folder have no revision to pin.
+    assert "--revision" not in vllm_args("adapter", "m", 256, "bfloat16", Path("/a"), 16, None)
+    assert "--revision" not in vllm_args("merged", "m", 256, "bfloat16")
+
+
 # --------------------------------------------------------------------------- parity
 
 
@@ -103,18 +133,121 @@ def test_export_stage_fails_when_the_merge_is_corrupted(
         _corrupt(out)
 
     monkeypatch.setattr(export_mod, "merge_peft", bad_merge)
+    out = tmp_path / "export"
+    # An earlier attempt's merge must not stay servable either.
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "model.safetensors").write_bytes(b"stale")
     with pytest.raises(export_mod.ExportError, match="parity check failed"):
         export_mod.export(
             fx.pipeline_cfg(),
             fx.train_ref(fx.random_adapter()),
+            fx.data_ref(),
+            out,
+            fx.cpu(),
+            run_id="t",
+            code_version="test",
+        )
+    # Nothing under the servable name (`slothflow serve <run>/export/merged` serves any
+    # model folder); the rejected merge is kept for inspection, without a manifest.
+    assert not (out / "merged").exists()
+    assert not (out / "merged.staging").exists()
+    assert (out / "merged.rejected" / "model.safetensors").exists()
+    assert not (out / "merged.rejected" / "manifest.json").exists()
+
+
+def test_export_stage_rejects_a_merge_that_does_not_stop(tmp_path: Path) -> None:
+    from tasks.export import StopCheckError, export
+
+    out = tmp_path / "export"
+    # The random adapter never learned to end its answer.
+    with pytest.raises(StopCheckError, match="did not end on an EOS token"):
+        export(
+            fx.pipeline_cfg(export={"stop_check": "fail"}),
+            fx.train_ref(fx.random_adapter()),
+            fx.data_ref(),
+            out,
+            fx.cpu(),
+            run_id="t",
+            code_version="test",
+        )
+    assert not (out / "merged").exists()
+    assert (out / "merged.rejected" / "generation_config.json").exists()
+
+
+def test_export_refuses_a_chat_template_the_base_did_not_record(tmp_path: Path) -> None:
+    from tasks.export import ExportError, export
+
+    train = fx.train_ref(fx.random_adapter())
+    train = train.model_copy(
+        update={"base": train.base.model_copy(update={"chat_template_sha256": "0" * 64})}
+    )
+    with pytest.raises(ExportError, match="chat template mismatch"):
+        export(
+            fx.pipeline_cfg(),
+            train,
             fx.data_ref(),
             tmp_path / "export",
             fx.cpu(),
             run_id="t",
             code_version="test",
         )
-    # The failed stage wrote no merged manifest: nothing downstream can pick it up.
-    assert not (tmp_path / "export" / "merged" / "manifest.json").exists()
+    assert not (tmp_path / "export").exists()  # refused before writing anything
+
+
+def test_unsloth_merge_refuses_float32_before_any_work(tmp_path: Path) -> None:
+    from tasks.config import ConfigError
+    from tasks.export import export
+
+    train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
+    with pytest.raises(ConfigError, match="writes 16-bit weights only"):
+        export(
+            fx.pipeline_cfg(export={"dtype": "float32"}),
+            train,
+            fx.data_ref(),
+            tmp_path / "export",
+            fx.cpu(),
+            run_id="t",
+            code_version="test",
+        )
+    assert not (tmp_path / "export").exists()
+
+
+def test_unsloth_branch_hands_gpu_merge_the_stage_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plumbing into ``gpu_merge.merge_16bit`` (our function, replaced by a CPU merge
+    here; Unsloth itself is exercised on the device by tests/test_train_gpu.py)."""
+    from tasks import export as export_mod
+    from tasks import gpu_merge
+
+    calls: list[dict[str, Any]] = []
+
+    def cpu_merge_16bit(
+        base: Any, adapter_dir: Any, tokenizer_dir: Any, out_dir: Any, **kw: Any
+    ) -> dict[str, Any]:
+        calls.append(
+            {"base": base, "adapter": adapter_dir, "tok": tokenizer_dir, "out": out_dir, **kw}
+        )
+        export_mod.merge_peft(train, kw["dtype"], "cpu", Path(out_dir))
+        return {"path": str(out_dir)}
+
+    monkeypatch.setattr(gpu_merge, "merge_16bit", cpu_merge_16bit)
+    train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
+    cfg = fx.pipeline_cfg(export={"dtype": "bfloat16", "stop_check": "warn"})
+    out = tmp_path / "export"
+    ref = export_mod.export(
+        cfg, train, fx.data_ref(), out, fx.cpu(), run_id="t", code_version="test"
+    )
+    [call] = calls
+    assert call["base"] == train.base  # merge_16bit rewrites the adapter's base path to it
+    assert (call["adapter"], call["tok"]) == (train.adapter_path, train.tokenizer_path)
+    assert Path(call["out"]) == out / "merged.staging"  # checked before it is renamed
+    assert call["dtype"] == "bfloat16"
+    assert call["max_seq_length"] == cfg.model.max_seq_length
+    assert ref.merged_path == str(out / "merged") and ref.dtype == "bfloat16"
+    assert json.loads((out / "merged" / "manifest.json").read_text())["artifact_path"] == str(
+        out / "merged"
+    )
 
 
 # --------------------------------------------------------------------------- the full export
@@ -200,25 +333,27 @@ class FakeHfApi:
     def __init__(self, token: str | None = None) -> None:
         FakeHfApi.calls.append(("init", {"token": token}))
 
+    #: What the Hub says about the repo after create_repo (an existing repo keeps its own).
+    private: ClassVar[bool | None] = True
+
     def create_repo(self, repo_id: str, **kw: Any) -> None:
         FakeHfApi.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+
+    def repo_info(self, repo_id: str, **kw: Any) -> Any:
+        from types import SimpleNamespace
+
+        FakeHfApi.calls.append(("repo_info", {"repo_id": repo_id, **kw}))
+        return SimpleNamespace(id=repo_id, private=FakeHfApi.private)
 
     def upload_folder(self, **kw: Any) -> None:
         files = sorted(p.name for p in Path(kw["folder_path"]).iterdir())
         FakeHfApi.calls.append(("upload_folder", {**kw, "files": files}))
 
 
-def test_publish_pushes_a_private_repo_with_a_model_card(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    import huggingface_hub
-
-    from tasks.publish import publish
-
-    folder = tmp_path / "adapter"
-    shutil.copytree(fx.random_adapter(), folder)
+def _publishable(folder: Path) -> Path:
     from tasks.export import ManifestInfo, write_manifest
 
+    shutil.copytree(fx.random_adapter(), folder)
     info = ManifestInfo(
         base=fx.base_ref(),
         chat_template_sha256="t" * 64,
@@ -230,10 +365,30 @@ def test_publish_pushes_a_private_repo_with_a_model_card(
         eos_token_ids=[2],
     )
     write_manifest(folder, "adapter", info, {"eval.exact_match": 0.97}, {"vllm_args": ["--x"]})
+    return folder
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHfApi]:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(FakeHfApi, "calls", [])
+    monkeypatch.setattr(FakeHfApi, "private", True)
+    return FakeHfApi
+
+
+def test_publish_pushes_a_private_repo_with_a_model_card(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fake_hub: type[FakeHfApi],
+) -> None:
+    from tasks.publish import publish
+
+    folder = _publishable(tmp_path / "adapter")
     secret = "hf_TESTSECRET_never_logged"
     monkeypatch.setenv("SLOTHFLOW_TEST_HF_TOKEN", secret)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    FakeHfApi.calls = []
     cfg = fx.pipeline_cfg(
         export={
             "publish": True,
@@ -246,25 +401,100 @@ def test_publish_pushes_a_private_repo_with_a_model_card(
 
     assert url == "https://huggingface.co/acme/tiny-topics"
     kinds = [c[0] for c in FakeHfApi.calls]
-    assert kinds == ["init", "create_repo", "upload_folder"]
+    assert kinds == ["init", "create_repo", "repo_info", "upload_folder"]
     assert FakeHfApi.calls[0][1]["token"] == secret  # handed to the client, nowhere else
     assert FakeHfApi.calls[1][1]["private"] is True
-    assert "README.md" in FakeHfApi.calls[2][1]["files"]
+    assert "README.md" in FakeHfApi.calls[3][1]["files"]
     card = (folder / "README.md").read_text()
     assert "acme/tiny-topics" in card and "d" * 64 in card and "eval.exact_match" in card
     assert secret not in caplog.text and secret not in card
 
 
-def test_publish_without_token_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_publish_refuses_an_existing_public_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: type[FakeHfApi]
 ) -> None:
-    import huggingface_hub
+    from tasks.config import ConfigError
+    from tasks.publish import publish
 
+    folder = _publishable(tmp_path / "adapter")
+    card = (folder / "README.md").read_text()  # PEFT's own card
+    monkeypatch.setenv("SLOTHFLOW_TEST_HF_TOKEN", "hf_x")
+    fake_hub.private = False  # someone made acme/public-one public on purpose
+    cfg = fx.pipeline_cfg(
+        export={
+            "publish": True,
+            "hub_repo": "acme/public-one",
+            "hub_token": {"env": "SLOTHFLOW_TEST_HF_TOKEN"},
+        }
+    ).export
+    with pytest.raises(ConfigError, match="is public"):
+        publish(folder, cfg)
+    assert [c[0] for c in fake_hub.calls] == ["init", "create_repo", "repo_info"]  # no upload
+    assert (folder / "README.md").read_text() == card  # nothing written for a refused push
+
+
+def test_export_publishes_the_artifact_publish_kind_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: type[FakeHfApi]
+) -> None:
+    from tasks.export import export
+
+    monkeypatch.setenv("SLOTHFLOW_TEST_HF_TOKEN", "hf_x")
+    out = tmp_path / "export"
+    tracker = fx.RecordingTracker()
+    ref = export(
+        fx.pipeline_cfg(
+            export={
+                "stop_check": "warn",
+                "publish": True,
+                "publish_kind": "adapter",
+                "hub_repo": "acme/tiny-adapter",
+                "hub_token": {"env": "SLOTHFLOW_TEST_HF_TOKEN"},
+            }
+        ),
+        fx.train_ref(fx.random_adapter()),
+        fx.data_ref(),
+        out,
+        fx.cpu(),
+        run_id="t",
+        code_version="test",
+        tracker=tracker,
+    )
+    assert ref.merged_path is not None  # a merged model exists, yet the adapter is pushed
+    [upload] = [kw for kind, kw in fake_hub.calls if kind == "upload_folder"]
+    assert upload["folder_path"] == ref.adapter_path
+    assert "adapter_model.safetensors" in upload["files"]
+    assert tracker.tags["slothflow.hub_repo"] == "https://huggingface.co/acme/tiny-adapter"
+
+
+def test_publishing_a_merged_model_that_is_not_merged_is_refused_up_front(
+    tmp_path: Path,
+) -> None:
+    from tasks.config import ConfigError
+    from tasks.export import export
+
+    cfg = fx.pipeline_cfg(
+        export={"merge": False, "publish": True, "publish_kind": "merged", "hub_repo": "a/b"}
+    )
+    with pytest.raises(ConfigError, match=r"publish_kind=merged but export\.merge is false"):
+        export(
+            cfg,
+            fx.train_ref(fx.random_adapter()),
+            fx.data_ref(),
+            tmp_path / "export",
+            fx.cpu(),
+            run_id="t",
+            code_version="test",
+        )
+    assert not (tmp_path / "export").exists()
+
+
+def test_publish_without_token_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: type[FakeHfApi]
+) -> None:
     from tasks.config import ConfigError
     from tasks.publish import publish
 
     monkeypatch.delenv("SLOTHFLOW_TEST_HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     cfg = fx.pipeline_cfg(
         export={
             "publish": True,

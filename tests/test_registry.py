@@ -54,7 +54,7 @@ def _run(uri: str, artifacts: Path | None) -> str:
     return str(c.create_run(exp).info.run_id)
 
 
-def _register(uri: str, run: str, name: str = "tiny-topics") -> Any:
+def _register(uri: str, run: str, name: str = "tiny-topics", run_id: str = "r-1") -> Any:
     from tasks.registry import register
 
     cfg = fx.pipeline_cfg(tracking={"registered_model": name})
@@ -65,7 +65,7 @@ def _register(uri: str, run: str, name: str = "tiny-topics") -> Any:
         _gate(),
         tracking_uri=uri,
         mlflow_run_id=run,
-        run_id="r-1",
+        run_id=run_id,
     )
 
 
@@ -110,6 +110,54 @@ def test_register_adds_a_challenger_version_with_lineage(tmp_path: Path) -> None
         assert got.manifest["serving"]["model"] == str(got.path)
 
 
+def test_register_twice_for_one_run_makes_one_version(tmp_path: Path) -> None:
+    """register_task retries: an attempt that created the version but failed before the
+    alias was set must not leave a second version behind."""
+    from tasks.registry import CHALLENGER, list_versions
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _register(uri, _run(uri, tmp_path / "a1"))
+    # A retry runs in a new attempt (a new MLflow stage run) of the same pipeline run.
+    again = _register(uri, _run(uri, tmp_path / "a2"))
+    assert first.version == again.version == 1
+    assert again.source == first.source
+    assert [(v["version"], v["aliases"]) for v in list_versions("tiny-topics", uri)] == [
+        (1, [CHALLENGER])
+    ]
+    # Another pipeline run of the same candidate is a new version.
+    other = _register(uri, _run(uri, tmp_path / "a3"), run_id="r-2")
+    assert other.version == 2
+    assert len(list_versions("tiny-topics", uri)) == 2
+
+
+def test_current_champion_is_none_only_when_the_registry_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import NotRegisteredError, current_champion, resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert current_champion("tiny-topics", uri) is None  # no such registered model
+    _register(uri, _run(uri, tmp_path / "a1"))
+    assert current_champion("tiny-topics", uri) is None  # registered, no champion alias
+    with pytest.raises(NotRegisteredError, match="not found"):
+        resolve("tiny-topics/7", uri)
+
+    # A store that cannot be reached is an error, never "no champion yet" (the gate
+    # would then skip its champion rule).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException) as info:
+        current_champion("tiny-topics", f"http://127.0.0.1:{port}")
+    assert not isinstance(info.value, NotRegisteredError)
+
+
 def test_register_refuses_a_failed_gate(tmp_path: Path) -> None:
     from tasks.registry import GateNotPassedError, register
 
@@ -134,7 +182,7 @@ def test_promote_moves_champion_to_previous(tmp_path: Path) -> None:
     assert current_champion("tiny-topics", uri) is None
     _register(uri, _run(uri, tmp_path / "a1"))
     promote("tiny-topics", 1, uri)
-    _register(uri, _run(uri, tmp_path / "a2"))
+    _register(uri, _run(uri, tmp_path / "a2"), run_id="r-2")  # the next pipeline run
     aliases = {v["version"]: v["aliases"] for v in list_versions("tiny-topics", uri)}
     assert aliases == {2: ["challenger"], 1: ["champion"]}
 
@@ -148,10 +196,12 @@ def test_promote_moves_champion_to_previous(tmp_path: Path) -> None:
 
 
 def test_registry_against_an_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
-    from tasks.registry import list_versions, resolve
+    from tasks.registry import current_champion, list_versions, resolve
 
     name = f"tiny-{uuid.uuid4().hex[:6]}"
+    assert current_champion(name, mlflow_server) is None  # the REST answer for "no model"
     ref = _register(mlflow_server, _run(mlflow_server, None), name=name)
+    assert current_champion(name, mlflow_server) is None  # model, but no champion alias
     assert ref.source.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
     got = resolve(f"{name}@challenger", mlflow_server, cache_dir=tmp_path / "cache")
     assert got.path.is_relative_to(tmp_path / "cache")  # downloaded through the server

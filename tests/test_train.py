@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from tasks.base_model import prepare_base
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.hardware import HardwareDecision, Probe, decide
 from tasks.home import Home
+from tasks.orchestration import is_transient
 from tasks.refs import BaseModelRef, DataRef
 from tasks.train import (
     COMPLETE_MARKER,
@@ -24,7 +24,6 @@ from tasks.train import (
     build_trainer,
     check_settings,
     data_ref_from_folder,
-    is_transient,
     last_complete_checkpoint,
     load_peft,
     load_unsloth,
@@ -34,48 +33,10 @@ from tasks.train import (
     select_backend,
     train,
 )
+from tests.recording import RecordingTracker
 
 CPU = HardwareDecision("cpu", "peft", "float32", False, "test: cpu")
 GPU_UNSLOTH = HardwareDecision("cuda", "unsloth", "bfloat16", True, "test: cuda + unsloth")
-
-
-class RecordingTracker:
-    """A :class:`~tasks.tracking.Tracker` that keeps everything in memory."""
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-        self.params: dict[str, Any] = {}
-        self.artifacts: list[tuple[Path, str | None]] = []
-        self.dicts: dict[str, Any] = {}
-        self.texts: dict[str, str] = {}
-        self.tags: dict[str, str] = {}
-        self.inputs: list[str] = []
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.params.update(params)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.artifacts.append((Path(path), artifact_path))
-
-    def log_dict(self, obj: Any, name: str) -> None:
-        self.dicts[name] = obj
-
-    def log_text(self, text: str, name: str) -> None:
-        self.texts[name] = text
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.tags.update(tags)
-
-    def log_input(
-        self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
-    ) -> None:
-        self.inputs.append(name)
-
-    def series(self, key: str) -> list[tuple[int | None, float]]:
-        return [(s, m[key]) for s, m in self.metrics if key in m]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +98,7 @@ def test_only_io_failures_are_retried() -> None:
     # and through Prefect's retry hook, with the state Prefect builds from the exception
     from prefect.states import Failed
 
-    from tasks.train import retry_transient
+    from tasks.orchestration import retry_transient
 
     assert retry_transient(None, None, Failed(data=OSError("disk hiccup")))
     assert not retry_transient(None, None, Failed(data=ConfigError("bad field")))
@@ -210,6 +171,36 @@ def test_assistant_only_loss_masks_everything_but_the_answer(
         assert (labels != -100).sum() < len(ids) // 4
 
 
+def test_rows_over_max_seq_length_are_counted_truncated_and_dropped(
+    base: BaseModelRef, data: DataRef, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRL truncates rows longer than max_seq_length and drops those left without an answer
+    token; the stage counts both (metrics ``train_rows_truncated``/``_dropped``)."""
+    from tasks.tokens import chat_token_lengths
+    from tasks.train import length_fit
+
+    cfg = load_config("ci-smoke", ["data.max_tokens=64", "model.max_seq_length=64"])
+    rows = read_chat_rows(data.train_path)[:6]
+    long_answer = {
+        "messages": [*rows[0]["messages"][:-1], {"role": "assistant", "content": "7 " * 30}]
+    }
+    long_prompt = {"messages": [{"role": "user", "content": "9 " * 60}, rows[1]["messages"][-1]]}
+    rows = [*rows, long_answer, long_prompt]
+    model, tok = load_peft(cfg, base, CPU)
+    lengths = chat_token_lengths(tok, [r["messages"] for r in rows])
+    # the count is exactly what apply_chat_template(tokenize=True) gives the trainer
+    assert lengths == [
+        len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows
+    ]
+    assert sum(n > 64 for n in lengths) == 2, lengths
+    trainer = build_trainer(cfg, CPU, model, tok, rows, rows[:2], tmp_path)
+    assert len(trainer.train_dataset) == len(rows) - 1  # the prompt-only row is gone
+    with caplog.at_level("WARNING", logger="tasks.train"):
+        fit = length_fit(cfg, tok, rows, len(trainer.train_dataset))
+    assert fit == {"train_rows_truncated": 1, "train_rows_dropped": 1}
+    assert "2 of 8 training rows are longer than model.max_seq_length=64" in caplog.text
+
+
 def test_full_sequence_loss_when_configured(
     smoke: PipelineConfig, base: BaseModelRef, data: DataRef, tmp_path: Path
 ) -> None:
@@ -255,6 +246,8 @@ def test_short_run_loss_falls_and_exports_the_best_adapter(
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
     assert (Path(ref.tokenizer_path) / "tokenizer.json").exists()
     assert ref.backend == "peft" and ref.data_fingerprint
+    # every row the data stage kept fits: nothing truncated or dropped by TRL
+    assert ref.metrics["train_rows_truncated"] == 0 == ref.metrics["train_rows_dropped"]
 
 
 def test_short_run_tracks_what_the_issue_lists(
@@ -416,3 +409,29 @@ def test_out_of_memory_is_recognised_and_the_message_names_the_knobs() -> None:
         assert knob in msg, knob
     # not retried by Prefect: the same settings run out of memory the same way
     assert not is_transient(TrainOutOfMemoryError(msg))
+
+
+def test_system_metrics_reach_the_mlflow_run_while_training_on_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring only: MLflow's own monitor, started for the stage's run, samples and logs
+    (here CPU/memory/disk; GPU utilisation and memory need a GPU and pynvml)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks import train as train_mod
+    from tasks.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("sysmetrics"))
+    tracker = MlflowTracker(uri, run.info.run_id)
+    monkeypatch.setattr(train_mod, "SYSTEM_METRICS_INTERVAL_S", 0.5)
+    with train_mod._system_metrics(tracker, CPU):  # not CUDA: no monitor
+        time.sleep(1.2)
+    assert not client.get_run(run.info.run_id).data.metrics
+    with train_mod._system_metrics(tracker, H200):
+        time.sleep(1.6)
+    keys = set(client.get_run(run.info.run_id).data.metrics)
+    assert any(k.startswith("system/cpu_utilization") for k in keys), keys

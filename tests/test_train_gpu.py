@@ -33,7 +33,7 @@ from tasks.home import Home
 from tasks.refs import BaseModelRef, DataRef, TrainRef
 from tasks.train import train
 from tests.conftest import REPO
-from tests.test_train import RecordingTracker
+from tests.recording import RecordingTracker
 
 pytestmark = pytest.mark.gpu
 

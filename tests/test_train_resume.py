@@ -4,11 +4,13 @@ run's, and that MLflow holds every step exactly once, in one stage run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +23,36 @@ from tasks.home import Home
 from tasks.refs import TrainRef
 from tasks.train import COMPLETE_MARKER, train
 from tests.conftest import BIN, REPO, clean_env
-from tests.test_train import RecordingTracker
+from tests.recording import RecordingTracker
 
-SETS = ["train.max_steps=12", "train.eval_steps=3", "train.save_steps=3", "train.logging_steps=1"]
+#: Long enough that the kill (after step 7) lands far from the end even when a loaded
+#: machine makes the 20 ms poller late by many steps; short enough for a quick test.
+MAX_STEPS = 30
+SETS = [
+    f"train.max_steps={MAX_STEPS}",
+    "train.eval_steps=3",
+    "train.save_steps=3",
+    "train.logging_steps=1",
+]
 CPU = HardwareDecision("cpu", "peft", "float32", False, "no CUDA device")
 
 
-def _slothflow(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(BIN / "slothflow"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
+@contextlib.contextmanager
+def _slothflow(
+    args: list[str], env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``slothflow ARGS`` in the background, its output in ``log``; killed (and the log
+    closed) on the way out, however the test ends."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "slothflow"), *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 def _wait_for(pred, proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
@@ -66,7 +84,6 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
 
     # 1. start, and SIGKILL it once checkpoint-6 is committed and step 7 has reached
     #    MLflow: the resumed attempt replays step 7 and must not log it a second time.
-    first = _slothflow(args, env, tmp_path / "first.log")
     runs = home / "runs"
 
     def committed(step: int) -> list[Path]:
@@ -75,21 +92,23 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     def step7_logged() -> bool:
         return any('"step": 7' in j.read_text() for j in runs.glob("*/train/tracked_steps.jsonl"))
 
-    _wait_for(lambda: bool(committed(6)) and step7_logged(), first, tmp_path / "first.log")
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    with _slothflow(args, env, tmp_path / "first.log") as first:
+        _wait_for(lambda: bool(committed(6)) and step7_logged(), first, tmp_path / "first.log")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     assert first.returncode == -signal.SIGKILL
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
     assert not (run_dir / "train" / "ref.json").exists()  # it really was cut short
-    assert not committed(12)
+    assert not committed(MAX_STEPS)
 
     # 2. run it again for the same run: it must resume, not restart
-    second = _slothflow([*args, "--run-id", run_dir.name], env, tmp_path / "second.log")
-    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    with _slothflow([*args, "--run-id", run_dir.name], env, tmp_path / "second.log") as second:
+        rc = second.wait(timeout=600)
+    assert rc == 0, (tmp_path / "second.log").read_text()[-3000:]
     blob = json.loads((run_dir / "train" / "ref.json").read_text())
     resumed = TrainRef.model_validate(blob["ref"])
-    assert 6 <= resumed.metrics["resumed_from_step"] < 12
-    assert resumed.metrics["global_step"] == 12
+    assert 6 <= resumed.metrics["resumed_from_step"] < MAX_STEPS
+    assert resumed.metrics["global_step"] == MAX_STEPS
     assert "resuming from checkpoint-" in (tmp_path / "second.log").read_text()
 
     # 3. the same training, uninterrupted, in this process
@@ -104,10 +123,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     last = load_file(
-        str(run_dir / "train" / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors")
+        str(
+            run_dir
+            / "train"
+            / "checkpoints"
+            / f"checkpoint-{MAX_STEPS}"
+            / "adapter_model.safetensors"
+        )
     )
     last_whole = load_file(
-        str(tmp_path / "whole" / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors")
+        str(
+            tmp_path
+            / "whole"
+            / "checkpoints"
+            / f"checkpoint-{MAX_STEPS}"
+            / "adapter_model.safetensors"
+        )
     )
     for k in last:
         torch.testing.assert_close(last[k], last_whole[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -126,9 +157,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
         key: sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
         for key in ("train_loss", "eval_loss", "learning_rate")
     }
-    assert [s for s, _ in history["train_loss"]] == list(range(1, 13))
-    assert [s for s, _ in history["learning_rate"]] == list(range(1, 13))
-    assert [s for s, _ in history["eval_loss"]] == [3, 6, 9, 12]
+    assert [s for s, _ in history["train_loss"]] == list(range(1, MAX_STEPS + 1))
+    assert [s for s, _ in history["learning_rate"]] == list(range(1, MAX_STEPS + 1))
+    assert [s for s, _ in history["eval_loss"]] == list(range(3, MAX_STEPS + 1, 3))
     want = dict(rec.series("train_loss"))
     for step, value in history["train_loss"]:
         assert value == pytest.approx(want[step], rel=1e-4), step

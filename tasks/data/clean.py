@@ -38,7 +38,7 @@ from tasks.data.read import (
     Source,
     SourceError,
     read,
-    resolve,
+    resolve_all,
     source_sha256,
 )
 from tasks.data.rows import (
@@ -53,23 +53,26 @@ from tasks.data.rows import (
     scrub_messages,
     to_messages,
 )
-from tasks.orchestration import stage_task
+from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import (
     DataRef,
     RunContext,
+    data_fingerprint,
     load_done,
     mark_done,
     sha256_file,
     sha256_json,
     write_json_atomic,
 )
+from tasks.revision import tokenizer_revision
+from tasks.tokens import chat_token_lengths, counted_text, has_chat_template
 from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
 #: Bumped when the cleaning rules change what a given input produces (part of the
 #: stage's inputs hash, so old completions are not reused across rule changes).
-CLEAN_VERSION = 1
+CLEAN_VERSION = 2
 TOKENIZE_BATCH = 1024
 #: Longest text kept for a quarantined row whose JSON parsed (line-based rows are
 #: already bounded by max_line_bytes).
@@ -129,9 +132,7 @@ def tokenizer_identity(tokenizer_path: str | None) -> str | None:
     p = Path(tokenizer_path)
     if not p.is_dir():
         return tokenizer_path
-    return sha256_json(
-        {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file() and "token" in f.name}
-    )
+    return tokenizer_revision(p)
 
 
 def inputs_hash(
@@ -148,7 +149,7 @@ def inputs_hash(
         {
             "version": CLEAN_VERSION,
             "config": cfg.model_dump(mode="json"),
-            "sources": [source_sha256(resolve(s)) for s in cfg.sources],
+            "sources": [source_sha256(s) for s in resolve_all(cfg.sources)],
             "tokenizer": tokenizer_identity(tokenizer_path),
             "previous_manifest": manifest,
         }
@@ -205,17 +206,9 @@ class _Quarantine:
 
 
 def _token_lengths(tokenizer: Any, msgs_batch: list[list[Message]]) -> list[int]:
-    texts = [content_text(m) for m in msgs_batch]
     if tokenizer is None:
-        return [len(t.split()) for t in texts]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        # Counting needs no ids in Python: the Rust batch call without offsets is ~2x
-        # cheaper than tokenizer(...), which builds a Python list per row.
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [len(e) for e in encode(texts, add_special_tokens=False)]
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return [len(x) for x in ids]
+        return [len(content_text(m).split()) for m in msgs_batch]
+    return chat_token_lengths(tokenizer, msgs_batch)
 
 
 def _spool_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -411,7 +404,7 @@ def clean(
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    sources = [resolve(s) for s in cfg.sources]
+    sources = resolve_all(cfg.sources)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer is None:
         log.warning(
@@ -447,7 +440,7 @@ def clean(
         "kept_records": kept,
         "rejected": rejected,
         "identity_holds": st.input_records == kept + sum(rejected.values()),
-        "fingerprint": sha256_json({"train": train_sha, "validation": val_sha}),
+        "fingerprint": data_fingerprint(train_sha, val_sha),
         "splits": {
             "train": counts["train"],
             "validation": counts["validation"],
@@ -476,8 +469,10 @@ def clean(
             "applied": tokenizer is not None,
             "tokenizer": tokenizer_path,
             "unit": "tokens" if tokenizer is not None else "words",
-            "counted_text": "content of every turn joined by newlines, no chat template, "
-            "no special tokens",
+            "counted_text": counted_text(tokenizer)
+            if tokenizer is not None
+            else "whitespace-separated words of every turn's content",
+            "chat_template": tokenizer is not None and has_chat_template(tokenizer),
             "min_tokens": cfg.min_tokens,
             "max_tokens": cfg.max_tokens,
             "note": None
@@ -689,17 +684,11 @@ def _log(tracker: Tracker, cfg: DataConfig, report: dict[str, Any], out_dir: Pat
 # --------------------------------------------------------------------------- Prefect
 
 
-def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry reading remote sources (network, object stores); never bad data or config."""
-    exc = getattr(state, "data", None)
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
-
-
 @stage_task(
     name="data",
     retries=2,
     retry_delay_seconds=[10, 60],
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_transient,  # remote sources: network, object stores
 )
 def clean_task(
     ctx: RunContext,

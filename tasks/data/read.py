@@ -62,11 +62,39 @@ class Source:
     format: Format
 
 
+#: How to install the fsspec backend of a protocol slothflow ships an extra for.
+BACKEND_INSTALL = {"s3": "pip install 'slothflow[s3]'", "s3a": "pip install 'slothflow[s3]'"}
+
+
+def resolve_all(names: list[str], field: str = "data.sources") -> list[Source]:
+    """:func:`resolve` every configured source; an error names the entry (``data.sources[1]``)."""
+    out = []
+    for i, name in enumerate(names):
+        try:
+            out.append(resolve(name))
+        except SourceError as exc:
+            raise SourceError(f"{field}[{i}]: {exc}") from exc.__cause__
+    return out
+
+
+def _url_to_fs(name: str) -> tuple[Any, str]:
+    """``fsspec.core.url_to_fs``, with a missing backend package (s3fs for ``s3://``) as a
+    :class:`SourceError` that says what to install, not an ImportError traceback."""
+    try:
+        return fsspec.core.url_to_fs(name)  # type: ignore[no-any-return,unused-ignore]
+    except ImportError as exc:
+        protocol = name.split("://", 1)[0]
+        how = BACKEND_INSTALL.get(protocol, f"install the fsspec backend for {protocol}://")
+        raise SourceError(
+            f"{name}: no filesystem backend for {protocol}:// is installed ({exc}); {how}"
+        ) from exc
+
+
 def resolve(name: str) -> Source:
     """Find a configured source. Relative paths try the working directory first, then the
     repository, so the shipped sample works from any folder; URLs go to fsspec as they are."""
     if "://" in name:
-        fs, path = fsspec.core.url_to_fs(name)
+        fs, path = _url_to_fs(name)
         if not fs.exists(path):
             raise SourceError(f"input not found: {name}")
         return Source(name, name, _detect_format(name, fs.isdir(path), fs, path))

@@ -214,8 +214,9 @@ def row_id(msgs: list[Message]) -> str:
 
 
 def content_text(msgs: list[Message]) -> str:
-    """What the length filter counts: every turn's content, joined by newlines, without a
-    chat template (template tokens are a small per-turn overhead the training side adds)."""
+    """Every turn's content, joined by newlines: what the length filter counts when the
+    tokenizer has no chat template (see :mod:`tasks.tokens`), in words when there is no
+    tokenizer at all."""
     return "\n".join(m["content"] for m in msgs)
 
 
