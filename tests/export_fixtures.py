@@ -272,35 +272,3 @@ def evaluated(which: str) -> Any:
     ref = evaluate(pipeline_cfg(), data_ref(), exported(which), root() / f"eval-{which}", cpu())
     TIMINGS[f"evaluate_{which}_s"] = time.monotonic() - t0
     return ref
-
-
-class RecordingTracker:
-    """Our own Tracker interface, recording what a stage reports (not a library mock)."""
-
-    def __init__(self) -> None:
-        self.tags: dict[str, str] = {}
-        self.metrics: dict[str, float] = {}
-        self.params: dict[str, Any] = {}
-        self.artifacts: list[tuple[Path, str | None]] = []
-        self.dicts: dict[str, Any] = {}
-
-    def log_params(self, params: Any) -> None:
-        self.params.update(params)
-
-    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.artifacts.append((Path(path), artifact_path))
-
-    def log_dict(self, obj: Any, name: str) -> None:
-        self.dicts[name] = obj
-
-    def log_text(self, text: str, name: str) -> None:
-        self.dicts[name] = text
-
-    def set_tags(self, tags: Any) -> None:
-        self.tags.update(tags)
-
-    def log_input(self, *args: Any, **kwargs: Any) -> None:
-        pass

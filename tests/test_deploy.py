@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from tasks.config import ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
 from tasks.home import Home
 from tests.conftest import free_port
 from tests.digit_model import build_digit_model, digit_rows, offline_answers, write_rows
+from tests.recording import RecordingTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SLOTHFLOW = str(Path(sys.executable).parent / "slothflow")
@@ -46,40 +47,6 @@ _have_env = pytest.mark.skipif(
 def needs_vllm(fn: Any) -> Any:
     """A test that starts (or uses) a real vLLM server: 40-80 s of start-up on 2 cores."""
     return pytest.mark.slow(_have_env(fn))
-
-
-class RecordingTracker:
-    """A Tracker that keeps what the stage records, for assertions."""
-
-    def __init__(self) -> None:
-        self.params: dict[str, Any] = {}
-        self.metrics: dict[str, float] = {}
-        self.dicts: dict[str, Any] = {}
-        self.texts: dict[str, str] = {}
-        self.tags: dict[str, str] = {}
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.params.update(params)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_dict(self, obj: Any, name: str) -> None:
-        self.dicts[name] = obj
-
-    def log_text(self, text: str, name: str) -> None:
-        self.texts[name] = text
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.tags.update(tags)
-
-    def log_input(
-        self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
-    ) -> None:
-        pass
 
 
 def _cfg(**kw: Any) -> DeployConfig:
@@ -623,7 +590,7 @@ class TestSharedServer:
         tracker = RecordingTracker()
         with pytest.raises(d.SLOViolationError, match=r"p99 latency .* > SLO 1e-06s"):
             d.prove(server, cfg, [], None, tracker, {})
-        assert tracker.metrics["load_requests"] > 0  # the numbers are recorded even on a miss
+        assert tracker.latest()["load_requests"] > 0  # the numbers are recorded even on a miss
 
     def test_status_and_logs_show_the_running_server(self, served: Shared) -> None:
         ref = served.ref
@@ -673,7 +640,7 @@ def test_wrong_answers_fail_the_smoke_test_and_stop_the_server(
         _assert_nothing_left(spawned, session_home, port)
 
     _on_a_free_port(start)
-    m = tracker.metrics
+    m = tracker.latest()
     assert m["smoke_score"] == 0.0 and m["smoke_expected_score"] == 1.0
     assert m["smoke_regressions"] == len(rows) and m["smoke_stop_rate"] == 1.0
     assert 1 <= len(spawned) <= 2

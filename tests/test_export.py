@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests import export_fixtures as fx
+from tests.recording import RecordingTracker
 
 
 def _corrupt(merged: Path, scale: float = 0.05, suffix: str = "q_proj.weight") -> None:
@@ -440,7 +441,7 @@ def test_export_publishes_the_artifact_publish_kind_names(
 
     monkeypatch.setenv("SLOTHFLOW_TEST_HF_TOKEN", "hf_x")
     out = tmp_path / "export"
-    tracker = fx.RecordingTracker()
+    tracker = RecordingTracker()
     ref = export(
         fx.pipeline_cfg(
             export={

@@ -11,6 +11,7 @@ import pytest
 from tasks.config import EvalConfig
 from tasks.evaluate import EvalRef
 from tests import export_fixtures as fx
+from tests.recording import RecordingTracker
 
 
 def _ev(
@@ -81,7 +82,7 @@ def test_failed_gate_is_printed_tagged_and_written(
 ) -> None:
     from tasks.gate import TAG_GATE, gate
 
-    tracker = fx.RecordingTracker()
+    tracker = RecordingTracker()
     ref = gate(fx.pipeline_cfg(), _ev(0.5, base=0.1), tmp_path, tracker)
     assert not ref.passed
     printed = capsys.readouterr().out
