@@ -51,6 +51,7 @@ def build_models(root: Path) -> dict[str, Path]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.config import LoraConfig as SlothLoraConfig
     from tasks.config import TinyModelConfig
     from tasks.embedded import ensure_built
 
@@ -62,15 +63,7 @@ def build_models(root: Path) -> dict[str, Path]:
     lora = LoraConfig(
         r=16,
         lora_alpha=16,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=SlothLoraConfig().target_modules,  # all seven Llama projections
         init_lora_weights=False,  # random A *and* B: a no-op adapter would flatter the merge
         task_type="CAUSAL_LM",
     )
