@@ -147,8 +147,8 @@ def gate(
     tracker = tracker or NullTracker()
     decision = decide(cfg.eval, ev)
     text = decision.summary()
-    # Printed for the person at the terminal (the flow logs prints too), logged for files.
-    print(text)
+    # Logged (terminal, Prefect UI, log files); `slothflow run` and `slothflow evaluate`
+    # also print the decision with its reasons in their summaries.
     (log.info if decision.passed else log.warning)("%s", text)
     path = Path(out_dir) / "gate.json"
     write_json_atomic(path, {**decision.model_dump(mode="json"), "reasons": decision.reasons})

@@ -14,11 +14,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
 
 from tasks.config import EMBEDDED_MODEL, ConfigError
+
+log = logging.getLogger(__name__)
 
 #: The files that make up a tokenizer (its vocabulary, merges, settings, chat template).
 TOKENIZER_FILES = (
@@ -113,6 +116,14 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
     except Exception as exc:
         cached = _cached_commit(repo_id, rev)
         if cached:
+            # A branch may have moved on the Hub since it was cached: say so, loudly.
+            log.warning(
+                "could not ask the Hub for %s@%s (%s); using the cached commit %s",
+                repo_id,
+                rev,
+                type(exc).__name__,
+                cached[:12],
+            )
             return cached
         raise ConfigError(
             f"cannot resolve {repo_id}@{rev} on the Hugging Face Hub ({type(exc).__name__}); "

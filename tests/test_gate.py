@@ -77,15 +77,15 @@ def test_gate_primary_metric_and_margins_are_configurable() -> None:
     assert not decide(cfg.model_copy(update={"base_margin": 0.01}), ev).passed
 
 
-def test_failed_gate_is_printed_tagged_and_written(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_failed_gate_is_logged_tagged_and_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tasks.gate import TAG_GATE, gate
 
     tracker = RecordingTracker()
     ref = gate(fx.pipeline_cfg(), _ev(0.5, base=0.1), tmp_path, tracker)
     assert not ref.passed
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "gate FAILED: exact_match candidate 0.5000 vs base 0.1000" in printed
     assert "[FAIL] threshold" in printed
     assert tracker.tags[TAG_GATE] == "failed"
@@ -96,14 +96,15 @@ def test_failed_gate_is_printed_tagged_and_written(
 
 @pytest.mark.slow
 def test_gate_passes_for_the_trained_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tasks.gate import gate
 
+    caplog.set_level("INFO", logger="tasks.gate")
     ev = fx.evaluated("strong")
     ref = gate(fx.pipeline_cfg(), ev, tmp_path)  # default rules: >= 0.9 on >= 200, margin 0.2
     assert ref.passed, ref.reasons
-    assert "gate PASSED" in capsys.readouterr().out
+    assert "gate PASSED" in caplog.text
 
 
 @pytest.mark.slow
