@@ -35,6 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Locally the vLLM tests skip without `.venv-vllm`; in CI that would hide the serving
+    # stage, so a missing environment is an error there (`make test` builds it).
+    if os.environ.get("CI") == "true" and not (REPO / ".venv-vllm" / "bin" / "python").exists():
+        pytest.exit("CI needs the vLLM environment (.venv-vllm): run `make test`", returncode=3)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
