@@ -30,8 +30,6 @@ from tasks.train import train_task
 
 log = logging.getLogger(__name__)
 
-STAGES = ["base", "data", "train", "export", "evaluate", "gate", "register", "serve"]
-
 
 # No log_prints: it patches print() and breaks libraries that capture their own stdout
 # (dill disassembles functions through print while datasets fingerprints a map).
@@ -71,7 +69,7 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
         trained = train_task(ctx, config, base, data)
         results["train"] = {
             "best_step": trained.best_step,
-            **_rounded(trained.metrics, "eval_loss"),
+            **_rounded(trained.metrics, "best_eval_loss", "train_loss"),
         }
 
         exported = export_task(ctx, config, trained, data)

@@ -14,7 +14,6 @@ and the trainer see the same tokenizer without depending on each other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import REPO_ROOT, TinyModelConfig
+from tasks.refs import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,13 @@ def _strings(obj: object) -> Iterator[str]:
 
 
 def build_key(cfg: TinyModelConfig, files: tuple[Path, ...] = SAMPLE_FILES) -> str:
-    h = hashlib.sha256()
-    h.update(BUILDER_VERSION.encode())
-    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    for p in files:
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
+    return sha256_json(
+        {
+            "builder": BUILDER_VERSION,
+            "shape": cfg.model_dump(mode="json"),
+            "sample": [sha256_file(p) for p in files],
+        }
+    )[:16]
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:

@@ -79,6 +79,23 @@ def clean_env(home: Path, fake_home: Path) -> dict[str, str]:
     return env
 
 
+def run_slothflow(
+    args: list[str], tmp_path: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the `slothflow` command as a user would: its own SLOTHFLOW_HOME under
+    ``tmp_path/home`` and a fake, empty $HOME (tests check nothing lands there)."""
+    fake_home = tmp_path / "fakehome"
+    fake_home.mkdir(exist_ok=True)
+    return subprocess.run(
+        [str(BIN / "slothflow"), *args],
+        env=clean_env(tmp_path / "home", fake_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` process on loopback (SQLite backend), shared by the session."""

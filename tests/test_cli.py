@@ -1,28 +1,13 @@
 """The `slothflow` command as a user runs it (subprocesses, real Prefect and MLflow)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env
+from tests.conftest import run_slothflow
 
-SLOTHFLOW = str(Path(sys.executable).parent / "slothflow")
-
-
-def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    fake_home = tmp_path / "fakehome"
-    fake_home.mkdir(exist_ok=True)
-    return subprocess.run(
-        [SLOTHFLOW, *args],
-        env=clean_env(tmp_path / "home", fake_home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tmp_path,
-    )
+_run = run_slothflow
 
 
 @pytest.mark.parametrize(
@@ -139,6 +124,8 @@ def test_pipeline_end_to_end_fails_at_serve_and_resumes(tmp_path: Path) -> None:
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "FINISHED"
     assert set(result["stages"]) == {"base", "data", "train", "export", "evaluate", "register"}
+    assert result["stages"]["train"]["best_step"] == 6
+    assert result["stages"]["train"]["best_eval_loss"] > 0
     assert (home / "prefect").is_dir()
     assert [p.name for p in (tmp_path / "fakehome").iterdir()] == []
 

@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 
 from tasks.data import DataError, clean
 from tasks.data.read import lines, read, resolve
-from tests.conftest import clean_env
+from tests.conftest import run_slothflow
 from tests.test_data import cfg_for, good_rows, read_jsonl, report_of, write_jsonl
-
-SLOTHFLOW = str(Path(sys.executable).parent / "slothflow")
 
 
 def _as_alpaca(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -249,17 +247,7 @@ def test_a_huge_line_is_rejected_in_bounded_memory(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    fake_home = tmp_path / "fakehome"
-    fake_home.mkdir(exist_ok=True)
-    return subprocess.run(
-        [SLOTHFLOW, *args],
-        env=clean_env(tmp_path / "home", fake_home),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+_cli = run_slothflow
 
 
 def test_cli_cleans_a_messy_file(tmp_path: Path) -> None:
