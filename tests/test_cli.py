@@ -186,3 +186,29 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
     assert stop.returncode == 0, stop.stderr
     status = _run(["serve", "status", "--json"], tmp_path)
     assert json.loads(status.stdout or "[]") == []
+
+
+@pytest.mark.e2e
+def test_failed_gate_stops_registration_and_serving(tmp_path: Path) -> None:
+    """Through the flow: a candidate below the bar is not registered or served, the run
+    is marked, every artifact stays, and the command exits 3 (not a crash, not success)."""
+    r = _run(
+        ["run", "-r", "ci-smoke", "--set", "eval.threshold=1.0", "--set", "deploy.enabled=true"],
+        tmp_path,
+        timeout=1200,
+    )
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "gate FAILED" in r.stdout and "gate:        FAILED" in r.stdout
+    assert "exact_match 0.0000 (need >= 1)" in r.stdout  # the failing rule, with numbers
+    home = tmp_path / "home"
+    (run_dir,) = (home / "runs").iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "FINISHED" and result["gate"]["passed"] is False
+    assert "register" not in result["stages"] and "serve" not in result["stages"]
+    assert (run_dir / "export" / "merged" / "model.safetensors").exists()
+    assert not (run_dir / "register").exists() and not (run_dir / "serve").exists()
+    client = _client(home)
+    exp = client.get_experiment_by_name("slothflow")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
+    assert parent.data.tags["slothflow.gate"] == "failed"
+    assert client.search_registered_models() == []
