@@ -5,7 +5,8 @@ On the GPU device, with the kit (``../shared/gpu/README.md``; baseline_bench.py 
 into ``.gpu/``)::
 
     source .gpu/setup.sh && python3 bench/train_gpu.py all --out $OUT/bench \\
-        --baseline .gpu/baseline_bench.py --arms base:unsloth,base:hf_qlora,project:auto,project:unsloth
+        --baseline .gpu/baseline_bench.py \\
+        --arms base:unsloth,base:hf_qlora,project:auto,project:unsloth,project:unsloth:trl
 
 Every arm runs in its own process (clean memory statistics) on the same model folder
 (``baseline_bench.py make --shape 8b``: random bf16 weights, a word-level tokenizer)
@@ -21,7 +22,9 @@ like the baseline's (no padding, no packing) and the loss is on every token
 tokens/s of a project arm: tokens of the optimizer steps after the first two (compile
 and warm-up), over the wall time between the tracker's log calls that close them
 (``wall``), and over the stage's own per-step busy time (``busy``). Both include
-everything the stage does per step (callbacks, logging, the sync).
+everything the stage does per step (callbacks, logging, the sync). ``project:GC:trl``
+is the same arm with ``train.token_metrics=true`` (TRL's fused LM head computes the
+loss, entropy and token accuracy, with its host syncs): the cost of that head.
 
 Writes ``OUT/train_gpu-<UTC time>.json`` with the date, the device, every arm's numbers
 and the top-level ratios; prints a table last.
@@ -44,6 +47,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+#: Arm suffixes (``project:GC:VARIANT``): the stage with one setting changed.
+#: ``trl``: TRL's fused LM head for the loss plus its entropy/accuracy metrics (the
+#: stage's behaviour before it used the model's own loss), to measure what it costs.
+VARIANTS = {"trl": "train.token_metrics=true"}
 
 MODELS_DIR = Path(os.environ.get("GP_MODELS", "/tmp/gp_models"))
 SEQ = 2048
@@ -166,7 +174,7 @@ def cmd_project(a: argparse.Namespace) -> None:
 
     mcfg = AutoConfig.from_pretrained(a.model)
     res = {
-        "arm": f"project:{a.gc}",
+        "arm": a.name or f"project:{a.gc}",
         "recipe": "llama3-8b-qlora",
         "overrides": sets[4:],
         "hardware_decision": hw.reason,
@@ -261,7 +269,7 @@ def cmd_all(a: argparse.Namespace) -> None:
     log = open(out / "bench_log.txt", "a")  # noqa: SIM115 (closed at the end)
     left = lambda: a.deadline - (time.time() - t0)  # noqa: E731
     arms = [x.split(":") for x in a.arms.split(",") if x]
-    base_arms = [arm for kind, arm in arms if kind == "base"]
+    base_arms = [arm[0] for kind, *arm in arms if kind == "base"]
     model = MODELS_DIR / "llama_8b"
     result: dict[str, Any] = {
         "bench": "train_gpu",
@@ -270,19 +278,21 @@ def cmd_all(a: argparse.Namespace) -> None:
         "arms": {},
     }
     baseline: dict[str, Any] = {}
-    if base_arms:
+    f = out / "base" / "results.json"
+    if base_arms and a.reuse and f.exists():
+        print(f"reusing {f} (an earlier call of this lease)", flush=True)
+    elif base_arms:
         plan = ",".join(f"8b:{x}" for x in base_arms)
         argv = [sys.executable, a.baseline, "all", "--out", str(out / "base")]
         argv += ["--deadline", str(a.base_deadline), "--plan", plan, "--xformers-probe", "0"]
         _run("baseline " + plan, argv, a.base_deadline + 30, log)
-        f = out / "base" / "results.json"
-        if f.exists():
-            baseline = json.loads(f.read_text())
-            for r in baseline.get("arms", []):
-                result["arms"][f"base:{r['arm']}"] = {
-                    k: v for k, v in r.items() if k not in ("losses", "error_tail")
-                } | ({"error_tail": r["error_tail"][-1500:]} if "error_tail" in r else {})
-            result["env"] = baseline.get("env")
+    if base_arms and f.exists():
+        baseline = json.loads(f.read_text())
+        for r in baseline.get("arms", []):
+            result["arms"][f"base:{r['arm']}"] = {
+                k: v for k, v in r.items() if k not in ("losses", "error_tail")
+            } | ({"error_tail": r["error_tail"][-1500:]} if "error_tail" in r else {})
+        result["env"] = baseline.get("env")
     if not (model / "config.json").exists():
         _run(
             "make 8b",
@@ -290,24 +300,30 @@ def cmd_all(a: argparse.Namespace) -> None:
             240,
             log,
         )
-    for kind, gc in arms:
+    for kind, gc, *variant in arms:
         if kind != "project":
             continue
+        name = ":".join(["project", gc, *variant])
         if left() < 100:
-            result["arms"][f"project:{gc}"] = {"status": f"skipped: {left():.0f}s left"}
+            result["arms"][name] = {"status": f"skipped: {left():.0f}s left"}
             continue
-        jf = out / f"project_{gc}.json"
+        jf = out / f"{name.replace(':', '_')}.json"
+        if a.reuse and jf.exists():
+            print(f"reusing {jf} (an earlier call of this lease)", flush=True)
+            result["arms"][name] = json.loads(jf.read_text()) | {"status": "ok"}
+            continue
         argv = [sys.executable, __file__, "project", "--model", str(model), "--gc", gc]
         argv += ["--steps", str(a.steps), "--skip", str(a.skip), "--json", str(jf)]
-        for s in a.sets:
+        for s in [*a.sets, *(VARIANTS[v] for v in variant)]:
             argv += ["--set", s]
-        rc = _run(f"project:{gc}", argv, min(a.project_timeout, left() - 10), log)
+        argv += ["--name", name]
+        rc = _run(name, argv, min(a.project_timeout, left() - 10), log)
         if rc == 0 and jf.exists():
             rec = json.loads(jf.read_text())
             rec["status"] = "ok"
-            result["arms"][f"project:{gc}"] = rec
+            result["arms"][name] = rec
         else:
-            result["arms"][f"project:{gc}"] = {"status": f"failed rc={rc}"}
+            result["arms"][name] = {"status": f"failed rc={rc}"}
     _summarise(result, baseline)
     name = f"train_gpu-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
@@ -348,17 +364,26 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
     if same and raw_u:
         # the pipeline's overhead: the same checkpointing as the raw Unsloth arm
         result["ratio_same_setting_vs_unsloth"] = same["tokens_per_s"] / raw_u["tokens_per_s"]
-    rows = [f"{'arm':18} {'tok/s':>8} {'peak GB':>8} {'MFU 989':>8} {'MFU meas':>9}  note"]
+    trl = projects.get("project:unsloth:trl")
+    if same and trl:
+        # what TRL's fused head (loss + entropy/accuracy metrics) costs the stage
+        result["ratio_own_loss_vs_trl_head"] = same["tokens_per_s"] / trl["tokens_per_s"]
+    rows = [f"{'arm':22} {'tok/s':>8} {'peak GB':>8} {'MFU 989':>8} {'MFU meas':>9}  note"]
     for name, r in arms.items():
         if r.get("status") != "ok":
-            rows.append(f"{name:18} {str(r.get('status'))[:60]}")
+            rows.append(f"{name:22} {str(r.get('status'))[:60]}")
             continue
         note = r.get("gradient_checkpointing") or ""
         rows.append(
-            f"{name:18} {r['tokens_per_s']:8.0f} {r['peak_alloc_gb_train']:8.2f} "
+            f"{name:22} {r['tokens_per_s']:8.0f} {r['peak_alloc_gb_train']:8.2f} "
             f"{100 * r['mfu_vs_989']:7.1f}% {100 * r['mfu_vs_measured']:8.1f}%  gc={note}"
         )
-    for k in ("ratio_vs_unsloth", "ratio_vs_hf_qlora", "ratio_same_setting_vs_unsloth"):
+    for k in (
+        "ratio_vs_unsloth",
+        "ratio_vs_hf_qlora",
+        "ratio_same_setting_vs_unsloth",
+        "ratio_own_loss_vs_trl_head",
+    ):
         if k in result:
             rows.append(f"{k} = {result[k]:.3f}")
     result["table"] = rows
@@ -382,17 +407,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7, help="optimizer steps (x grad_accum 4)")
     p.add_argument("--skip", type=int, default=2, help="first steps left out (compile)")
     p.add_argument("--json", required=True)
+    p.add_argument("--name", default=None, help="the arm's name in the results")
     p.add_argument("--set", dest="sets", action="append", default=[])
     p = sp.add_parser("all", help="baseline arms, then project arms; JSON + table")
     p.add_argument("--out", required=True)
     p.add_argument("--baseline", default=str(REPO / ".gpu" / "baseline_bench.py"))
-    p.add_argument("--arms", default="base:unsloth,base:hf_qlora,project:auto,project:unsloth")
+    p.add_argument(
+        "--arms",
+        default="base:unsloth,base:hf_qlora,project:auto,project:unsloth,project:unsloth:trl",
+    )
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--skip", type=int, default=2)
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--base-deadline", type=float, default=300)
     p.add_argument("--project-timeout", type=float, default=200)
     p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep arms whose results are already in --out (a device call is limited to "
+        "10 minutes: split the arms over consecutive calls on the same warm machine)",
+    )
     a = ap.parse_args()
     {"project": cmd_project, "all": cmd_all}[a.cmd](a)
 

@@ -248,6 +248,13 @@ class TrainConfig(_Strict):
         description="'unsloth' offloads activations (Unsloth only); 'auto' turns it off when "
         "the activations fit in spare GPU memory.",
     )
+    token_metrics: bool = Field(
+        False,
+        description="TRL's per-token entropy and top-1 accuracy at each logging step, from its "
+        "fused LM head (CUDA only: a Triton kernel). Off, the loss is the model's own (Unsloth's "
+        "fused cross-entropy on GPU) with no extra vocabulary pass and no host sync per "
+        "micro-batch (bench/results/train_gpu-*.json measures the cost).",
+    )
     oom_retry: bool = Field(
         True,
         description="On CUDA out-of-memory, retry once with half the micro-batch and twice the "
@@ -312,9 +319,14 @@ class EvalConfig(_Strict):
 class ExportConfig(_Strict):
     """Merging the adapter into the base and the checks on the result."""
 
-    merge: bool = Field(True, description="Write a merged 16-bit model (else adapter only).")
+    merge: bool = Field(
+        True,
+        description="Write a merged model: base + adapter in export.dtype (else adapter only).",
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Dtype of the merged weights."
+        "bfloat16",
+        description="Dtype of the merged weights. An Unsloth-trained adapter is merged by "
+        "Unsloth's 16-bit save in bfloat16/float16 and by PEFT (float32 merge) in float32.",
     )
     parity_atol: float | None = Field(
         None,

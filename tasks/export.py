@@ -19,10 +19,12 @@ Two checks fail the stage (no artifact that fails them is handed on):
   evaluation's token budget, using the *saved* generation config: merges that lose
   the end-of-turn token are a known failure in the field.
 
-The merge is written to ``merged.staging/`` and renamed to ``merged/`` only once both
-checks passed and its manifest is written: ``slothflow serve`` treats any model folder
-as servable, so a merge that failed a check is moved to ``merged.rejected/`` (kept for
-inspection) and never sits under the servable name.
+The merge is Unsloth's merged 16-bit save for an Unsloth-trained adapter exported in
+bfloat16/float16, and PEFT's ``merge_and_unload`` otherwise (any backend's adapter, any
+dtype; see :func:`merge_method`). It is written to ``merged.staging/`` and renamed to
+``merged/`` only once both checks passed and its manifest is written: ``slothflow
+serve`` treats any model folder as servable, so a merge that failed a check is moved to
+``merged.rejected/`` (kept for inspection) and never sits under the servable name.
 
 The manifest's ``kind`` and ``serving.vllm_args`` are a contract with the serving
 stage: keep them stable.
@@ -35,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tasks.base_model import template_text
 from tasks.config import ConfigError, PipelineConfig
@@ -334,13 +336,23 @@ def merge_peft(train: TrainRef, dtype: str, device: str, out: Path) -> None:
     merged.save_pretrained(out, safe_serialization=True)
 
 
-def check_merge_dtype(backend: str, dtype: str) -> None:
-    """Refuse, before any work, a dtype the backend's merge cannot write."""
-    if backend == "unsloth" and dtype not in ("bfloat16", "float16"):
-        raise ConfigError(
-            f"export.dtype={dtype}: Unsloth's merge (train.backend=unsloth) writes 16-bit "
-            "weights only; set export.dtype to bfloat16 or float16"
-        )
+MergeMethod = Literal["unsloth", "peft"]
+
+
+def merge_method(backend: str, dtype: str) -> MergeMethod:
+    """Which merge writes the merged model: ``"unsloth"`` (:func:`merge_unsloth`, the GPU
+    16-bit save) for an Unsloth-trained adapter exported in bfloat16/float16, else
+    ``"peft"`` (:func:`merge_peft`).
+
+    Unsloth's merged save writes 16-bit weights only, but the adapter Unsloth saves is an
+    ordinary PEFT LoRA adapter, so PEFT's merge (float32 on the stage's device, then cast)
+    handles any backend's adapter in any dtype. Refusing float32 for Unsloth instead
+    would fail the default recipe (``export.dtype: float32``, ``train.backend: auto``) on
+    every CUDA machine after training had already run.
+    """
+    if backend == "unsloth" and dtype in ("bfloat16", "float16"):
+        return "unsloth"
+    return "peft"
 
 
 def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
@@ -348,12 +360,17 @@ def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
     the adapter's base path rewritten to ``train.base``, Unsloth's buffers kept beside
     ``out`` (not in the cwd), ``out`` written atomically.
 
-    This path is exercised on the device by ``tests/test_train_gpu.py`` (merge_16bit on a
-    real Unsloth adapter); the CPU tests cover the dtype guard and the argument plumbing.
+    Only for a 16-bit ``export.dtype`` (see :func:`merge_method`). This path is exercised
+    on the device by ``tests/test_train_gpu.py`` (merge_16bit on a real Unsloth adapter);
+    the CPU tests cover the argument plumbing.
     """
     from tasks import gpu_merge  # imports tasks.train; GPU packages only inside the call
 
-    check_merge_dtype("unsloth", cfg.export.dtype)
+    if merge_method("unsloth", cfg.export.dtype) != "unsloth":
+        raise ValueError(
+            f"Unsloth's merged save writes bfloat16 or float16, not {cfg.export.dtype!r}; "
+            "merge_peft merges an Unsloth adapter in that dtype"
+        )
     # Without unsloth installed this raises BackendNotReadyError (a ConfigError) saying so.
     gpu_merge.merge_16bit(
         train.base,
@@ -515,8 +532,6 @@ def _max_model_len(path: Path) -> int:
 
 def check_export_config(cfg: PipelineConfig, train: TrainRef) -> None:
     """Refuse, before any work, an export this config cannot finish."""
-    if cfg.export.merge:
-        check_merge_dtype(train.backend, cfg.export.dtype)
     if cfg.export.publish:
         if not cfg.export.hub_repo:
             raise ConfigError("export.publish needs export.hub_repo (org/name)")
@@ -612,11 +627,29 @@ def export(
     # An earlier attempt's merge (checked or rejected) is not this export's.
     for name in (MERGED, STAGING, REJECTED):
         shutil.rmtree(out_dir / name, ignore_errors=True)
+    method = merge_method(train.backend, cfg.export.dtype)
     if cfg.export.merge:
         final, staging = out_dir / MERGED, out_dir / STAGING
+        if method == "unsloth":
+            why = "an Unsloth adapter exported in 16-bit: Unsloth's merged 16-bit save"
+        elif train.backend == "unsloth":
+            why = (
+                "Unsloth's merged save writes 16-bit only, and the Unsloth adapter is a plain "
+                f"PEFT adapter: PEFT merge_and_unload in float32, saved as {cfg.export.dtype}"
+            )
+        else:
+            why = "PEFT merge_and_unload in float32, then cast"
+        log.info(
+            "export: %s merge (train.backend=%s, export.dtype=%s, device %s): %s",
+            method,
+            train.backend,
+            cfg.export.dtype,
+            hw.device,
+            why,
+        )
         t0 = time.monotonic()
         try:
-            if train.backend == "unsloth":
+            if method == "unsloth":
                 merge_unsloth(train, cfg, staging)
             else:
                 merge_peft(train, cfg.export.dtype, hw.device, staging)
@@ -703,7 +736,12 @@ def export(
         metrics=metrics,
     )
     tracker.log_params(
-        {"export.dtype": cfg.export.dtype, "export.parity_atol": atol, "export.eos_ids": eos_ids}
+        {
+            "export.dtype": cfg.export.dtype,
+            "export.parity_atol": atol,
+            "export.eos_ids": eos_ids,
+            "export.merge_method": method if cfg.export.merge else "none",
+        }
     )
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("export.")})
     tracker.log_artifact(adapter_dir / MANIFEST, "adapter")

@@ -370,6 +370,31 @@ class _StepJournal:
             os.fsync(f.fileno())
 
 
+class TokenCounter:
+    """Trained tokens (non-padding), summed where the batch lives and read once per
+    optimizer step.
+
+    transformers' own counter (``include_num_input_tokens_seen``) calls ``.item()`` on
+    every micro-batch: on CUDA a host sync that stalls the CPU until the GPU drains,
+    so the next batch is collated and launched only then. Here the sum stays a device
+    tensor until :meth:`take`, which the callback calls at the end of each optimizer
+    step, where it synchronises anyway.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Any = None
+
+    def add(self, inputs: Any) -> None:
+        mask = inputs.get("attention_mask")
+        # padding-free batches carry no mask and no padding: every id counts
+        n = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        self._pending = n if self._pending is None else self._pending + n
+
+    def take(self) -> int:
+        n, self._pending = self._pending, None
+        return 0 if n is None else int(n)
+
+
 _RENAME = {
     "loss": "train_loss",
     "learning_rate": "learning_rate",
@@ -398,8 +423,10 @@ def _train_callback_cls() -> type:
             tokenizer: Any,
             max_new_tokens: int,
             perf: GpuPerf | None = None,
+            tokens: TokenCounter | None = None,
         ) -> None:
             self.perf = perf
+            self.tokens = tokens or TokenCounter()
             self.tracker = tracker
             self.journal = journal
             self.ckpt_dir = ckpt_dir
@@ -427,6 +454,8 @@ def _train_callback_cls() -> type:
                 # would land in whichever later step happens to synchronise.
                 self.perf.synchronize()
             self._busy_s += time.perf_counter() - self._step_t0
+            # into the trainer state, so checkpoints carry it and a resume continues it
+            state.num_input_tokens_seen += self.tokens.take()
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
@@ -453,6 +482,7 @@ def _train_callback_cls() -> type:
                     if _is_number(v) and k not in ("train_runtime", "train_tokens_per_second")
                 }
                 tokens = state.num_input_tokens_seen
+                metrics["num_input_tokens_seen"] = float(tokens)
                 if self._busy_s > 0:
                     metrics["tokens_per_s"] = (tokens - self._tokens_at_log) / self._busy_s
                 self._tokens_at_log, self._busy_s = tokens, 0.0
@@ -754,6 +784,11 @@ def check_settings(cfg: PipelineConfig, hw: HardwareDecision) -> None:
             "train.gradient_checkpointing='unsloth' needs the Unsloth backend "
             f"(this run uses {hw.backend}); use 'on', 'off' or 'auto'"
         )
+    if t.token_metrics and hw.device != "cuda":
+        raise ConfigError(
+            "train.token_metrics=true needs CUDA: TRL computes them with a Triton kernel "
+            f"(this run trains on {hw.device}); set train.token_metrics=false"
+        )
     if hw.device == "cpu" and hw.dtype != "float32":
         raise ConfigError(f"model.dtype={hw.dtype} on CPU: train in float32")
 
@@ -814,33 +849,42 @@ def sft_config(
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         prediction_loss_only=True,
-        include_num_input_tokens_seen="non_padding",
+        # Counted by TokenCounter instead: both of these would sync with the GPU on
+        # every micro-batch. A NaN/inf loss is then logged as it is, not averaged away.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
 
 
-def _trainer_cls(hw: HardwareDecision) -> type:
+def _trainer_cls() -> type:
     from transformers import Trainer
     from trl import SFTTrainer
 
-    if hw.device == "cuda":
-        return SFTTrainer
+    class SlothSFTTrainer(SFTTrainer):  # type: ignore[misc,unused-ignore]
+        """``SFTTrainer`` with the model's own loss and a sync-free token count.
 
-    class CpuSFTTrainer(SFTTrainer):  # type: ignore[misc,unused-ignore]
-        """``SFTTrainer`` with transformers' own loss.
-
-        TRL 1.15 always computes the loss through its fused LM head, a Triton kernel
-        (``trl.kernels.ChunkedLogProbFunction``) with no CPU implementation and no
-        setting to turn it off (``loss_type``, label smoothing and the deprecated
-        ``compute_loss_func`` all still run the fused head for their metrics). TRL's
-        own deprecation note says to subclass and override ``compute_loss``; we hand
-        the loss back to ``transformers.Trainer.compute_loss``: the model's own
-        cross-entropy over the same labels (identical values; -100 positions ignored,
-        normalised by ``num_items_in_batch`` under gradient accumulation). TRL's
-        entropy/token-accuracy metrics, which came from the fused head, are dropped.
+        TRL 1.15 always computes the loss through its fused LM head
+        (``trl.kernels.ChunkedLogProbFunction``), to get per-token entropy and top-1
+        accuracy besides the log-probabilities. On CPU that head cannot run at all (a
+        Triton kernel; no setting turns it off). On CUDA it costs an extra pass over
+        the vocabulary and three ``.item()`` host syncs per micro-batch, while Unsloth's
+        model already returns its fused chunked cross-entropy, the loss raw Unsloth
+        trains with. TRL's own deprecation note says to subclass and override
+        ``compute_loss``: we hand the loss back to ``transformers.Trainer.compute_loss``,
+        the model's cross-entropy over the same labels (identical values; -100 positions
+        ignored; normalised by ``num_items_in_batch`` under gradient accumulation).
+        ``train.token_metrics=true`` keeps TRL's head and its metrics (CUDA only).
         """
+
+        def __init__(
+            self, *args: Any, token_metrics: bool, tokens: TokenCounter, **kwargs: Any
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self.slothflow_token_metrics = token_metrics
+            self.slothflow_tokens = tokens
 
         def compute_loss(
             self,
@@ -849,10 +893,16 @@ def _trainer_cls(hw: HardwareDecision) -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
+            if self.slothflow_token_metrics:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
-    return CpuSFTTrainer
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            self.slothflow_tokens.add(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return SlothSFTTrainer
 
 
 def build_trainer(
@@ -864,6 +914,7 @@ def build_trainer(
     val_rows: list[dict[str, Any]],
     ckpt_dir: Path,
     callbacks: list[Any] | None = None,
+    tokens: TokenCounter | None = None,
 ) -> Any:
     """The configured TRL trainer (datasets tokenized, labels masked), not yet trained."""
     from datasets import Dataset
@@ -872,7 +923,9 @@ def build_trainer(
     cbs = list(callbacks or [])
     if cfg.train.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    return _trainer_cls(hw)(
+    return _trainer_cls()(
+        token_metrics=cfg.train.token_metrics,
+        tokens=tokens or TokenCounter(),
         model=model,
         args=sft_config(cfg, hw, ckpt_dir),
         train_dataset=Dataset.from_list(train_rows),
@@ -1092,6 +1145,7 @@ def _fit(
         "validation", data.validation_path, data.fingerprint, "validation", data.validation_rows
     )
 
+    tokens = TokenCounter()
     tracker_cb = _train_callback_cls()(
         tracker=tracker,
         journal=_StepJournal(out_dir / "tracked_steps.jsonl"),
@@ -1101,9 +1155,10 @@ def _fit(
         tokenizer=tokenizer,
         max_new_tokens=cfg.eval.max_new_tokens,
         perf=perf,
+        tokens=tokens,
     )
     trainer = build_trainer(
-        run_cfg, hw, model, tokenizer, train_rows, val_rows, ckpt_dir, [tracker_cb]
+        run_cfg, hw, model, tokenizer, train_rows, val_rows, ckpt_dir, [tracker_cb], tokens
     )
     if len(trainer.train_dataset) == 0:
         raise ConfigError(

@@ -195,22 +195,74 @@ def test_export_refuses_a_chat_template_the_base_did_not_record(tmp_path: Path) 
     assert not (tmp_path / "export").exists()  # refused before writing anything
 
 
-def test_unsloth_merge_refuses_float32_before_any_work(tmp_path: Path) -> None:
-    from tasks.config import ConfigError
-    from tasks.export import export
+@pytest.mark.parametrize(
+    ("backend", "dtype", "want"),
+    [
+        ("unsloth", "bfloat16", "unsloth"),
+        ("unsloth", "float16", "unsloth"),
+        # Unsloth's merged save writes 16-bit only; its adapter is a plain PEFT adapter.
+        ("unsloth", "float32", "peft"),
+        ("peft", "bfloat16", "peft"),
+        ("peft", "float32", "peft"),
+    ],
+)
+def test_merge_method_by_backend_and_dtype(backend: str, dtype: str, want: str) -> None:
+    from tasks.export import merge_method
 
+    assert merge_method(backend, dtype) == want
+
+
+def test_unsloth_adapter_exported_in_float32_is_merged_by_peft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded default recipe (export.dtype=float32, train.backend=auto → Unsloth on
+    CUDA) must export: PEFT merges the Unsloth adapter, Unsloth's 16-bit save is not used."""
+    from tasks import export as export_mod
+    from tasks import gpu_merge
+
+    def no_merge_16bit(*args: Any, **kw: Any) -> dict[str, Any]:
+        raise AssertionError("merge_16bit called for a float32 export")
+
+    monkeypatch.setattr(gpu_merge, "merge_16bit", no_merge_16bit)
+    peft_calls: list[tuple[str, str]] = []
+    real_merge = export_mod.merge_peft
+
+    def recording_merge(train: Any, dtype: str, device: str, out: Path) -> None:
+        peft_calls.append((dtype, device))
+        real_merge(train, dtype, device, out)
+
+    monkeypatch.setattr(export_mod, "merge_peft", recording_merge)
     train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
-    with pytest.raises(ConfigError, match="writes 16-bit weights only"):
-        export(
-            fx.pipeline_cfg(export={"dtype": "float32"}),
+    out = tmp_path / "export"
+    tracker = RecordingTracker()
+    with caplog.at_level(logging.INFO, logger="tasks.export"):
+        ref = export_mod.export(
+            fx.pipeline_cfg(export={"dtype": "float32", "stop_check": "warn"}),
             train,
             fx.data_ref(),
-            tmp_path / "export",
+            out,
             fx.cpu(),
             run_id="t",
             code_version="test",
+            tracker=tracker,
         )
-    assert not (tmp_path / "export").exists()
+    assert peft_calls == [("float32", "cpu")]
+    assert ref.merged_path == str(out / "merged") and ref.dtype == "float32"
+    assert (out / "merged" / "model.safetensors").exists()
+    assert not (out / "merged.rejected").exists()
+    assert ref.parity_max_abs_diff is not None and ref.parity_max_abs_diff <= ref.parity_atol
+    assert ref.parity_max_abs_diff < 1e-4  # a real float32 merge, not a 16-bit one
+    assert tracker.params["export.merge_method"] == "peft"
+    assert "peft merge (train.backend=unsloth, export.dtype=float32" in caplog.text
+
+
+def test_unsloth_merge_refuses_float32_if_called_directly(tmp_path: Path) -> None:
+    from tasks.export import merge_unsloth
+
+    train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        merge_unsloth(train, fx.pipeline_cfg(export={"dtype": "float32"}), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_unsloth_branch_hands_gpu_merge_the_stage_arguments(
@@ -236,8 +288,9 @@ def test_unsloth_branch_hands_gpu_merge_the_stage_arguments(
     train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
     cfg = fx.pipeline_cfg(export={"dtype": "bfloat16", "stop_check": "warn"})
     out = tmp_path / "export"
+    tracker = RecordingTracker()
     ref = export_mod.export(
-        cfg, train, fx.data_ref(), out, fx.cpu(), run_id="t", code_version="test"
+        cfg, train, fx.data_ref(), out, fx.cpu(), run_id="t", code_version="test", tracker=tracker
     )
     [call] = calls
     assert call["base"] == train.base  # merge_16bit rewrites the adapter's base path to it
@@ -246,6 +299,7 @@ def test_unsloth_branch_hands_gpu_merge_the_stage_arguments(
     assert call["dtype"] == "bfloat16"
     assert call["max_seq_length"] == cfg.model.max_seq_length
     assert ref.merged_path == str(out / "merged") and ref.dtype == "bfloat16"
+    assert tracker.params["export.merge_method"] == "unsloth"
     assert json.loads((out / "merged" / "manifest.json").read_text())["artifact_path"] == str(
         out / "merged"
     )

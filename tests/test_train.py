@@ -212,6 +212,46 @@ def test_full_sequence_loss_when_configured(
     assert (batch["labels"] != -100).sum() == batch["attention_mask"].sum()
 
 
+def test_trained_tokens_are_counted_once_per_step_without_padding(
+    smoke: PipelineConfig, base: BaseModelRef, data: DataRef, tmp_path: Path
+) -> None:
+    """The trainer state's token count (what tokens/s and checkpoints use) is the answer
+    to "how many real tokens were trained on": one epoch of rows of different lengths,
+    padded in each micro-batch, counts every row's own length exactly once."""
+    from tasks.train import TokenCounter, _train_callback_cls
+
+    cfg = load_config(
+        "ci-smoke",
+        ["train.micro_batch_size=3", "train.grad_accum=2", "train.max_steps=2"],
+    )
+    rows = read_chat_rows(data.train_path)[:12]
+    model, tok = load_peft(cfg, base, CPU)
+    tokens = TokenCounter()
+    cb = _train_callback_cls()(
+        tracker=RecordingTracker(),
+        journal=_StepJournal(tmp_path / "j.jsonl"),
+        ckpt_dir=tmp_path / "ckpt",
+        keep=1,
+        samples=[],
+        tokenizer=tok,
+        max_new_tokens=2,
+        tokens=tokens,
+    )
+    trainer = build_trainer(cfg, CPU, model, tok, rows, rows[:2], tmp_path / "ckpt", [cb], tokens)
+    lengths = [len(r["input_ids"]) for r in trainer.train_dataset]
+    assert len(set(lengths)) > 1  # micro-batches carry padding
+    trainer.train()
+    # 2 optimizer steps x 2 micro-batches x 3 rows = the 12 rows, each once
+    assert trainer.state.num_input_tokens_seen == sum(lengths)
+    assert tokens.take() == 0  # nothing left pending after the last step
+
+
+def test_token_metrics_need_cuda() -> None:
+    cfg = load_config("ci-smoke", ["train.token_metrics=true"])
+    with pytest.raises(ConfigError, match=r"train\.token_metrics=true needs CUDA"):
+        check_settings(cfg, CPU)
+
+
 @pytest.fixture(scope="module")
 def short_run(
     smoke: PipelineConfig,

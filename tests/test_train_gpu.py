@@ -12,6 +12,7 @@ prints what it measured (``-s`` shows it; the device log keeps it).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -489,6 +490,212 @@ def test_cuda_oom_retries_once_then_names_the_knobs(
         assert knob in msg, (knob, msg)
     free_after, _ = torch.cuda.mem_get_info()
     assert free_after > free - 4 * 2**30  # the failed attempts gave their memory back
+
+
+def _long_rows(folder: Path, n: int = 256, words: int = 250) -> DataRef:
+    """Rows of ~1,000 tokens (topic words) with a one-word answer: activations scale
+    with the micro-batch, so memory is easy to aim at."""
+    from tasks.train import data_ref_from_folder
+
+    rows = []
+    for i in range(n):
+        text = " ".join(f"topic {j % 97} item {i}" for j in range(words))
+        rows.append(
+            {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]}
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", rows), ("validation", rows[:8])):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for r in part:
+                f.write(json.dumps(r) + "\n")
+    return data_ref_from_folder(folder)
+
+
+def test_cuda_oom_retry_with_half_the_micro_batch_finishes_the_run(
+    base_1b: BaseModelRef, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry that works: measure the peak of micro-batch 16, then leave the run room
+    for 1.5x that. Micro-batch 32 (about twice the activations) runs out of memory, the
+    stage retries with 16 x 2 accumulation (the same effective batch) and finishes."""
+    import torch
+
+    data = _long_rows(tmp_path / "long")
+    sets = [
+        f"model.name_or_path={base_1b.name_or_path}",
+        "model.load_in_4bit=true",
+        "model.max_seq_length=1024",
+        "train.grad_accum=1",
+        "train.max_steps=2",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        "train.logging_steps=1",
+        "train.gradient_checkpointing=off",
+        "train.sample_generations=0",
+        "train.assistant_only_loss=false",
+    ]
+    probe_cfg = load_config("default", [*sets, "train.micro_batch_size=16"])
+    sized = train(probe_cfg, base_1b, data, tmp_path / "sizing", _hw(probe_cfg))
+    peak16 = sized.metrics["gpu_peak_mem_gb"] * 2**30
+    del sized
+    gc.collect()  # the sizing run's model and trainer, before measuring what is free
+    torch.cuda.empty_cache()
+
+    cfg = load_config("default", [*sets, "train.micro_batch_size=32"])
+    free, _ = torch.cuda.mem_get_info()
+    room = int(1.5 * peak16)
+    hog = torch.empty(free - room, dtype=torch.uint8, device="cuda")
+    rec = RecordingTracker()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.train"):
+            ref = train(cfg, base_1b, data, tmp_path / "retried", _hw(cfg), rec)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    _report(
+        "oom-retry-ok",
+        peak_mb16_gb=round(peak16 / 2**30, 2),
+        room_gb=round(room / 2**30, 2),
+        retry=rec.tags.get("slothflow.oom_retry"),
+        metrics={k: ref.metrics[k] for k in ("global_step", "oom_retry_micro_batch_size")},
+        losses=[round(v, 3) for _, v in rec.series("train_loss")],
+    )
+    assert "micro_batch_size 32 -> 16, grad_accum 1 -> 2" in caplog.text
+    assert rec.tags["slothflow.oom_retry"].startswith("micro_batch_size 32 -> 16")
+    assert ref.metrics["oom_retry_micro_batch_size"] == 16
+    assert ref.metrics["global_step"] == 2
+    assert all(math.isfinite(v) for _, v in rec.series("train_loss"))
+    assert (Path(ref.adapter_path) / "adapter_model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- PEFT fallback
+
+
+def test_auto_falls_back_to_peft_for_an_architecture_unsloth_lacks(
+    session_home: Home, data: DataRef, tmp_path: Path
+) -> None:
+    """An OLMo-2 model (random weights, built here, the embedded tokenizer): Unsloth has
+    no kernels for it, so ``train.backend=auto`` trains it with transformers + PEFT on
+    the GPU, says why, and still learns."""
+    import torch
+    from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+
+    tiny = prepare_base(load_config("default").model, session_home)
+    tok = AutoTokenizer.from_pretrained(tiny.tokenizer_path)
+    folder = tmp_path / "olmo2"
+    config = Olmo2Config(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = load_config("default", [f"model.name_or_path={folder}", *TINY_SETS])
+    hw = _hw(cfg)  # before the architecture is known: Unsloth
+    base = prepare_base(cfg.model, session_home)
+    rec = RecordingTracker()
+    ref = train(cfg, base, data, tmp_path / "train", hw, rec)
+    losses = [v for _, v in rec.series("train_loss")]
+    _report(
+        "peft-fallback",
+        reason=rec.params["train.backend_reason"],
+        losses=[round(x, 3) for x in losses],
+        evals=rec.series("eval_loss"),
+        gc=rec.tags.get("slothflow.gradient_checkpointing_reason"),
+        peak_gb=ref.metrics.get("gpu_peak_mem_gb"),
+    )
+    assert ref.backend == "peft" and rec.params["train.backend"] == "peft"
+    assert rec.params["train.device"] == "cuda"
+    assert "Unsloth has no kernels for model_type 'olmo2'" in rec.params["train.backend_reason"]
+    assert len(losses) == 12 and _mean(losses[-3:]) < _mean(losses[:3]) - 1.0, losses
+    # PEFT on CUDA under 'auto': checkpointing on (the safe default there)
+    assert rec.tags["slothflow.gradient_checkpointing"] == "on"
+    assert 0 < ref.metrics["gpu_peak_mem_gb"] < 10
+
+
+# --------------------------------------------------------------------------- export on the GPU
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_export_stage_merges_an_unsloth_adapter_on_the_gpu(
+    tiny_run: tuple[TrainRef, RecordingTracker, HardwareDecision, float],
+    data: DataRef,
+    tmp_path: Path,
+    dtype: str,
+) -> None:
+    """The export stage itself on CUDA: bfloat16 goes through Unsloth's merged 16-bit save,
+    float32 (the default recipe's) through PEFT's merge in float32; either way the merged
+    folder passes the stage's parity check against base + adapter and its stop check."""
+    from tasks.export import MANIFEST, export, read_manifest
+
+    ref, _rec, hw, _wall = tiny_run
+    cfg = load_config("default", [*TINY_SETS, f"export.dtype={dtype}", "export.stop_check=warn"])
+    out = export(cfg, ref, data, tmp_path / "export", hw, run_id="gpu-test", code_version="test")
+    merged = Path(out.merged_path or "")
+    manifest = read_manifest(merged)
+    _report(
+        f"export-{dtype}",
+        parity=out.parity_max_abs_diff,
+        atol=out.parity_atol,
+        stop_fraction=out.stop_fraction,
+        merge_s=out.metrics.get("export.merge_seconds"),
+        files=sorted(p.name for p in merged.iterdir()),
+    )
+    assert (merged / MANIFEST).exists() and manifest["kind"] == "merged"
+    assert any(p.suffix == ".safetensors" for p in merged.iterdir())
+    assert not (merged / "adapter_config.json").exists()
+    assert out.parity_max_abs_diff is not None and out.parity_max_abs_diff <= out.parity_atol
+    weights = json.loads((merged / "config.json").read_text())
+    assert weights.get("torch_dtype", weights.get("dtype")) == dtype
+    assert manifest["dtype"] == dtype and manifest["run_id"] == "gpu-test"
+
+
+# --------------------------------------------------------------------------- MLflow system metrics
+
+
+def test_mlflow_records_gpu_system_metrics_while_training(
+    session_home: Home, data: DataRef, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage's MLflow run gets MLflow's own GPU system metrics (utilisation, memory)
+    sampled while the trainer runs, beside the training metrics (MLflow carried to the
+    device as wheels, a SQLite store in the test's folder)."""
+    pytest.importorskip("mlflow", reason="carry MLflow's wheels to the device (.gpu/mlw)")
+    from mlflow.tracking import MlflowClient
+
+    from tasks import train as train_mod
+    from tasks.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("gpu", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    monkeypatch.setattr(train_mod, "SYSTEM_METRICS_INTERVAL_S", 1.0)
+    cfg = load_config("default", TINY_SETS)
+    base = prepare_base(cfg.model, session_home)
+    t0 = time.perf_counter()
+    train(cfg, base, data, tmp_path / "train", _hw(cfg), MlflowTracker(uri, run_id))
+    wall = time.perf_counter() - t0
+    keys = set(client.get_run(run_id).data.metrics)
+    util = client.get_metric_history(run_id, "system/gpu_0_utilization_percentage")
+    mem = client.get_metric_history(run_id, "system/gpu_0_memory_usage_megabytes")
+    _report(
+        "mlflow-system-metrics",
+        wall_s=round(wall, 1),
+        system_keys=sorted(k for k in keys if k.startswith("system/")),
+        gpu_util=[m.value for m in util],
+        gpu_mem_mb=[m.value for m in mem],
+    )
+    assert len(util) >= 2 and max(m.value for m in util) > 0, util
+    assert mem and max(m.value for m in mem) > 100, mem
+    assert len(client.get_metric_history(run_id, "train_loss")) == 12
+    assert {"gpu_peak_mem_gb", "tokens_per_s", "eval_loss"} <= keys
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
