@@ -588,3 +588,28 @@ def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path)
     _corrupt(merged, scale=0.5, suffix="lm_head.weight")
     with pytest.raises(ExportError, match="parity check failed"):
         check_parity(base, str(adapter), str(merged), prompts, "bfloat16", "cuda", atol)
+
+
+def test_match_dtype_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> None:
+    """Unsloth's merge keeps a float32 base's dtype (seen on the H200); the export casts
+    the weights to export.dtype so the manifest's promise holds, and leaves the
+    tokenizer and generation files it was given."""
+    from safetensors import safe_open
+
+    from tasks.export import match_dtype, saved_dtype
+
+    folder = tmp_path / "merged"
+    shutil.copytree(fx.base_dir(), folder)
+    (folder / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert saved_dtype(folder) == "float32"
+    assert match_dtype(folder, "bfloat16") is True
+    assert saved_dtype(folder) == "bfloat16"
+    shards = list(folder.glob("*.safetensors"))
+    assert shards
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118 (no __iter__) == {"torch.bfloat16"}
+    assert json.loads((folder / "generation_config.json").read_text()) == {"eos_token_id": 7}
+    assert (folder / "tokenizer.json").exists()
+    assert not list(tmp_path.glob(".*"))  # no staging left behind
+    assert match_dtype(folder, "bfloat16") is False  # already right: nothing to do
