@@ -25,6 +25,11 @@ and warm-up), over the wall time between the tracker's log calls that close them
 everything the stage does per step (callbacks, logging, the sync). ``project:GC:trl``
 is the same arm with ``train.token_metrics=true`` (TRL's fused LM head computes the
 loss, entropy and token accuracy, with its host syncs): the cost of that head.
+``base:unsloth_nogc`` is raw Unsloth with gradient checkpointing off, an arm the kit's
+``baseline_bench.py`` gets from ``bench/baseline_unsloth_nogc.patch``
+(``patch .gpu/baseline_bench.py bench/baseline_unsloth_nogc.patch``): beside
+``project:auto`` (which turns checkpointing off on the H200) it is the same-setting
+comparison for the setting the stage actually runs with.
 
 Writes ``OUT/train_gpu-<UTC time>.json`` with the date, the device, every arm's numbers
 and the top-level ratios; prints a table last.
@@ -364,6 +369,10 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
     if same and raw_u:
         # the pipeline's overhead: the same checkpointing as the raw Unsloth arm
         result["ratio_same_setting_vs_unsloth"] = same["tokens_per_s"] / raw_u["tokens_per_s"]
+    nogc, auto = ok.get("base:unsloth_nogc"), projects.get("project:auto")
+    if nogc and auto and auto.get("gradient_checkpointing") == "off":
+        # the same comparison with checkpointing off (what 'auto' picks on the H200)
+        result["ratio_same_setting_gc_off_vs_unsloth"] = auto["tokens_per_s"] / nogc["tokens_per_s"]
     trl = projects.get("project:unsloth:trl")
     if same and trl:
         # what TRL's fused head (loss + entropy/accuracy metrics) costs the stage
@@ -382,6 +391,7 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
         "ratio_vs_unsloth",
         "ratio_vs_hf_qlora",
         "ratio_same_setting_vs_unsloth",
+        "ratio_same_setting_gc_off_vs_unsloth",
         "ratio_own_loss_vs_trl_head",
     ):
         if k in result:
