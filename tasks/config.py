@@ -359,7 +359,10 @@ class SmokeConfig(_Strict):
     enabled: bool = Field(True, description="Run the smoke test (off only to serve a raw base).")
     rows: int = Field(32, ge=1, description="Held-out rows asked (greedy, one at a time).")
     max_tokens: int = Field(
-        16, ge=1, description="Answer budget; an answer still going after it did not stop on EOS."
+        16,
+        ge=1,
+        description="Answer budget; an answer still going after it did not stop on EOS. At "
+        "least eval.max_new_tokens (the budget the offline evaluation answered within).",
     )
     tolerance: float = Field(
         0.05,
@@ -550,6 +553,15 @@ class PipelineConfig(_Strict):
             )
         if self.export.publish and not self.export.hub_repo:
             raise ValueError("export.hub_repo is required when export.publish is true")
+        smoke = self.deploy.smoke
+        if self.deploy.enabled and smoke.enabled and smoke.max_tokens < self.eval.max_new_tokens:
+            # The smoke test compares served answers with the offline evaluation's item by
+            # item: a smaller budget cuts answers the evaluation let finish.
+            raise ValueError(
+                f"deploy.smoke.max_tokens={smoke.max_tokens} is below eval.max_new_tokens="
+                f"{self.eval.max_new_tokens}: served answers would be cut where the offline "
+                "evaluation let them finish; raise deploy.smoke.max_tokens"
+            )
         return self
 
 

@@ -84,6 +84,24 @@ def test_data_max_tokens_must_fit_model_max_seq_length() -> None:
     assert defaults.data.max_tokens <= defaults.model.max_seq_length
 
 
+def test_smoke_budget_must_cover_the_evaluation_budget() -> None:
+    """The smoke test compares served answers with the offline evaluation's item by item;
+    a smaller answer budget would cut answers the evaluation let finish."""
+    with pytest.raises(
+        ConfigError,
+        match=r"deploy\.smoke\.max_tokens=16 is below eval\.max_new_tokens=64",
+    ):
+        load_config("default", ["eval.max_new_tokens=64"])
+    ok = load_config("default", ["eval.max_new_tokens=64", "deploy.smoke.max_tokens=64"])
+    assert ok.deploy.smoke.max_tokens == 64
+    # nothing to compare when nothing is served or smoke-tested
+    load_config("default", ["eval.max_new_tokens=64", "deploy.enabled=false"])
+    load_config("default", ["eval.max_new_tokens=64", "deploy.smoke.enabled=false"])
+    # the shipped GPU recipe answers in up to 256 tokens and smoke-tests as many
+    gpu = load_config("llama3-8b-qlora")
+    assert gpu.deploy.smoke.max_tokens >= gpu.eval.max_new_tokens == 256
+
+
 def test_overrides_apply_parse_yaml_and_validate() -> None:
     cfg = load_config("default", ["train.max_steps=7", "train.lora.target_modules=[q_proj]"])
     assert cfg.train.max_steps == 7 and cfg.train.lora.target_modules == ["q_proj"]
