@@ -135,6 +135,44 @@ def test_fsspec_urls_and_compression(tmp_path: Path, reference: set[str]) -> Non
     assert _ids(tmp_path / "gz") == reference
 
 
+def test_a_remote_source_is_downloaded_once_per_run_and_again_when_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage hashes every source (to decide whether a finished clean can be reused)
+    and then cleans it: for a remote file that must be one download, not two. fsspec's
+    in-memory filesystem stands in for s3:// (its opens are counted); a changed remote
+    file is fetched again and changes the stage's input hash."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from tasks.data.clean import inputs_hash
+
+    url = "memory://bucket/once/rows.jsonl"
+    with fsspec.open(url, "wb") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in _as_alpaca(good_rows(40))).encode())
+    opened: list[str] = []
+    real_open = MemoryFileSystem._open
+
+    def counting_open(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        if "once/rows" in path and "r" in kwargs.get("mode", args[0] if args else "rb"):
+            opened.append(path)
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", counting_open)
+    cfg = cfg_for(url, val_fraction=0.3)
+    first = inputs_hash(cfg, None)
+    clean(cfg, tmp_path / "a")
+    assert report_of(tmp_path / "a")["input_records"] == 40
+    assert len(opened) == 1, opened  # hashed and cleaned from one download
+
+    with fsspec.open(url, "wb") as f:  # the remote file changes
+        f.write("".join(json.dumps(r) + "\n" for r in _as_alpaca(good_rows(30))).encode())
+    second = inputs_hash(cfg, None)
+    assert second != first
+    clean(cfg, tmp_path / "b")
+    assert report_of(tmp_path / "b")["input_records"] == 30
+    assert len(opened) == 2, opened  # fetched again once, for both passes
+
+
 def test_relative_sources_fall_back_to_the_repository(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -61,6 +61,31 @@ class Source:
     url: str  # fsspec URL or absolute local path
     format: Format
 
+    @property
+    def remote(self) -> bool:
+        protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
+        return protocol not in ("file", "local")
+
+
+#: A remote source is read through fsspec's whole-file cache; ``check_files`` compares
+#: the remote's identity (an object store's ETag) at every open, so a file changed
+#: since it was cached is fetched again.
+_REMOTE_CACHE = {"check_files": True}
+
+
+def source_fs(src: Source) -> tuple[Any, str]:
+    """The (filesystem, path) ``src`` is read through.
+
+    The stage reads every source twice: first for the content hash that decides whether
+    a finished clean can be reused, then to clean it. For a remote file (``s3://``...)
+    fsspec's ``filecache`` makes that one download, and both passes see the very same
+    bytes. The copy lives in a temporary folder (``TMPDIR``) for the life of the process.
+    A saved ``datasets`` folder is left to ``datasets``, which has its own loading.
+    """
+    if src.remote and src.format != "datasets":
+        return _url_to_fs(f"filecache::{src.url}", filecache=_REMOTE_CACHE)
+    return _url_to_fs(src.url)
+
 
 #: How to install the fsspec backend of a protocol slothflow ships an extra for.
 BACKEND_INSTALL = {"s3": "pip install 'slothflow[s3]'", "s3a": "pip install 'slothflow[s3]'"}
@@ -77,11 +102,11 @@ def resolve_all(names: list[str], field: str = "data.sources") -> list[Source]:
     return out
 
 
-def _url_to_fs(name: str) -> tuple[Any, str]:
+def _url_to_fs(name: str, **options: Any) -> tuple[Any, str]:
     """``fsspec.core.url_to_fs``, with a missing backend package (s3fs for ``s3://``) as a
     :class:`SourceError` that says what to install, not an ImportError traceback."""
     try:
-        return fsspec.core.url_to_fs(name)  # type: ignore[no-any-return,unused-ignore]
+        return fsspec.core.url_to_fs(name, **options)  # type: ignore[no-any-return,unused-ignore]
     except ImportError as exc:
         protocol = name.split("://", 1)[0]
         how = BACKEND_INSTALL.get(protocol, f"install the fsspec backend for {protocol}://")
@@ -135,7 +160,7 @@ def source_sha256(src: Source) -> str:
     """Content hash of a source (every file of a folder, in path order)."""
     import hashlib
 
-    fs, path = fsspec.core.url_to_fs(src.url)
+    fs, path = source_fs(src)
     h = hashlib.sha256()
     files = sorted(fs.find(path)) if src.format == "datasets" else [path]
     for f in files:
@@ -156,9 +181,9 @@ def read(
     elif src.format == "datasets":
         yield from _read_datasets(src, progress)
     else:
-        fs, path = fsspec.core.url_to_fs(src.url)
+        fs, path = source_fs(src)
         total = _size(fs, path)
-        with fsspec.open(src.url, "rb", compression="infer") as f:
+        with fs.open(path, "rb", compression="infer") as f:
             counted = _Counted(f, src.name, total, progress)
             if src.format == "jsonl":
                 yield from _read_jsonl(counted, src.name, max_line_bytes)
@@ -437,7 +462,8 @@ def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
 def _read_parquet(src: Source, progress: ProgressFn | None) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
-    with fsspec.open(src.url, "rb") as f:
+    fs, path = source_fs(src)
+    with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         total = pf.metadata.num_rows
         index = 0
