@@ -167,6 +167,8 @@ def cmd_project(a: argparse.Namespace) -> None:
     base = prepare_base(cfg.model, home)
     setup_s = time.perf_counter() - t0
     rec = TimedTracker()
+    if a.profile:
+        _profile_one_step(a.profile, step=a.skip + 1)
     ref = train(cfg, base, data, work / "train", hw, rec)
 
     steps = rec.train_steps()
@@ -218,6 +220,44 @@ def cmd_project(a: argparse.Namespace) -> None:
         flush=True,
     )
     Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+def _profile_one_step(out: str, step: int) -> None:
+    """Diagnostics: ``torch.profiler`` over optimizer step ``step`` (its micro-batches),
+    the kernels' table written to ``out``. Hooks a callback into the stage's trainer."""
+    import torch
+    from transformers import TrainerCallback
+
+    from tasks import train as train_mod
+
+    class Profile(TrainerCallback):  # type: ignore[misc]
+        prof: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step + 1 == step:
+                torch.cuda.synchronize()
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.prof is not None:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table(
+                    sort_by="cuda_time_total", row_limit=45, max_name_column_width=90
+                )
+                Path(out).write_text(table)
+                self.prof = None
+
+    build = train_mod.build_trainer
+
+    def build_with_profile(*args: Any, **kwargs: Any) -> Any:
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(Profile())
+        return trainer
+
+    train_mod.build_trainer = build_with_profile  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -418,6 +458,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="first steps left out (compile)")
     p.add_argument("--json", required=True)
     p.add_argument("--name", default=None, help="the arm's name in the results")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of one step here")
     p.add_argument("--set", dest="sets", action="append", default=[])
     p = sp.add_parser("all", help="baseline arms, then project arms; JSON + table")
     p.add_argument("--out", required=True)
