@@ -24,7 +24,9 @@ and warm-up), over the wall time between the tracker's log calls that close them
 (``wall``), and over the stage's own per-step busy time (``busy``). Both include
 everything the stage does per step (callbacks, logging, the sync). ``project:GC:trl``
 is the same arm with ``train.token_metrics=true`` (TRL's fused LM head computes the
-loss, entropy and token accuracy, with its host syncs): the cost of that head.
+loss, entropy and token accuracy, with its host syncs): the cost of that head;
+``project:GC:padded`` sets ``train.padding_free=off`` (padded batches: on the H200 Unsloth
+otherwise picks padding-free, whose variable-length path skips its compiled decoder blocks).
 ``base:unsloth_nogc`` is raw Unsloth with gradient checkpointing off, an arm the kit's
 ``baseline_bench.py`` gets from ``bench/baseline_unsloth_nogc.patch``
 (``patch .gpu/baseline_bench.py bench/baseline_unsloth_nogc.patch``): beside
@@ -56,7 +58,9 @@ sys.path.insert(0, str(REPO))
 #: Arm suffixes (``project:GC:VARIANT``): the stage with one setting changed.
 #: ``trl``: TRL's fused LM head for the loss plus its entropy/accuracy metrics (the
 #: stage's behaviour before it used the model's own loss), to measure what it costs.
-VARIANTS = {"trl": "train.token_metrics=true"}
+#: ``padded``: padded batches instead of the padding-free ones Unsloth picks on an H200
+#: (whose variable-length path skips its compiled decoder blocks).
+VARIANTS = {"trl": "train.token_metrics=true", "padded": "train.padding_free=off"}
 
 MODELS_DIR = Path(os.environ.get("GP_MODELS", "/tmp/gp_models"))
 SEQ = 2048
@@ -413,6 +417,14 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
     if nogc and auto and auto.get("gradient_checkpointing") == "off":
         # the same comparison with checkpointing off (what 'auto' picks on the H200)
         result["ratio_same_setting_gc_off_vs_unsloth"] = auto["tokens_per_s"] / nogc["tokens_per_s"]
+    for gc in ("unsloth", "auto"):
+        padded = projects.get(f"project:{gc}:padded")
+        if padded and raw_u and gc == "unsloth":
+            result["ratio_padded_same_setting_vs_unsloth"] = (
+                padded["tokens_per_s"] / raw_u["tokens_per_s"]
+            )
+        if padded and nogc and gc == "auto" and padded.get("gradient_checkpointing") == "off":
+            result["ratio_padded_gc_off_vs_unsloth"] = padded["tokens_per_s"] / nogc["tokens_per_s"]
     trl = projects.get("project:unsloth:trl")
     if same and trl:
         # what TRL's fused head (loss + entropy/accuracy metrics) costs the stage
@@ -433,6 +445,8 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
         "ratio_same_setting_vs_unsloth",
         "ratio_same_setting_gc_off_vs_unsloth",
         "ratio_own_loss_vs_trl_head",
+        "ratio_padded_same_setting_vs_unsloth",
+        "ratio_padded_gc_off_vs_unsloth",
     ):
         if k in result:
             rows.append(f"{k} = {result[k]:.3f}")

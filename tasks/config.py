@@ -239,6 +239,14 @@ class TrainConfig(_Strict):
     num_epochs: float = Field(3.0, gt=0.0, description="Passes over the training split.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     packing: bool = Field(True, description="Pack several short examples into one sequence.")
+    padding_free: Literal["auto", "off"] = Field(
+        "auto",
+        description="Padding-free batches (each micro-batch's rows as one sequence, no pad "
+        "tokens). 'auto': the backend's choice (Unsloth decides per GPU; on an H200 it picks "
+        "padding-free, whose variable-length batches skip its compiled decoder blocks; TRL "
+        "alone pads). 'off': padded batches, best when rows are about the same length. "
+        "train.packing=true is always padding-free.",
+    )
     assistant_only_loss: bool = Field(True, description="Compute the loss on answers only.")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
         Field("adamw_torch", description="Optimizer; the 8-bit/paged ones need CUDA.")
@@ -274,7 +282,7 @@ class TrainConfig(_Strict):
     )
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
 
-    @field_validator("gradient_checkpointing", mode="before")
+    @field_validator("gradient_checkpointing", "padding_free", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare on/off as a boolean (`--set train.gradient_checkpointing=on`).

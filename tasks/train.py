@@ -784,6 +784,11 @@ def check_settings(cfg: PipelineConfig, hw: HardwareDecision) -> None:
             "train.gradient_checkpointing='unsloth' needs the Unsloth backend "
             f"(this run uses {hw.backend}); use 'on', 'off' or 'auto'"
         )
+    if t.packing and t.padding_free == "off":
+        raise ConfigError(
+            "train.packing=true concatenates rows without padding: it cannot run with "
+            "train.padding_free=off; set train.padding_free=auto or train.packing=false"
+        )
     if t.token_metrics and hw.device != "cuda":
         raise ConfigError(
             "train.token_metrics=true needs CUDA: TRL computes them with a Triton kernel "
@@ -838,6 +843,10 @@ def sft_config(
         gradient_checkpointing=gradient_checkpointing(cfg, hw),
         max_length=cfg.model.max_seq_length,
         packing=t.packing,
+        # 'auto' leaves it unset: Unsloth then chooses (its SFTConfig default is None),
+        # TRL alone pads. Explicit padding-free without packing is Unsloth's own mode (TRL
+        # refuses it: it would not enforce max_length), hence no 'on'.
+        **({"padding_free": False} if t.padding_free == "off" else {}),
         assistant_only_loss=t.assistant_only_loss,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_eval else "no",

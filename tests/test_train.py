@@ -246,6 +246,40 @@ def test_trained_tokens_are_counted_once_per_step_without_padding(
     assert tokens.take() == 0  # nothing left pending after the last step
 
 
+def test_padding_free_off_pads_and_auto_leaves_the_choice_to_the_backend(
+    smoke: PipelineConfig,
+    base: BaseModelRef,
+    data: DataRef,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """'off' is passed to TRL as padding_free=False (padded rows, an attention mask);
+    'auto' passes nothing, so Unsloth's own SFTConfig default (None: it decides) holds."""
+    import trl
+
+    from tasks.train import sft_config
+
+    off = load_config("ci-smoke", ["train.padding_free=off"])  # YAML's bare off: a boolean
+    assert off.train.padding_free == "off"
+    assert sft_config(off, CPU, tmp_path).padding_free is False
+    rows = read_chat_rows(data.train_path)[:4]
+    model, tok = load_peft(off, base, CPU)
+    trainer = build_trainer(off, CPU, model, tok, rows, rows[:2], tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["input_ids"].shape[0] == 4 and "attention_mask" in batch
+    with pytest.raises(ConfigError, match=r"train\.packing=true .* train\.padding_free=off"):
+        check_settings(
+            load_config("ci-smoke", ["train.packing=true", "train.padding_free=off"]), CPU
+        )
+    with pytest.raises(ConfigError, match=r"train\.padding_free"):
+        load_config("ci-smoke", ["train.padding_free=on"])  # TRL alone cannot honour it
+    # what 'auto' hands SFTConfig: no padding_free at all (recorded, not built)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(trl, "SFTConfig", lambda **kwargs: seen.update(kwargs))
+    sft_config(load_config("ci-smoke"), CPU, tmp_path)
+    assert seen and "padding_free" not in seen
+
+
 def test_token_metrics_need_cuda() -> None:
     cfg = load_config("ci-smoke", ["train.token_metrics=true"])
     with pytest.raises(ConfigError, match=r"train\.token_metrics=true needs CUDA"):
