@@ -28,10 +28,12 @@ loss, entropy and token accuracy, with its host syncs): the cost of that head;
 ``project:GC:padded`` sets ``train.padding_free=off`` (padded batches: on the H200 Unsloth
 otherwise picks padding-free, whose variable-length path skips its compiled decoder blocks).
 ``base:unsloth_nogc`` is raw Unsloth with gradient checkpointing off, an arm the kit's
-``baseline_bench.py`` gets from ``bench/baseline_unsloth_nogc.patch``
-(``patch .gpu/baseline_bench.py bench/baseline_unsloth_nogc.patch``): beside
+``baseline_bench.py`` gets from ``bench/baseline_bench.patch``
+(``patch .gpu/baseline_bench.py bench/baseline_bench.patch``): beside
 ``project:auto`` (which turns checkpointing off on the H200) it is the same-setting
-comparison for the setting the stage actually runs with.
+comparison for the setting the stage actually runs with. The same patch makes
+``PROFILE_OUT=FILE`` write a ``torch.profiler`` table of four measured micro-batches of
+a raw arm; ``project --profile FILE`` does it for one optimizer step of the stage.
 
 Writes ``OUT/train_gpu-<UTC time>.json`` with the date, the device, every arm's numbers
 and the top-level ratios; prints a table last.
