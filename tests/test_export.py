@@ -608,7 +608,8 @@ def test_match_dtype_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> N
     assert shards
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
-            assert {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118 (no __iter__) == {"torch.bfloat16"}
+            dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+        assert dtypes == {"torch.bfloat16"}, dtypes
     assert json.loads((folder / "generation_config.json").read_text()) == {"eos_token_id": 7}
     assert (folder / "tokenizer.json").exists()
     assert not list(tmp_path.glob(".*"))  # no staging left behind
