@@ -366,12 +366,8 @@ def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
     """
     from tasks import gpu_merge  # imports tasks.train; GPU packages only inside the call
 
-    if merge_method("unsloth", cfg.export.dtype) != "unsloth":
-        raise ValueError(
-            f"Unsloth's merged save writes bfloat16 or float16, not {cfg.export.dtype!r}; "
-            "merge_peft merges an Unsloth adapter in that dtype"
-        )
-    # Without unsloth installed this raises BackendNotReadyError (a ConfigError) saying so.
+    # A non-16-bit dtype is a ValueError; without unsloth installed this raises
+    # BackendNotReadyError (a ConfigError) saying so.
     gpu_merge.merge_16bit(
         train.base,
         train.adapter_path,
@@ -380,43 +376,6 @@ def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
         dtype=cfg.export.dtype,
         max_seq_length=cfg.model.max_seq_length,
     )
-    match_dtype(out, cfg.export.dtype)
-
-
-def saved_dtype(folder: Path) -> str | None:
-    """The dtype a saved model's ``config.json`` declares (transformers 5: ``dtype``)."""
-    import json
-
-    blob = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    value = blob.get("dtype") or blob.get("torch_dtype")
-    return str(value) if value else None
-
-
-def match_dtype(folder: Path, dtype: str) -> bool:
-    """Re-save ``folder`` in ``dtype`` when its weights were saved in another one.
-
-    Unsloth's merged save folds the adapter into the base's weights as they are stored
-    on disk: a float32 base (the embedded default's) comes out float32 whatever dtype
-    was asked for (seen on the H200). The manifest and vLLM's ``--dtype`` promise
-    ``export.dtype``, so the weights are cast once here. Returns whether it did.
-    """
-    have = saved_dtype(folder)
-    if have == dtype:
-        return False
-    log.info("export: the merge saved %s weights; casting them to export.dtype=%s", have, dtype)
-    model = load_causal_lm(str(folder), dtype, "cpu")
-    tmp = folder.parent / f".{folder.name}.cast"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    del model
-    for old in folder.glob("*.safetensors*"):
-        old.unlink()
-    for new in tmp.iterdir():
-        # the weights and their config; the merge's tokenizer and generation files stay
-        if new.name == "config.json" or new.name.startswith("model"):
-            shutil.move(str(new), folder / new.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return True
 
 
 def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:

@@ -52,13 +52,16 @@ def merge_16bit(
     ``dtype`` is the merged weights' dtype (``bfloat16`` or ``float16``). Returns what
     happened: the output folder, its files, seconds and peak GPU memory.
     """
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(
+            f"Unsloth's merged save writes bfloat16 or float16, not {dtype!r}; PEFT's merge "
+            "(tasks.export.merge_peft) merges an Unsloth adapter in any dtype"
+        )
     import_unsloth()
     import torch
     from transformers import AutoTokenizer
     from unsloth import FastLanguageModel
 
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"a 16-bit merge writes bfloat16 or float16, not {dtype!r}")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.work"
@@ -83,6 +86,7 @@ def merge_16bit(
             temporary_location=str(work / "buffers"),
         )
         del model
+        cast_saved(tmp, dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -97,3 +101,43 @@ def merge_16bit(
     }
     log.info("merged %s into %s in %.1f s", adapter_dir, out, info["seconds"])
     return info
+
+
+def saved_dtype(folder: str | Path) -> str | None:
+    """The dtype a saved model's ``config.json`` declares (transformers 5: ``dtype``)."""
+    blob = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    value = blob.get("dtype") or blob.get("torch_dtype")
+    return str(value) if value else None
+
+
+def cast_saved(folder: Path, dtype: str) -> bool:
+    """Re-save the model in ``folder`` in ``dtype`` when it was saved in another one.
+
+    Unsloth's merged save folds the adapter into the base's weights as they are stored
+    on disk: a float32 base (the embedded default's) comes out float32 whatever dtype
+    was asked for (seen on the H200). The export's manifest and vLLM's ``--dtype``
+    promise the asked dtype, so the weights are cast once, here, before the folder is
+    renamed into place. The tokenizer and generation files stay as the merge wrote them.
+    Returns whether it cast.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    have = saved_dtype(folder)
+    if have == dtype:
+        return False
+    log.info("merge: Unsloth saved %s weights; casting them to %s", have, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=getattr(torch, dtype), use_safetensors=True, **LOAD_KWARGS
+    )
+    cast = folder.parent / f".{folder.name}.cast"
+    shutil.rmtree(cast, ignore_errors=True)
+    model.save_pretrained(cast, safe_serialization=True)
+    del model
+    for old in folder.glob("*.safetensors*"):
+        old.unlink()
+    for new in cast.iterdir():
+        if new.name == "config.json" or new.name.startswith("model"):
+            shutil.move(str(new), folder / new.name)
+    shutil.rmtree(cast, ignore_errors=True)
+    return True

@@ -256,12 +256,13 @@ def test_unsloth_adapter_exported_in_float32_is_merged_by_peft(
     assert "peft merge (train.backend=unsloth, export.dtype=float32" in caplog.text
 
 
-def test_unsloth_merge_refuses_float32_if_called_directly(tmp_path: Path) -> None:
-    from tasks.export import merge_unsloth
+def test_unsloth_merge_refuses_float32_before_importing_unsloth(tmp_path: Path) -> None:
+    """Checked first, so the refusal names the dtype even where Unsloth cannot load."""
+    from tasks.gpu_merge import merge_16bit
 
-    train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
-        merge_unsloth(train, fx.pipeline_cfg(export={"dtype": "float32"}), tmp_path / "m")
+    train = fx.train_ref(fx.random_adapter())
+    with pytest.raises(ValueError, match="bfloat16 or float16, not 'float32'"):
+        merge_16bit(train.base, train.adapter_path, train.tokenizer_path, tmp_path / "m", "float32")
     assert not (tmp_path / "m").exists()
 
 
@@ -590,19 +591,19 @@ def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path)
         check_parity(base, str(adapter), str(merged), prompts, "bfloat16", "cuda", atol)
 
 
-def test_match_dtype_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> None:
-    """Unsloth's merge keeps a float32 base's dtype (seen on the H200); the export casts
-    the weights to export.dtype so the manifest's promise holds, and leaves the
-    tokenizer and generation files it was given."""
+def test_cast_saved_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> None:
+    """Unsloth's merge keeps a float32 base's dtype (seen on the H200); merge_16bit casts
+    the weights to the asked dtype before renaming the folder into place, and leaves the
+    tokenizer and generation files the merge wrote."""
     from safetensors import safe_open
 
-    from tasks.export import match_dtype, saved_dtype
+    from tasks.gpu_merge import cast_saved, saved_dtype
 
     folder = tmp_path / "merged"
     shutil.copytree(fx.base_dir(), folder)
     (folder / "generation_config.json").write_text('{"eos_token_id": 7}')
     assert saved_dtype(folder) == "float32"
-    assert match_dtype(folder, "bfloat16") is True
+    assert cast_saved(folder, "bfloat16") is True
     assert saved_dtype(folder) == "bfloat16"
     shards = list(folder.glob("*.safetensors"))
     assert shards
@@ -613,4 +614,4 @@ def test_match_dtype_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> N
     assert json.loads((folder / "generation_config.json").read_text()) == {"eos_token_id": 7}
     assert (folder / "tokenizer.json").exists()
     assert not list(tmp_path.glob(".*"))  # no staging left behind
-    assert match_dtype(folder, "bfloat16") is False  # already right: nothing to do
+    assert cast_saved(folder, "bfloat16") is False  # already right: nothing to do

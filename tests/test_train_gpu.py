@@ -633,7 +633,8 @@ def test_export_stage_merges_an_unsloth_adapter_on_the_gpu(
     """The export stage itself on CUDA: bfloat16 goes through Unsloth's merged 16-bit save,
     float32 (the default recipe's) through PEFT's merge in float32; either way the merged
     folder passes the stage's parity check against base + adapter and its stop check."""
-    from tasks.export import MANIFEST, export, read_manifest, saved_dtype
+    from tasks.export import MANIFEST, export, read_manifest
+    from tasks.gpu_merge import saved_dtype
 
     ref, _rec, hw, _wall = tiny_run
     cfg = load_config("default", [*TINY_SETS, f"export.dtype={dtype}", "export.stop_check=warn"])
@@ -652,7 +653,7 @@ def test_export_stage_merges_an_unsloth_adapter_on_the_gpu(
     assert any(p.suffix == ".safetensors" for p in merged.iterdir())
     assert not (merged / "adapter_config.json").exists()
     assert out.parity_max_abs_diff is not None and out.parity_max_abs_diff <= out.parity_atol
-    # the embedded base is stored in float32: Unsloth's merge keeps that, the stage casts
+    # the embedded base is stored in float32: Unsloth's merge keeps that, merge_16bit casts
     assert saved_dtype(merged) == dtype
     assert manifest["dtype"] == dtype and manifest["run_id"] == "gpu-test"
 
