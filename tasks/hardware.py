@@ -1,16 +1,15 @@
 """Decide the hardware once, with the reason, before any stage runs.
 
 The decision is a small frozen record: the device, the training backend, the
-compute dtype and whether the base loads in 4-bit. Each stage reads it; none
-re-decides. A request the hardware cannot honour is a :class:`ConfigError`, never
+compute dtype and whether the base loads in 4-bit. Each stage reads it; only the
+train stage refines it, once the base model's architecture is known (:func:`for_model`). A request the hardware cannot honour is a :class:`ConfigError`, never
 a silently flipped flag.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import platform
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from tasks.config import ConfigError, PipelineConfig
@@ -29,7 +28,6 @@ class Probe:
     gpu_memory_gb: float | None = None
     unsloth_installed: bool = False
     bitsandbytes_installed: bool = False
-    cpu: str = field(default_factory=platform.processor)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ fused LoRA kernels under the same TRL trainer). Once the base model's architectu
 known, an Unsloth decision for a model Unsloth has no kernels for falls back to PEFT
 under ``train.backend=auto`` (:func:`tasks.hardware.for_model`).
 
-On CUDA the stage also sizes gradient checkpointing against free GPU memory
-(:func:`choose_gradient_checkpointing`), logs peak GPU memory and an MFU estimate at
+On CUDA the stage also sizes gradient checkpointing against free GPU memory on the
+Unsloth backend (:func:`choose_gradient_checkpointing`; PEFT turns it on), logs peak GPU memory and an MFU estimate at
 every logging step, and turns a CUDA out-of-memory error into one retry with half the
 micro-batch (same effective batch) or a message naming the knobs.
 
@@ -42,6 +42,7 @@ from typing import Any
 
 from tasks.base_model import LOAD_KWARGS, hub_load_revision, template_text
 from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
+from tasks.eval_metrics import exact_match
 from tasks.hardware import HardwareDecision, for_model
 from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import (
@@ -167,7 +168,7 @@ PEAK_FLOPS = {
 def peak_flops(gpu_name: str | None) -> float | None:
     """Datasheet dense half-precision peak of ``gpu_name`` or None when unknown."""
     for family, flops in PEAK_FLOPS.items():
-        if gpu_name and family in gpu_name.upper().split():
+        if gpu_name and family in re.split(r"[^A-Z0-9]+", gpu_name.upper()):
             return flops
     return None
 
@@ -313,14 +314,15 @@ def choose_gradient_checkpointing(
     ``auto`` on the Unsloth backend turns checkpointing off when the estimated
     activations (with margin) fit in the free GPU memory after the model loaded: the
     recompute (a third of the work) is then pure cost. Otherwise Unsloth's offloading
-    checkpointing. ``auto`` elsewhere keeps :func:`gradient_checkpointing`'s rule.
+    checkpointing. ``auto`` elsewhere: off on CPU (memory is not the constraint there,
+    the recompute is pure cost), on with PEFT on CUDA (the safe choice).
     """
     mode = cfg.train.gradient_checkpointing
     if mode != "auto":
         choice: bool | str = {"on": True, "off": False}.get(mode, mode)
         return CheckpointingChoice(choice, f"train.gradient_checkpointing={mode} as configured")
     if hw.backend != "unsloth" or free_bytes is None:
-        on = gradient_checkpointing(cfg, hw)
+        on = hw.device == "cuda"
         why = "CUDA with PEFT: on (safe default)" if on else "CPU: recompute would be pure cost"
         return CheckpointingChoice(on, f"auto: {why}")
     t = cfg.train
@@ -395,13 +397,8 @@ class TokenCounter:
         return 0 if n is None else int(n)
 
 
-_RENAME = {
-    "loss": "train_loss",
-    "learning_rate": "learning_rate",
-    "grad_norm": "grad_norm",
-    "epoch": "epoch",
-    "eval_loss": "eval_loss",
-}
+#: The trainer's log keys kept under another name (the rest keep theirs).
+_RENAME = {"loss": "train_loss"}
 
 
 def _train_callback_cls() -> type:
@@ -422,11 +419,11 @@ def _train_callback_cls() -> type:
             samples: list[dict[str, Any]],
             tokenizer: Any,
             max_new_tokens: int,
+            tokens: TokenCounter,
             perf: GpuPerf | None = None,
-            tokens: TokenCounter | None = None,
         ) -> None:
             self.perf = perf
-            self.tokens = tokens or TokenCounter()
+            self.tokens = tokens  # the trainer's: only its training_step adds to it
             self.tracker = tracker
             self.journal = journal
             self.ckpt_dir = ckpt_dir
@@ -438,9 +435,11 @@ def _train_callback_cls() -> type:
             self._busy_s = 0.0
             self._tokens_at_log = 0
             self.resumed_from_step = 0
+            self.tokens_at_begin = 0  # restored from a checkpoint on resume
+            self.busy_total_s = 0.0  # this attempt's time inside optimizer steps
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self._tokens_at_log = state.num_input_tokens_seen
+            self._tokens_at_log = self.tokens_at_begin = state.num_input_tokens_seen
             self.resumed_from_step = state.global_step
 
         # Only the time inside optimizer steps counts for tokens/s: evaluation,
@@ -453,7 +452,9 @@ def _train_callback_cls() -> type:
                 # CUDA runs ahead of Python: wait for the step's kernels, or its time
                 # would land in whichever later step happens to synchronise.
                 self.perf.synchronize()
-            self._busy_s += time.perf_counter() - self._step_t0
+            busy = time.perf_counter() - self._step_t0
+            self._busy_s += busy
+            self.busy_total_s += busy
             # into the trainer state, so checkpoints carry it and a resume continues it
             state.num_input_tokens_seen += self.tokens.take()
 
@@ -462,9 +463,8 @@ def _train_callback_cls() -> type:
         ) -> None:
             logs = logs or {}
             step = state.global_step
-            # The trainer's own running averages (train_runtime, train_tokens_per_second)
-            # ride along on every log line. Its one-off summary (the line with train_loss)
-            # is left out: `train` logs the final metrics itself, once.
+            # The trainer's one-off summary (the line with train_loss) is left out:
+            # `train` logs the final metrics itself, once.
             if "train_loss" in logs:
                 return
             if any(k.startswith("eval_") for k in logs):
@@ -476,11 +476,7 @@ def _train_callback_cls() -> type:
                 }
             else:
                 kind = "train"
-                metrics = {
-                    _RENAME.get(k, k): float(v)
-                    for k, v in logs.items()
-                    if _is_number(v) and k not in ("train_runtime", "train_tokens_per_second")
-                }
+                metrics = {_RENAME.get(k, k): float(v) for k, v in logs.items() if _is_number(v)}
                 tokens = state.num_input_tokens_seen
                 metrics["num_input_tokens_seen"] = float(tokens)
                 if self._busy_s > 0:
@@ -503,7 +499,7 @@ def _train_callback_cls() -> type:
             except Exception:  # diagnostics only: never lose a training run to them
                 log.warning("step %d: sample generation failed", step, exc_info=True)
                 return
-            match = sum(o["generated"] == o["expected"] for o in out) / len(out)
+            match = sum(exact_match(o["generated"], o["expected"]) for o in out) / len(out)
             self.tracker.log_dict({"step": step, "samples": out}, f"samples/step-{step:06d}.json")
             if not self.journal.seen("samples", step):
                 self.tracker.log_metrics({"eval_samples_exact_match": match}, step=step)
@@ -605,10 +601,15 @@ def data_ref_from_folder(folder: Path) -> DataRef:
         train_path=str(train_p),
         validation_path=str(val_p),
         fingerprint=data_fingerprint(sha256_file(train_p), sha256_file(val_p)),
-        train_rows=sum(1 for ln in open(train_p, encoding="utf-8") if ln.strip()),
-        validation_rows=sum(1 for ln in open(val_p, encoding="utf-8") if ln.strip()),
+        train_rows=_count_rows(train_p),
+        validation_rows=_count_rows(val_p),
         report_path=str(folder / "report.json"),
     )
+
+
+def _count_rows(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def length_fit(
@@ -794,23 +795,6 @@ def check_settings(cfg: PipelineConfig, hw: HardwareDecision) -> None:
             "train.token_metrics=true needs CUDA: TRL computes them with a Triton kernel "
             f"(this run trains on {hw.device}); set train.token_metrics=false"
         )
-    if hw.device == "cpu" and hw.dtype != "float32":
-        raise ConfigError(f"model.dtype={hw.dtype} on CPU: train in float32")
-
-
-def gradient_checkpointing(cfg: PipelineConfig, hw: HardwareDecision) -> bool:
-    """The trainer's own ``gradient_checkpointing`` flag.
-
-    Unsloth arms its checkpointing in ``get_peft_model`` (see :func:`load_unsloth`), so
-    the trainer's flag stays off there. Otherwise ``auto``: off on CPU (memory is not the
-    constraint there, recompute is pure cost); on with PEFT on CUDA (the safe choice).
-    """
-    if hw.backend == "unsloth":
-        return False
-    mode = cfg.train.gradient_checkpointing
-    if mode == "auto":
-        return hw.device == "cuda"
-    return mode in ("on", "unsloth")
 
 
 def sft_config(
@@ -840,7 +824,10 @@ def sft_config(
         bf16=hw.dtype == "bfloat16",
         fp16=hw.dtype == "float16",
         use_cpu=hw.device == "cpu",
-        gradient_checkpointing=gradient_checkpointing(cfg, hw),
+        # Unsloth arms its checkpointing in get_peft_model (load_unsloth): the trainer's
+        # own flag is for the PEFT backend only.
+        gradient_checkpointing=hw.backend != "unsloth"
+        and bool(choose_gradient_checkpointing(cfg, hw, None, None).mode),
         max_length=cfg.model.max_seq_length,
         packing=t.packing,
         # 'auto' leaves it unset: Unsloth then chooses (its SFTConfig default is None),
@@ -1210,10 +1197,12 @@ def _fit(
         "resumed_from_step": float(tracker_cb.resumed_from_step),
         **{k: float(v) for k, v in fitted.items()},
     }
-    if state.num_input_tokens_seen and result.metrics.get("train_runtime"):
+    if tracker_cb.busy_total_s > 0:
+        # this attempt's tokens over its time inside optimizer steps, like the per-step
+        # tokens_per_s (a resumed run's checkpoint tokens and evaluation time excluded)
         metrics["train_tokens_per_s"] = (
-            state.num_input_tokens_seen / result.metrics["train_runtime"]
-        )
+            state.num_input_tokens_seen - tracker_cb.tokens_at_begin
+        ) / tracker_cb.busy_total_s
     if perf is not None:
         metrics["gpu_peak_mem_gb"] = perf.run_peak_gb
     if run_cfg is not cfg:
