@@ -529,7 +529,11 @@ class TrackingConfig(_Strict):
         return v
 
     registered_model: str = Field("slothflow-model", description="MLflow registered model name.")
-    system_metrics: bool = Field(False, description="Log CPU/GPU system metrics during stages.")
+    system_metrics: bool = Field(
+        True,
+        description="MLflow's system metrics (GPU utilisation, memory and power; CPU; disk) "
+        "sampled while training on CUDA.",
+    )
     connect_timeout_s: float = Field(
         5.0, gt=0, description="A remote tracking server must answer within this at start."
     )

@@ -239,12 +239,13 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 @contextlib.contextmanager
-def _system_metrics(tracker: Tracker, hw: HardwareDecision) -> Iterator[None]:
+def _system_metrics(tracker: Tracker, hw: HardwareDecision, enabled: bool = True) -> Iterator[None]:
     """MLflow system metrics (GPU utilisation and memory, CPU, disk) while training on
-    CUDA, when the tracker writes to MLflow. Never fails the stage."""
+    CUDA, when ``enabled`` (``tracking.system_metrics``) and the tracker writes to MLflow.
+    Never fails the stage."""
     run_id = getattr(tracker, "mlflow_run_id", None)
     monitor = None
-    if hw.device == "cuda" and run_id is not None:
+    if enabled and hw.device == "cuda" and run_id is not None:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -1002,7 +1003,7 @@ def train(
     run_cfg, retried = cfg, False
     while True:
         try:
-            with _system_metrics(tracker, hw):
+            with _system_metrics(tracker, hw, cfg.tracking.system_metrics):
                 return _fit(
                     cfg, run_cfg, base, data, out_dir, hw, tracker, resume, train_rows, val_rows
                 )

@@ -506,6 +506,8 @@ def test_system_metrics_reach_the_mlflow_run_while_training_on_cuda(
     monkeypatch.setattr(train_mod, "SYSTEM_METRICS_INTERVAL_S", 0.5)
     with train_mod._system_metrics(tracker, CPU):  # not CUDA: no monitor
         time.sleep(1.2)
+    with train_mod._system_metrics(tracker, H200, enabled=False):  # tracking.system_metrics
+        time.sleep(1.2)
     assert not client.get_run(run.info.run_id).data.metrics
     with train_mod._system_metrics(tracker, H200):
         time.sleep(1.6)
