@@ -542,7 +542,13 @@ class TrackingConfig(_Strict):
 class PipelineConfig(_Strict):
     """The whole pipeline: data -> train -> export -> evaluate -> gate -> register -> serve."""
 
-    name: str = Field("slothflow", description="Short name of this recipe (run ids start with it).")
+    name: str = Field(
+        "slothflow",
+        # Run ids, run folders and MLflow search filters are built from it.
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Short name of this recipe (run ids start with it): letters, digits, "
+        "'.', '_', '-'; 64 at most.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Data cleaning stage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")

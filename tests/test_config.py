@@ -84,6 +84,15 @@ def test_data_max_tokens_must_fit_model_max_seq_length() -> None:
     assert defaults.data.max_tokens <= defaults.model.max_seq_length
 
 
+def test_recipe_name_is_safe_in_run_ids_paths_and_mlflow_filters() -> None:
+    """The name starts every run id: a path separator or a quote in it would put the run
+    folder outside runs/ or break the MLflow search filter that re-attaches runs."""
+    for bad in ("../x", "x'y", "a b", "", "-x", "x" * 65):
+        with pytest.raises(ConfigError, match=r"name"):
+            load_config("default", [f"name={bad}"])
+    assert load_config("default", ["name=my-recipe_2.1"]).name == "my-recipe_2.1"
+
+
 def test_smoke_budget_must_cover_the_evaluation_budget() -> None:
     """The smoke test compares served answers with the offline evaluation's item by item;
     a smaller answer budget would cut answers the evaluation let finish."""
