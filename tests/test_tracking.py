@@ -1,5 +1,6 @@
 """Tracking against real MLflow stores: SQLite in the home, and an `mlflow server` process."""
 
+import json
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_dataset_input_records_full_content_hash(tmp_path: Path) -> None:
     run = MlflowClient(cfg.tracking_uri).get_run(t.mlflow_run_id)
     (inp,) = run.inputs.dataset_inputs
     assert inp.dataset.name == "train" and inp.dataset.digest == digest[:16]
-    assert inp.dataset.source == data.resolve().as_uri() or data.name in inp.dataset.source
+    assert json.loads(inp.dataset.source) == {"uri": data.resolve().as_uri()}
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     assert run.data.params["data.train.sha256"] == digest
 
