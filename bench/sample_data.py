@@ -1,7 +1,8 @@
 """A DataRef-format folder made from the shipped sample, without the data stage.
 
-The training tests and ``bench/train_cpu.py`` need cleaned, split data but must not
-depend on ``tasks/data.py`` (written in parallel). This writes what the data stage
+The training tests and ``bench/train_cpu.py`` need cleaned, split data; a fixed, fast
+stand-in keeps them (and the CPU bench's recorded numbers) independent of the data
+stage's rules, which are tested on their own. This writes what the data stage
 hands over: ``train.jsonl`` / ``validation.jsonl`` of chat rows
 (``{"id", "messages"}``), alpaca rows converted to chat, split by a salted hash of
 the row's content (so a row's split never depends on the others) and deduplicated
@@ -10,18 +11,13 @@ on the user prompt, which keeps every validation prompt out of training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.config import REPO_ROOT
+from tasks.data.clean import split_of
+from tasks.embedded import SAMPLE_FILES as SAMPLE
 from tasks.refs import DataRef, data_fingerprint, sha256_file, sha256_json
-
-SAMPLE = (
-    REPO_ROOT / "data" / "sample" / "topics_chat.jsonl",
-    REPO_ROOT / "data" / "sample" / "topics_alpaca.jsonl",
-)
 
 
 def _chat_rows(path: Path) -> Iterator[list[dict[str, str]]]:
@@ -36,11 +32,6 @@ def _chat_rows(path: Path) -> Iterator[list[dict[str, str]]]:
                     {"role": "user", "content": prompt},
                     {"role": "assistant", "content": row["output"]},
                 ]
-
-
-def _bucket(key: str, salt: str) -> float:
-    digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def write_split(
@@ -60,7 +51,7 @@ def write_split(
             if prompt in seen:
                 continue
             seen.add(prompt)
-            split = "validation" if _bucket(prompt, salt) < val_fraction else "train"
+            split = split_of(prompt, salt, val_fraction)  # the data stage's rule, by prompt
             splits[split].append({"id": sha256_json(messages)[:16], "messages": messages})
             if limit is not None and len(seen) >= limit:
                 break

@@ -30,8 +30,12 @@ sys.path.insert(0, str(REPO))
 def greedy_exact_match(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch: int = 64
 ) -> tuple[float, list[dict[str, str]]]:
-    """Share of rows whose greedy answer equals the reference after stripping."""
+    """Share of rows whose greedy answer matches the reference by the evaluate stage's
+    exact match (:func:`tasks.eval_metrics.exact_match`: case, spacing and end
+    punctuation folded)."""
     import torch
+
+    from tasks.eval_metrics import exact_match
 
     tokenizer.padding_side = "left"  # generation continues from the right edge
     model.eval()
@@ -55,7 +59,7 @@ def greedy_exact_match(
         for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1] :], strict=True):
             got = tokenizer.decode(g, skip_special_tokens=True).strip()
             want = r["messages"][-1]["content"].strip()
-            hits += got == want
+            hits += exact_match(got, want)
             if len(shown) < 5:
                 shown.append({"expected": want, "generated": got})
     return hits / len(rows), shown

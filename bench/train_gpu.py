@@ -57,6 +57,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tasks.train import PEAK_FLOPS  # noqa: E402 (after the path; imports no transformers)
+
 #: Arm suffixes (``project:GC:VARIANT``): the stage with one setting changed.
 #: ``trl``: TRL's fused LM head for the loss plus its entropy/accuracy metrics (the
 #: stage's behaviour before it used the model's own loss), to measure what it costs.
@@ -142,17 +144,19 @@ def cmd_project(a: argparse.Namespace) -> None:
     from tasks.base_model import prepare_base
     from tasks.config import load_config
     from tasks.hardware import decide, probe
-    from tasks.train import activation_bytes, data_ref_from_folder, train
+    from tasks.train import activation_bytes, data_ref_from_folder, flops_per_token, train
 
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="slothflow-bench-gpu-"))
     home = home_mod.activate(work / "home")
     (work / "template.jinja").write_text(TEMPLATE)
-    sets = [
+    base_sets = [
         f"model.name_or_path={a.model}",
         "model.revision=null",
         f"model.chat_template={work / 'template.jinja'}",
         f"model.max_seq_length={SEQ}",
+    ]
+    overrides = [
         f"train.max_steps={a.steps}",
         "train.num_epochs=1",
         "train.logging_steps=1",
@@ -165,7 +169,7 @@ def cmd_project(a: argparse.Namespace) -> None:
         f"train.gradient_checkpointing={a.gc}",
         *a.sets,
     ]
-    cfg = load_config("llama3-8b-qlora", sets)
+    cfg = load_config("llama3-8b-qlora", [*base_sets, *overrides])
     t = cfg.train
     _write_split(work / "data", a.steps * t.micro_batch_size * t.grad_accum + 8, 4)
     data = data_ref_from_folder(work / "data")
@@ -189,7 +193,7 @@ def cmd_project(a: argparse.Namespace) -> None:
     res = {
         "arm": a.name or f"project:{a.gc}",
         "recipe": "llama3-8b-qlora",
-        "overrides": sets[4:],
+        "overrides": overrides,
         "hardware_decision": hw.reason,
         "backend": ref.backend,
         "gradient_checkpointing": rec.tags.get("slothflow.gradient_checkpointing"),
@@ -213,6 +217,8 @@ def cmd_project(a: argparse.Namespace) -> None:
         "activation_estimate_gb": activation_bytes(mcfg, t.micro_batch_size, SEQ) / 2**30,
         "losses": [m["train_loss"] for _, _, m in steps],
         "trainable_params": rec.params.get("train.trainable_params"),
+        # the stage's own count (the baseline's: 4 N_frozen + 6 N_lora + attention)
+        "flops_per_token": flops_per_token(mcfg, SEQ, int(rec.params["train.trainable_params"])),
         "setup_s": setup_s,
         "train_wall_s": ref.metrics["train_wall_s"],
         "total_s": time.perf_counter() - t0,
@@ -382,13 +388,6 @@ def cmd_all(a: argparse.Namespace) -> None:
     print("\n".join(["", "=" * 100, *result["table"], f"wrote {out / name}"]), flush=True)
 
 
-def _flops_per_token(n_trainable: int) -> float:
-    """The baseline's count (4 N_frozen + 6 N_lora + attention) for the 8B shape."""
-    h, layers, inter, q, kv, vocab = 4096, 32, 14336, 4096, 1024, 128256
-    matmul = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + vocab * h
-    return 4.0 * matmul + 6.0 * n_trainable + 6.0 * layers * SEQ * q
-
-
 def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
     env = baseline.get("env") or {}
     ceiling = (env.get("matmul_8192_bf16_tflops_median") or 790.0) * 1e12
@@ -397,9 +396,8 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
     arms = result["arms"]
     for name, r in arms.items():
         if name.startswith("project:") and r.get("status") == "ok":
-            fpt = _flops_per_token(int(r["trainable_params"]))
-            r["flops_per_token"] = fpt
-            r["mfu_vs_989"] = r["tokens_per_s"] * fpt / 989e12
+            fpt = r["flops_per_token"]
+            r["mfu_vs_989"] = r["tokens_per_s"] * fpt / PEAK_FLOPS["H100"]  # H100/H200 sheet
             r["mfu_vs_measured"] = r["tokens_per_s"] * fpt / ceiling
     ok = {k: r for k, r in arms.items() if r.get("status") == "ok"}
     projects = {k: r for k, r in ok.items() if k.startswith("project:")}
@@ -419,14 +417,14 @@ def _summarise(result: dict[str, Any], baseline: dict[str, Any]) -> None:
     if nogc and auto and auto.get("gradient_checkpointing") == "off":
         # the same comparison with checkpointing off (what 'auto' picks on the H200)
         result["ratio_same_setting_gc_off_vs_unsloth"] = auto["tokens_per_s"] / nogc["tokens_per_s"]
-    for gc in ("unsloth", "auto"):
-        padded = projects.get(f"project:{gc}:padded")
-        if padded and raw_u and gc == "unsloth":
-            result["ratio_padded_same_setting_vs_unsloth"] = (
-                padded["tokens_per_s"] / raw_u["tokens_per_s"]
-            )
-        if padded and nogc and gc == "auto" and padded.get("gradient_checkpointing") == "off":
-            result["ratio_padded_gc_off_vs_unsloth"] = padded["tokens_per_s"] / nogc["tokens_per_s"]
+    padded = projects.get("project:unsloth:padded")
+    if padded and raw_u:
+        result["ratio_padded_same_setting_vs_unsloth"] = (
+            padded["tokens_per_s"] / raw_u["tokens_per_s"]
+        )
+    padded_off = projects.get("project:auto:padded")
+    if padded_off and nogc and padded_off.get("gradient_checkpointing") == "off":
+        result["ratio_padded_gc_off_vs_unsloth"] = padded_off["tokens_per_s"] / nogc["tokens_per_s"]
     trl = projects.get("project:unsloth:trl")
     if same and trl:
         # what TRL's fused head (loss + entropy/accuracy metrics) costs the stage
@@ -471,7 +469,14 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--gc", default="auto", choices=["auto", "unsloth", "on", "off"])
     p.add_argument("--steps", type=int, default=7, help="optimizer steps (x grad_accum 4)")
-    p.add_argument("--skip", type=int, default=2, help="first steps left out (compile)")
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=2,
+        choices=range(1, 100),
+        metavar="N>=1",
+        help="first steps left out (compile); the clock starts at the last of them",
+    )
     p.add_argument("--json", required=True)
     p.add_argument("--name", default=None, help="the arm's name in the results")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one step here")
