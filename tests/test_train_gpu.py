@@ -431,26 +431,7 @@ def test_cuda_oom_retries_once_then_names_the_knobs(
 
     from tasks.train import TrainOutOfMemoryError
 
-    rows = []
-    for i in range(256):
-        words = " ".join(f"topic {j % 97} item {i}" for j in range(250))
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": words},
-                    {"role": "assistant", "content": "food"},
-                ]
-            }
-        )
-    folder = tmp_path / "long"
-    folder.mkdir()
-    for split in ("train", "validation"):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for r in rows[: 256 if split == "train" else 8]:
-                f.write(json.dumps(r) + "\n")
-    from tasks.train import data_ref_from_folder
-
-    data = data_ref_from_folder(folder)
+    data = _long_rows(tmp_path / "long")
     cfg = load_config(
         "default",
         [
