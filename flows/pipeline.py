@@ -59,7 +59,7 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
         results["base"] = {"model": base.name_or_path, "revision": base.revision[:19]}
 
         previous = run_mod.previous_output(home, ctx, config.name, "data", "manifest.jsonl")
-        data = clean_task(ctx, config.data, base.tokenizer_path, previous)
+        data = clean_task(ctx, config.data, base, previous)
         results["data"] = {
             "train": data.train_rows,
             "validation": data.validation_rows,

@@ -48,6 +48,29 @@ def hub_load_revision(base: BaseModelRef) -> str | None:
     return base.revision if is_hub_id(base.name_or_path) else None
 
 
+def base_tokenizer_revision(base: BaseModelRef) -> str | None:
+    """The ``revision=`` for ``base.tokenizer_path``: the base's hub commit when the
+    tokenizer is the base's own (a hub id), nothing for a folder (the base's own, or the
+    copy that carries a configured chat template, which is keyed by content)."""
+    return hub_load_revision(base) if base.tokenizer_path == base.name_or_path else None
+
+
+def load_base_tokenizer(base: BaseModelRef) -> Any:
+    """The tokenizer the base stage recorded, loaded the one way every stage loads it:
+    ``base.tokenizer_path`` pinned to :func:`base_tokenizer_revision`, never remote code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        base.tokenizer_path, revision=base_tokenizer_revision(base), **LOAD_KWARGS
+    )
+
+
+def template_sha256(text: str) -> str:
+    """The hash recorded as ``BaseModelRef.chat_template_sha256``: sha256 of the template's
+    UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _hub_snapshot(repo_id: str, commit: str) -> Path | None:
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -179,7 +202,7 @@ def prepare_base(cfg: ModelConfig, home: Home, tracker: Tracker = NullTracker())
         name_or_path=name_or_path,
         revision=revision,
         tokenizer_path=tokenizer_path,
-        chat_template_sha256=hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        chat_template_sha256=template_sha256(template),
         license=_license(folder, name),
     )
     tracker.log_params(
@@ -206,7 +229,7 @@ def base_inputs_hash(cfg: ModelConfig) -> str:
     template = None
     if cfg.chat_template is not None:
         text = _read_template_file(cfg.chat_template)
-        template = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        template = template_sha256(text)
     return sha256_json(
         {"model": cfg.model_dump(mode="json"), "revision": revision, "chat_template": template}
     )

@@ -182,3 +182,55 @@ def test_resumed_base_stage_notices_a_changed_folder_or_template(
     assert base_inputs_hash(cfg) != key
     third = prepare_base_in_run(ctx, cfg)
     assert third.revision != second.revision
+
+
+def test_the_data_stage_loads_and_keys_the_hub_tokenizer_at_the_pinned_commit(
+    smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """``refs/main`` moves on to a commit whose tokenizer has no chat template; a base
+    pinned to the earlier commit still loads, filters with and hashes that commit's."""
+    from transformers import AutoTokenizer
+
+    from tasks.base_model import base_tokenizer_revision, load_base_tokenizer, template_sha256
+    from tasks.data import clean, inputs_hash
+    from tasks.data.clean import tokenizer_identity
+    from tests.test_data import cfg_for, good_rows, report_of, write_jsonl
+
+    repo_id = f"slothflow-test/pinned-{uuid.uuid4().hex[:8]}"
+    snap, commit = _hub_layout(tiny_dir, repo_id)
+    ref = prepare_base(smoke_model_cfg.model_copy(update={"name_or_path": repo_id}), session_home)
+    assert (ref.name_or_path, ref.tokenizer_path, ref.revision) == (repo_id, repo_id, commit)
+    assert base_tokenizer_revision(ref) == commit
+
+    newer = "f" * 40
+    moved = snap.parent / newer
+    shutil.copytree(snap, moved)
+    tc = json.loads((moved / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (moved / "tokenizer_config.json").write_text(json.dumps(tc))
+    (moved / "chat_template.jinja").unlink(missing_ok=True)
+    (snap.parent.parent / "refs" / "main").write_text(newer)
+    assert not AutoTokenizer.from_pretrained(repo_id).chat_template  # main: no template
+
+    tok = load_base_tokenizer(ref)
+    assert tok.chat_template == embedded.CHAT_TEMPLATE
+    assert template_sha256(tok.chat_template) == ref.chat_template_sha256
+
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
+    cfg = cfg_for(src, val_fraction=0.3, min_tokens=1)
+    clean(cfg, tmp_path / "out", ref)
+    lf = report_of(tmp_path / "out")["length_filter"]
+    assert lf["chat_template"] is True  # the pinned commit's tokenizer, not main's
+    assert (lf["tokenizer"], lf["tokenizer_revision"]) == (repo_id, commit)
+
+    # The stage's cache key names the commit: another one is another input.
+    assert tokenizer_identity(ref) == f"{repo_id}@{commit}"
+    other = ref.model_copy(update={"revision": newer})
+    assert inputs_hash(cfg, other) != inputs_hash(cfg, ref) == inputs_hash(cfg, ref)
+
+
+def test_template_sha256_is_the_recorded_hash() -> None:
+    from tasks.base_model import template_sha256
+
+    text = "{{ messages }} — é"
+    assert template_sha256(text) == hashlib.sha256(text.encode("utf-8")).hexdigest()

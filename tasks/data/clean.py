@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
+from tasks.base_model import LOAD_KWARGS, base_tokenizer_revision, load_base_tokenizer
 from tasks.config import DataConfig
 from tasks.data import dedup
 from tasks.data.read import (
@@ -55,6 +56,7 @@ from tasks.data.rows import (
 )
 from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import (
+    BaseModelRef,
     DataRef,
     RunContext,
     data_fingerprint,
@@ -117,26 +119,48 @@ def load_manifest(path: Path) -> set[str]:
     return ids
 
 
-def load_tokenizer(tokenizer_path: str | None) -> Any:
-    if tokenizer_path is None:
+#: The length filter's tokenizer: the base stage's (the pipeline), a folder or hub id as
+#: given (``slothflow data clean --tokenizer``), or none (the filter is skipped).
+TokenizerSpec = BaseModelRef | str | None
+
+
+def _tokenizer_location(tokenizer: TokenizerSpec) -> tuple[str, str | None] | None:
+    """``(path or hub id, hub revision)`` of the tokenizer; the revision is the base's
+    pinned commit for its own hub tokenizer, ``None`` for a name given as it is."""
+    if tokenizer is None:
         return None
+    if isinstance(tokenizer, BaseModelRef):
+        return tokenizer.tokenizer_path, base_tokenizer_revision(tokenizer)
+    return tokenizer, None
+
+
+def load_tokenizer(tokenizer: TokenizerSpec) -> Any:
+    """The base stage's tokenizer exactly as training loads it (pinned revision), or a
+    folder / hub id given by name."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, BaseModelRef):
+        return load_base_tokenizer(tokenizer)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_path)
+    return AutoTokenizer.from_pretrained(tokenizer, **LOAD_KWARGS)
 
 
-def tokenizer_identity(tokenizer_path: str | None) -> str | None:
-    """Content hash of a local tokenizer folder's files, else the name as given."""
-    if tokenizer_path is None:
+def tokenizer_identity(tokenizer: TokenizerSpec) -> str | None:
+    """Content hash of a local tokenizer folder's files; a hub id with the commit it is
+    pinned to (``org/name@<commit>``), else the name as given."""
+    loc = _tokenizer_location(tokenizer)
+    if loc is None:
         return None
-    p = Path(tokenizer_path)
-    if not p.is_dir():
-        return tokenizer_path
-    return tokenizer_revision(p)
+    path, revision = loc
+    p = Path(path)
+    if p.is_dir():
+        return tokenizer_revision(p)
+    return f"{path}@{revision}" if revision else path
 
 
 def inputs_hash(
-    cfg: DataConfig, tokenizer_path: str | None, previous_manifest: str | Path | None = None
+    cfg: DataConfig, tokenizer: TokenizerSpec, previous_manifest: str | Path | None = None
 ) -> str:
     """What the stage's output depends on: its config, every source's content, the
     tokenizer, the previous manifest and the cleaning rules' version."""
@@ -150,7 +174,7 @@ def inputs_hash(
             "version": CLEAN_VERSION,
             "config": cfg.model_dump(mode="json"),
             "sources": [source_sha256(s) for s in resolve_all(cfg.sources)],
-            "tokenizer": tokenizer_identity(tokenizer_path),
+            "tokenizer": tokenizer_identity(tokenizer),
             "previous_manifest": manifest,
         }
     )
@@ -390,12 +414,16 @@ def _write_pass(
 def clean(
     cfg: DataConfig,
     out_dir: Path,
-    tokenizer_path: str | None = None,
+    tokenizer: TokenizerSpec = None,
     previous_manifest: Path | None = None,
     tracker: Tracker = NullTracker(),
     progress: ProgressFn | None = None,
 ) -> DataRef:
     """Read ``cfg.sources``, clean them and write the splits and reports to ``out_dir``.
+
+    ``tokenizer`` is the length filter's tokenizer: the base stage's reference (its
+    tokenizer at the pinned revision, as training loads it), a folder or hub id, or
+    ``None`` to skip the filter.
 
     Raises :class:`DataError` (after writing the reports) when no rows are left or the
     validation split is empty, and :class:`SourceError` for an unreadable source.
@@ -405,8 +433,9 @@ def clean(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     sources = resolve_all(cfg.sources)
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer is None:
+    tok = load_tokenizer(tokenizer)
+    location = _tokenizer_location(tokenizer)
+    if tok is None:
         log.warning(
             "no tokenizer given: the token-length filter (min_tokens=%d, max_tokens=%d) is "
             "SKIPPED; lengths in the report are whitespace-separated words",
@@ -417,7 +446,7 @@ def clean(
     quarantine = _Quarantine(out_dir / REJECTED, cfg.pii_scrub)
     spool_path = out_dir / _SPOOL
     try:
-        st = _read_pass(cfg, sources, tokenizer, previous, quarantine, spool_path, progress)
+        st = _read_pass(cfg, sources, tok, previous, quarantine, spool_path, progress)
         timings["read_normalise_filter_s"] = time.perf_counter() - t_start
         t = time.perf_counter()
         keep, index, boiler = _near_dup_pass(cfg, st, previous, quarantine, spool_path)
@@ -466,17 +495,18 @@ def clean(
             "in_rejected": dict(quarantine.pii_counts),
         },
         "length_filter": {
-            "applied": tokenizer is not None,
-            "tokenizer": tokenizer_path,
-            "unit": "tokens" if tokenizer is not None else "words",
-            "counted_text": counted_text(tokenizer)
-            if tokenizer is not None
+            "applied": tok is not None,
+            "tokenizer": location[0] if location else None,
+            "tokenizer_revision": location[1] if location else None,
+            "unit": "tokens" if tok is not None else "words",
+            "counted_text": counted_text(tok)
+            if tok is not None
             else "whitespace-separated words of every turn's content",
-            "chat_template": tokenizer is not None and has_chat_template(tokenizer),
+            "chat_template": tok is not None and has_chat_template(tok),
             "min_tokens": cfg.min_tokens,
             "max_tokens": cfg.max_tokens,
             "note": None
-            if tokenizer is not None
+            if tok is not None
             else "skipped: no tokenizer given, so no row was filtered by length",
         },
         "lengths": _summary(kept_lengths),
@@ -610,7 +640,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     if lf["applied"]:
         lines.append(
-            f"- tokenizer `{lf['tokenizer']}`, kept rows with {lf['min_tokens']}..{lf['max_tokens']} "
+            f"- tokenizer `{lf['tokenizer']}`"
+            + (f" @ `{lf['tokenizer_revision']}`" if lf.get("tokenizer_revision") else "")
+            + f", kept rows with {lf['min_tokens']}..{lf['max_tokens']} "
             f"tokens; counted: {lf['counted_text']}"
         )
     else:
@@ -693,15 +725,16 @@ def _log(tracker: Tracker, cfg: DataConfig, report: dict[str, Any], out_dir: Pat
 def clean_task(
     ctx: RunContext,
     cfg: DataConfig,
-    tokenizer_path: str | None,
+    tokenizer: TokenizerSpec,
     previous_manifest: str | None = None,
 ) -> DataRef:
-    """The data stage of a pipeline run: reuses a finished result for identical inputs."""
+    """The data stage of a pipeline run: reuses a finished result for identical inputs.
+    ``tokenizer`` is the base stage's reference in the pipeline (see :func:`clean`)."""
     from tasks.run import stage
 
     with stage(ctx, "data") as tracker:
         stage_dir = ctx.stage_dir("data")
-        ihash = inputs_hash(cfg, tokenizer_path, previous_manifest)
+        ihash = inputs_hash(cfg, tokenizer, previous_manifest)
         done = load_done(stage_dir, ihash, DataRef)
         if done is not None:
             log.info("data: inputs unchanged; reusing %s", done.path)
@@ -710,7 +743,7 @@ def clean_task(
         ref = clean(
             cfg,
             stage_dir,
-            tokenizer_path,
+            tokenizer,
             Path(previous_manifest) if previous_manifest else None,
             tracker,
         )
