@@ -57,7 +57,6 @@ def open_run(
     cfg: PipelineConfig,
     home: Home,
     resume_run_id: str | None = None,
-    track: bool = True,
 ) -> RunContext:
     """Create a run (or re-open ``resume_run_id``): folder, config, hardware, MLflow.
 
@@ -94,28 +93,24 @@ def open_run(
     log.info("hardware: %s", decision.reason)
     code = tracking.code_version()
 
-    tref = None
-    if track:
-        tref = tracking.open_pipeline_run(cfg.tracking, home, run_id)
-        parent = tracking.pipeline_tracker(tref)
-        parent.log_params(
-            # Only what the config hash covers: a resumed run has the same values for
-            # these (MLflow params are write-once), while the sections outside the hash
-            # (deploy, tracking) may change on resume and live in config/resolved.yaml.
-            tracking.flatten_params(
-                cfg.model_dump(mode="json", exclude=set(HASH_EXCLUDED_SECTIONS))
-            )
-        )
-        parent.log_params({"config_hash": chash, **decision.as_params()})
-        parent.set_tags(
-            {
-                "slothflow.config_hash": chash,
-                "slothflow.hardware": decision.reason,
-                "mlflow.source.git.commit": code,
-                "slothflow.code_version": code,
-            }
-        )
-        parent.log_text(dump_config(cfg), "config/resolved.yaml")
+    tref = tracking.open_pipeline_run(cfg.tracking, home, run_id)
+    parent = tracking.pipeline_tracker(tref)
+    parent.log_params(
+        # Only what the config hash covers: a resumed run has the same values for
+        # these (MLflow params are write-once), while the sections outside the hash
+        # (deploy, tracking) may change on resume and live in config/resolved.yaml.
+        tracking.flatten_params(cfg.model_dump(mode="json", exclude=set(HASH_EXCLUDED_SECTIONS)))
+    )
+    parent.log_params({"config_hash": chash, **decision.as_params()})
+    parent.set_tags(
+        {
+            "slothflow.config_hash": chash,
+            "slothflow.hardware": decision.reason,
+            "mlflow.source.git.commit": code,
+            "slothflow.code_version": code,
+        }
+    )
+    parent.log_text(dump_config(cfg), "config/resolved.yaml")
 
     ctx = RunContext(
         run_id=run_id,
@@ -123,7 +118,7 @@ def open_run(
         config_hash=chash,
         code_version=code,
         hardware={k.removeprefix("hardware."): v for k, v in decision.as_params().items()},
-        tracking=tref.model_dump() if tref else None,
+        tracking=tref.model_dump(),
     )
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     write_json_atomic(run_dir / "run.json", ctx.model_dump(mode="json"))

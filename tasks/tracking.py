@@ -338,9 +338,7 @@ def _find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str |
     return runs[0].info.run_id if runs else None
 
 
-def open_pipeline_run(
-    cfg: TrackingConfig, home: Home, run_id: str, run_name: str | None = None
-) -> TrackingRef:
+def open_pipeline_run(cfg: TrackingConfig, home: Home, run_id: str) -> TrackingRef:
     """Create (or re-attach to) the parent MLflow run of pipeline run ``run_id``."""
     from mlflow.tracking import MlflowClient
 
@@ -351,7 +349,7 @@ def open_pipeline_run(
     tags = {TAG_RUN_ID: run_id, TAG_KIND: "pipeline"}
     mlflow_id = _find_run(client, exp_id, tags)
     if mlflow_id is None:
-        run = client.create_run(exp_id, run_name=run_name or run_id, tags=tags)
+        run = client.create_run(exp_id, run_name=run_id, tags=tags)
         mlflow_id = run.info.run_id
     else:
         client.update_run(mlflow_id, status="RUNNING")
