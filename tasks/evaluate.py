@@ -41,6 +41,7 @@ import yaml
 from pydantic import Field
 
 from tasks import eval_metrics
+from tasks.base_model import hub_load_revision
 from tasks.config import EvalConfig, PipelineConfig
 from tasks.export import (
     ExportRef,
@@ -52,6 +53,7 @@ from tasks.export import (
 from tasks.hardware import HardwareDecision
 from tasks.orchestration import stage_task
 from tasks.refs import DataRef, RunContext, StageRef, load_done, mark_done, sha256_json
+from tasks.revision import is_hub_id
 from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,27 @@ def _hflm(pretrained: Any, tokenizer: Any, cfg: EvalConfig, hw: HardwareDecision
         trust_remote_code=False,
         **kw,
     )
+
+
+def revision_kwargs(revision: str | None) -> dict[str, str]:
+    """``revision=`` for an lm-eval model whose base is a Hub id pinned to a commit;
+    nothing otherwise (HFLM turns ``None`` into the string ``"None"``)."""
+    return {"revision": revision} if revision else {}
+
+
+def champion_lm_args(folder: Path, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What lm-eval loads for a champion artifact: ``(pretrained, HFLM keyword arguments)``.
+
+    A merged champion is its own folder. An adapter champion is its base (the manifest's
+    ``serving.model``) plus ``peft=`` the adapter, the base pinned to the Hub commit the
+    adapter was trained on (``base_model.revision``) when the base is a hub id: the
+    branch head may have moved since. A local base's recorded revision is a content
+    hash, not something to load by."""
+    if manifest["kind"] == "merged":
+        return str(folder), {"dtype": manifest["dtype"]}
+    base = str(manifest["serving"]["model"])
+    revision = manifest.get("base_model", {}).get("revision") if is_hub_id(base) else None
+    return base, {"peft": str(folder), **revision_kwargs(revision)}
 
 
 def run_tasks(lm: Any, task_dir: Path, task_names: list[str]) -> dict[str, Any]:
@@ -401,7 +424,9 @@ def evaluate(
     # Base once, as an object: evaluated bare first, then wrapped by PEFT for the adapter
     # (PEFT injects the LoRA layers into this same module tree; no second load).
     dtype = export.dtype if hw.device == "cuda" else "float32"
-    base = load_causal_lm(export.base.name_or_path, dtype, hw.device)
+    # At the Hub commit the adapter was trained on (as export merged it), not the branch head.
+    base_revision = hub_load_revision(export.base)
+    base = load_causal_lm(export.base.name_or_path, dtype, hw.device, base_revision)
     results["base"] = run_tasks(_hflm(base, tokenizer, ecfg, hw), task_dir / "candidate", tasks)
     adapter = PeftModel.from_pretrained(base, export.adapter_path).eval()
     results["adapter"] = run_tasks(
@@ -443,7 +468,11 @@ def evaluate(
             tokenizer,
             ecfg,
             hw,
-            **({} if export.merged_path else {"peft": export.adapter_path}),
+            **(
+                {}
+                if export.merged_path
+                else {"peft": export.adapter_path, **revision_kwargs(base_revision)}
+            ),
         )
         extra_status, extra_metrics = run_extra_tasks(lm, ecfg.extra_tasks)
         scores[candidate] = {
@@ -549,10 +578,8 @@ def _evaluate_champion(
         _stop_strings(tokenizer, list(manifest["eos_token_ids"])),
         ecfg.max_new_tokens,
     )
-    if manifest["kind"] == "merged":
-        lm = _hflm(str(folder), tokenizer, ecfg, hw, dtype=manifest["dtype"])
-    else:
-        lm = _hflm(manifest["serving"]["model"], tokenizer, ecfg, hw, peft=str(folder))
+    pretrained, kwargs = champion_lm_args(folder, manifest)
+    lm = _hflm(pretrained, tokenizer, ecfg, hw, **kwargs)
     return scores_from(run_tasks(lm, task_dir, [gen_t, ll_t]), gen_t, ll_t)
 
 

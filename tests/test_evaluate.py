@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,83 @@ def test_champion_cache_is_one_folder_per_tracking_store() -> None:
     from tasks.deploy import registry_cache
 
     assert a == registry_cache(resolve_home(), "https://user:s3cret@mlflow-a.example:5000")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in loader once it has recorded its arguments."""
+
+
+@pytest.mark.parametrize(
+    ("hub", "want"), [(True, COMMIT), (False, None)], ids=["hub-base", "local-base"]
+)
+def test_the_candidate_base_loads_at_the_revision_it_was_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: bool, want: str | None
+) -> None:
+    """A hub base loads at the commit export pinned (the branch head may have moved); a
+    local folder's revision is a content hash, so nothing is passed for it."""
+    from tasks import export as export_mod
+    from tasks.evaluate import evaluate
+
+    calls: list[tuple[Any, ...]] = []
+
+    def recording_load(path: str, dtype: str, device: str, revision: str | None = None) -> Any:
+        calls.append((path, revision))
+        raise _Loaded
+
+    monkeypatch.setattr(export_mod, "load_causal_lm", recording_load)
+    base = fx.base_ref()
+    if hub:
+        base = base.model_copy(update={"name_or_path": "acme/tiny", "revision": COMMIT})
+    tok = export_mod.load_tokenizer(str(fx.base_dir()))
+    ref = export_mod.ExportRef(
+        stage="export",
+        path=str(tmp_path),
+        adapter_path=str(fx.base_dir()),  # the candidate folder: only its tokenizer is read
+        merged_path=None,
+        base=base,
+        data_fingerprint="d",
+        config_hash="c",
+        dtype="float32",
+        eos_token_ids=[tok.eos_token_id],
+        served_model_name="m",
+        parity_max_abs_diff=None,
+        parity_atol=1e-3,
+        stop_fraction=1.0,
+        metrics={},
+    )
+    with pytest.raises(_Loaded):
+        evaluate(fx.pipeline_cfg(), fx.data_ref(), ref, tmp_path / "eval", fx.cpu())
+    assert calls == [(base.name_or_path, want)]
+
+
+def test_a_champion_adapter_loads_its_base_at_the_recorded_revision(tmp_path: Path) -> None:
+    from tasks.evaluate import champion_lm_args
+
+    folder = tmp_path / "champion"
+
+    def adapter(base: str, revision: str) -> dict[str, Any]:
+        return {
+            "kind": "adapter",
+            "dtype": "bfloat16",
+            "base_model": {"id": base, "revision": revision},
+            "serving": {"model": base},
+        }
+
+    assert champion_lm_args(folder, adapter("acme/tiny", COMMIT)) == (
+        "acme/tiny",
+        {"peft": str(folder), "revision": COMMIT},
+    )
+    # A local base: its revision is a content hash, not a Hub revision.
+    local = str(fx.base_dir())
+    assert champion_lm_args(folder, adapter(local, "sha256:" + "0" * 64)) == (
+        local,
+        {"peft": str(folder)},
+    )
+    merged = {"kind": "merged", "dtype": "bfloat16", "base_model": {"id": "acme/tiny"}}
+    assert champion_lm_args(folder, merged) == (str(folder), {"dtype": "bfloat16"})
 
 
 def test_scoring_normalises_case_space_and_edge_punctuation() -> None:
