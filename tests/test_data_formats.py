@@ -104,6 +104,35 @@ def test_json_array_and_json_lines_named_json(tmp_path: Path, reference: set[str
     assert _ids(tmp_path / "b") == reference
 
 
+def test_deep_nesting_is_malformed_json_not_a_crash(tmp_path: Path, reference: set[str]) -> None:
+    """JSON nested deeper than the parser's recursion limit: a quarantined row (a reader
+    never raises for bad content), in a CSV ``messages`` cell and in a JSON array."""
+    deep = "[" * 50000
+    rows = _as_alpaca(good_rows(40))
+    with open(tmp_path / "chat.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["messages"])
+        w.writeheader()
+        for x in rows:
+            turns = [
+                {"role": "user", "content": x["instruction"]},
+                {"role": "assistant", "content": x["output"]},
+            ]
+            w.writerow({"messages": json.dumps(turns)})
+        w.writerow({"messages": deep})
+    (tmp_path / "array.json").write_text(json.dumps(rows)[:-1] + ", " + deep, encoding="utf-8")
+    for name in ("chat.csv", "array.json"):
+        out = tmp_path / name.replace(".", "-")
+        clean(cfg_for(tmp_path / name, val_fraction=0.3), out)
+        assert _ids(out) == reference, name
+        assert report_of(out)["rejected"] == {"malformed_json": 1}, name
+        (rej,) = read_jsonl(out / "rejected.jsonl")
+        assert rej["line"] == (42 if name == "chat.csv" else 41), name
+        assert rej["text"].startswith("[[[["), name
+    (tmp_path / "only.json").write_text(deep, encoding="utf-8")
+    (got,) = read(resolve(str(tmp_path / "only.json")), 1_000_000)
+    assert got.reason == "malformed_json" and "recursion" in got.detail
+
+
 def test_saved_datasets_folder(tmp_path: Path, reference: set[str]) -> None:
     import datasets
 

@@ -370,13 +370,17 @@ def _json_array(f: _Prepended, name: str, max_bytes: int) -> Iterator[RawRecord]
                 try:
                     value, end = decoder.raw_decode(buf, pos)
                     break
-                except json.JSONDecodeError as exc:
-                    if not eof and len(buf) - pos <= max_bytes:
+                except (ValueError, RecursionError) as exc:
+                    # Only an element cut off by the end of the buffer can parse with more
+                    # of it; nesting too deep (RecursionError) or a number too long to
+                    # convert (a plain ValueError) stays malformed however much is read.
+                    incomplete = isinstance(exc, json.JSONDecodeError)
+                    if incomplete and not eof and len(buf) - pos <= max_bytes:
                         fill()
                         continue
                     # No way to find where a broken element ends: the rest is one bad record.
                     index += 1
-                    reason = "line_too_long" if not eof else "malformed_json"
+                    reason = "line_too_long" if incomplete and not eof else "malformed_json"
                     yield RawRecord(
                         name,
                         index,
@@ -443,8 +447,8 @@ def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
         if isinstance(value.get("messages"), str):
             # A chat row in CSV keeps its messages as a JSON string in one column.
             try:
-                value["messages"] = json.loads(value["messages"])
-            except ValueError as exc:
+                value["messages"] = _loads(value["messages"])
+            except (ValueError, RecursionError) as exc:
                 yield RawRecord(
                     name,
                     reader.line_num,
