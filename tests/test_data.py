@@ -533,6 +533,27 @@ def test_pii_is_scrubbed_in_outputs_and_quarantine(tmp_path: Path) -> None:
     assert r["rejected"] == {"exact_duplicate": 1, "line_too_long": 1, "malformed_json": 1}
 
 
+def test_only_a_cut_off_quarantine_text_loses_its_partial_tail(
+    tmp_path: Path, tokenizer_dir: str
+) -> None:
+    """With PII scrubbing, a preview cut mid-token drops that token; a whole row's text
+    (here one rejected as too_many_tokens, far longer than a preview) stays intact JSON."""
+    from tasks.data.read import PREVIEW_BYTES, clip
+
+    long_row = {"instruction": "Kabar locen " * 300, "output": "Pogor rujat"}
+    src = write_jsonl(tmp_path / "in.jsonl", [*good_rows(30), long_row])
+    cfg = cfg_for(src, pii_scrub=True, val_fraction=0.3, min_tokens=1, max_tokens=300)
+    clean(cfg, tmp_path / "out", tokenizer_dir)
+    assert report_of(tmp_path / "out")["rejected"] == {"too_many_tokens": 1}
+    (rej,) = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert len(rej["text"]) > PREVIEW_BYTES
+    assert json.loads(rej["text"]) == to_messages(long_row)
+
+    assert clip("abc def", 7) == ("abc def", False)
+    assert clip("abc defg", 7) == ("abc def", True)
+    assert clip(b"caf\xc3\xa9!", 4) == ("caf\ufffd", True)
+
+
 # --------------------------------------------------------------------------- outputs
 
 

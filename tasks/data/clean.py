@@ -33,11 +33,11 @@ from tasks.base_model import LOAD_KWARGS, base_tokenizer_revision, load_base_tok
 from tasks.config import DataConfig
 from tasks.data import dedup
 from tasks.data.read import (
-    PREVIEW_BYTES,
     ProgressFn,
     RawRecord,
     Source,
     SourceError,
+    clip,
     read,
     resolve_all,
     source_sha256,
@@ -202,13 +202,16 @@ class _Quarantine:
         text: str = "",
         detail: str = "",
         duplicate_of: str | None = None,
+        truncated: bool = False,
     ) -> None:
+        """``truncated``: ``text`` was cut off (:func:`~tasks.data.read.clip`); a whole
+        text is written as it is (scrubbed)."""
         self.counts[reason] += 1
         if self.pii:
             text = scrub(text, self.pii_counts)
             detail = scrub(detail, self.pii_counts)
-            if len(text.encode("utf-8", "replace")) >= PREVIEW_BYTES - 4:
-                # A cut-off preview may end inside an address or number the patterns no
+            if truncated:
+                # A cut-off text may end inside an address or number the patterns no
                 # longer recognise ("jane.doe@exa"): drop its last, partial token.
                 text = _PARTIAL_TAIL.sub("", text)
         row: dict[str, Any] = {"reason": reason, "source": source, "line": line, "text": text}
@@ -220,10 +223,11 @@ class _Quarantine:
 
     def add_record(self, rec: RawRecord, reason: str, detail: str) -> None:
         try:
-            text = json.dumps(rec.value, ensure_ascii=False, default=str)[:MAX_REJECTED_TEXT]
+            whole = json.dumps(rec.value, ensure_ascii=False, default=str)
         except (ValueError, RecursionError):
-            text = repr(rec.value)[:MAX_REJECTED_TEXT]
-        self.add(reason, rec.source, rec.line, text, detail)
+            whole = repr(rec.value)
+        text, truncated = clip(whole, MAX_REJECTED_TEXT)
+        self.add(reason, rec.source, rec.line, text, detail, truncated=truncated)
 
     def close(self) -> None:
         self.f.close()
@@ -320,7 +324,14 @@ def _read_pass(
                 st.input_records += 1
                 st.per_source[src.name] += 1
                 if rec.reason is not None:
-                    quarantine.add(rec.reason, rec.source, rec.line, rec.text, rec.detail)
+                    quarantine.add(
+                        rec.reason,
+                        rec.source,
+                        rec.line,
+                        rec.text,
+                        rec.detail,
+                        truncated=rec.truncated,
+                    )
                     continue
                 try:
                     msgs = to_messages(rec.value, st.norm)

@@ -28,7 +28,8 @@ from tasks.config import REPO_ROOT
 
 Format = Literal["jsonl", "json", "csv", "parquet", "datasets"]
 
-#: Bytes of an over-long or undecodable line kept for the quarantine file.
+#: Bytes of an over-long or undecodable line (characters of a decoded one) kept for the
+#: quarantine file.
 PREVIEW_BYTES = 1000
 CHUNK_BYTES = 1 << 20
 
@@ -51,6 +52,7 @@ class RawRecord:
     reason: str | None = None
     text: str = ""
     detail: str = ""
+    truncated: bool = False  # ``text`` is cut off: the row goes on past it (see clip)
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,10 @@ def lines(
     f: _Counted | BinaryIO, max_bytes: int, chunk: int = CHUNK_BYTES
 ) -> Iterator[tuple[int, bytes | None, bytes]]:
     """``(line_no, line, preview)`` for every line; ``line`` is ``None`` when the line is
-    longer than ``max_bytes`` (then ``preview`` holds its first bytes). At most
-    ``max_bytes + chunk`` bytes are held at any time."""
+    longer than ``max_bytes`` (then ``preview`` holds its first ``PREVIEW_BYTES + 1``
+    bytes: one more than a preview keeps, so :func:`clip` knows whether it cut the line).
+    At most ``max_bytes + chunk`` bytes are held at any time."""
+    keep = PREVIEW_BYTES + 1
     lineno = 0
     buf = bytearray()
     overflow: bytes | None = None  # preview of the current line once it is too long
@@ -232,11 +236,11 @@ def lines(
             nl = block.find(b"\n", start)
             piece = block[start:] if nl < 0 else block[start:nl]
             if overflow is None and len(buf) + len(piece) > max_bytes:
-                overflow = bytes(buf[:PREVIEW_BYTES]) + piece[: max(0, PREVIEW_BYTES - len(buf))]
+                overflow = bytes(buf[:keep]) + piece[: max(0, keep - len(buf))]
                 buf = bytearray()  # release what was held; the rest streams past unread
             elif overflow is not None:
-                if len(overflow) < PREVIEW_BYTES:
-                    overflow += piece[: PREVIEW_BYTES - len(overflow)]
+                if len(overflow) < keep:
+                    overflow += piece[: keep - len(overflow)]
             else:
                 if nl < 0:
                     buf += piece
@@ -261,8 +265,30 @@ def lines(
         yield lineno + 1, bytes(buf), b""
 
 
-def _preview(raw: bytes) -> str:
-    return raw[:PREVIEW_BYTES].decode("utf-8", "replace")
+def clip(raw: str | bytes, limit: int = PREVIEW_BYTES) -> tuple[str, bool]:
+    """The first ``limit`` characters (bytes of an undecoded line) of a quarantined row as
+    text, and whether that cut anything off. The one place a row's text is shortened, so
+    a cut is known where it happens, never guessed from the length later."""
+    cut = len(raw) > limit
+    head = raw[:limit]
+    return (head.decode("utf-8", "replace") if isinstance(head, bytes) else head), cut
+
+
+def _rejected(
+    source: str,
+    line: int,
+    reason: str,
+    raw: str | bytes = "",
+    detail: str = "",
+    *,
+    continues: bool = False,
+) -> RawRecord:
+    """A record that could not be decoded, with a :func:`clip` of its raw text.
+    ``continues``: the row goes on past ``raw`` (the rest was never read)."""
+    text, cut = clip(raw)
+    return RawRecord(
+        source, line, reason=reason, text=text, detail=detail, truncated=cut or continues
+    )
 
 
 def _decode_line(
@@ -270,21 +296,15 @@ def _decode_line(
 ) -> RawRecord | str:
     """Shared first steps of JSONL/CSV lines: the record to reject, or the decoded text."""
     if line is None:
-        return RawRecord(
-            name,
-            lineno,
-            reason="line_too_long",
-            text=_preview(preview),
-            detail=f"line longer than max_line_bytes={max_bytes}",
+        return _rejected(
+            name, lineno, "line_too_long", preview, f"line longer than max_line_bytes={max_bytes}"
         )
     if line.startswith(codecs.BOM_UTF8):
         line = line[len(codecs.BOM_UTF8) :]
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return RawRecord(
-            name, lineno, reason="invalid_utf8", text=_preview(line), detail=str(exc)[:200]
-        )
+        return _rejected(name, lineno, "invalid_utf8", line, str(exc)[:200])
 
 
 def _loads(text: str) -> Any:
@@ -307,9 +327,7 @@ def _read_jsonl(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
         try:
             yield RawRecord(name, lineno, value=_loads(text))
         except (ValueError, RecursionError) as exc:
-            yield RawRecord(
-                name, lineno, reason="malformed_json", text=text[:PREVIEW_BYTES], detail=str(exc)
-            )
+            yield _rejected(name, lineno, "malformed_json", text, str(exc))
 
 
 def _read_json(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
@@ -381,24 +399,27 @@ def _json_array(f: _Prepended, name: str, max_bytes: int) -> Iterator[RawRecord]
                     # No way to find where a broken element ends: the rest is one bad record.
                     index += 1
                     reason = "line_too_long" if incomplete and not eof else "malformed_json"
-                    yield RawRecord(
+                    yield _rejected(
                         name,
                         index,
-                        reason=reason,
-                        text=buf[pos : pos + PREVIEW_BYTES],
-                        detail=str(exc),
+                        reason,
+                        buf[pos : pos + PREVIEW_BYTES + 1],
+                        str(exc),
+                        continues=not eof,
                     )
                     return
             index += 1
             yield RawRecord(name, index, value=value)
             pos = end
     except UnicodeDecodeError as exc:
-        yield RawRecord(
+        # The undecodable bytes (and whatever follows) come after the text kept.
+        yield _rejected(
             name,
             index + 1,
-            reason="invalid_utf8",
-            text=buf[pos : pos + PREVIEW_BYTES],
-            detail=str(exc),
+            "invalid_utf8",
+            buf[pos : pos + PREVIEW_BYTES],
+            str(exc),
+            continues=True,
         )
 
 
@@ -424,7 +445,7 @@ def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
         except StopIteration:
             break
         except csv.Error as exc:
-            yield RawRecord(name, reader.line_num, reason="malformed_csv", detail=str(exc))
+            yield _rejected(name, reader.line_num, "malformed_csv", detail=str(exc))
             continue
         finally:
             yield from bad
@@ -435,12 +456,12 @@ def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
             header = [h.strip().lstrip("\ufeff") for h in row]
             continue
         if len(row) != len(header):
-            yield RawRecord(
+            yield _rejected(
                 name,
                 reader.line_num,
-                reason="malformed_csv",
-                text=",".join(row)[:PREVIEW_BYTES],
-                detail=f"{len(row)} fields, header has {len(header)}",
+                "malformed_csv",
+                ",".join(row),
+                f"{len(row)} fields, header has {len(header)}",
             )
             continue
         value: dict[str, Any] = dict(zip(header, row, strict=True))
@@ -449,12 +470,12 @@ def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
             try:
                 value["messages"] = _loads(value["messages"])
             except (ValueError, RecursionError) as exc:
-                yield RawRecord(
+                yield _rejected(
                     name,
                     reader.line_num,
-                    reason="malformed_json",
-                    text=value["messages"][:PREVIEW_BYTES],
-                    detail=f"messages column: {exc}",
+                    "malformed_json",
+                    value["messages"],
+                    f"messages column: {exc}",
                 )
                 continue
         yield RawRecord(name, reader.line_num, value=value)
