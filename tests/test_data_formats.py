@@ -104,6 +104,26 @@ def test_json_array_and_json_lines_named_json(tmp_path: Path, reference: set[str
     assert _ids(tmp_path / "b") == reference
 
 
+@pytest.mark.parametrize("name", ["rows.tsv", "rows.tsv.bz2", "rows.TSV.xz"])
+def test_tsv_compressed_or_not_is_tab_separated(
+    tmp_path: Path, reference: set[str], name: str
+) -> None:
+    import bz2
+    import io
+    import lzma
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["instruction", "input", "output"], delimiter="\t")
+    w.writeheader()
+    w.writerows(_as_alpaca(good_rows(40)))
+    data = buf.getvalue().encode("utf-8")
+    compress = {"bz2": bz2.compress, "xz": lzma.compress}.get(name.rsplit(".", 1)[-1])
+    (tmp_path / name).write_bytes(compress(data) if compress else data)
+    clean(cfg_for(tmp_path / name, val_fraction=0.3), tmp_path / "out")
+    assert report_of(tmp_path / "out")["rejected"] == {}
+    assert _ids(tmp_path / "out") == reference
+
+
 def test_deep_nesting_is_malformed_json_not_a_crash(tmp_path: Path, reference: set[str]) -> None:
     """JSON nested deeper than the parser's recursion limit: a quarantined row (a reader
     never raises for bad content), in a CSV ``messages`` cell and in a JSON array."""

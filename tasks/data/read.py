@@ -135,15 +135,25 @@ def resolve(name: str) -> Source:
     raise SourceError(f"input not found: {name} (looked for {where})")
 
 
+#: Compression suffixes fsspec infers (``compression="infer"``) and decompresses on read.
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _strip_compression(name: str) -> str:
+    """``name`` lower-cased without its compression suffix: ``a.TSV.bz2`` -> ``a.tsv``."""
+    lower = name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        lower = lower.removesuffix(suffix)
+    return lower
+
+
 def _detect_format(name: str, is_dir: bool, fs: Any, path: str) -> Format:
     if is_dir:
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any(fs.exists(f"{path.rstrip('/')}/{m}") for m in markers):
             return "datasets"
         raise SourceError(f"{name} is a folder but not a saved `datasets` folder")
-    lower = name.lower()
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
-        lower = lower.removesuffix(suffix)  # compression is inferred by fsspec
+    lower = _strip_compression(name)
     if lower.endswith((".jsonl", ".ndjson")):
         return "jsonl"
     if lower.endswith(".json"):
@@ -424,7 +434,7 @@ def _json_array(f: _Prepended, name: str, max_bytes: int) -> Iterator[RawRecord]
 
 
 def _read_csv(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
-    delimiter = "\t" if name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    delimiter = "\t" if _strip_compression(name).endswith(".tsv") else ","
     bad: list[RawRecord] = []
 
     def text_lines() -> Iterator[str]:
