@@ -19,11 +19,14 @@ would not apply to the loglikelihood task the same way. Rendering ourselves give
 both tasks the exact string a chat request to vLLM produces, and the task folder
 stays reproducible with the plain ``lm_eval`` CLI.
 
-**Loading.** The base is loaded once and handed to lm-eval as a model object; the
-adapter is a PEFT wrapper around that same object (what ``peft=`` does, without a
-second load), and the merged model is loaded by lm-eval from the export folder, the
-artifact that gets served. The adapter's and the merged model's scores must agree
-within ``eval.agreement_tolerance``; otherwise the stage fails.
+**Loading.** The base is loaded once (a Hub base at the commit the adapter was trained
+on) and handed to lm-eval as a model object; the adapter is a PEFT wrapper around that
+same object (what ``peft=`` does, without a second load), and the merged model is
+loaded by lm-eval from the export folder, the artifact that gets served. The adapter's
+and the merged model's scores must agree within ``eval.agreement_tolerance``;
+otherwise the stage fails. ``eval.extra_tasks`` run on the candidate's lm-eval model
+as it is (no reload). The champion, a registry download, is loaded by lm-eval from its
+folder: a merged model, or an adapter with its own base at its recorded revision.
 """
 
 from __future__ import annotations
@@ -429,16 +432,14 @@ def evaluate(
     base = load_causal_lm(export.base.name_or_path, dtype, hw.device, base_revision)
     results["base"] = run_tasks(_hflm(base, tokenizer, ecfg, hw), task_dir / "candidate", tasks)
     adapter = PeftModel.from_pretrained(base, export.adapter_path).eval()
-    results["adapter"] = run_tasks(
-        _hflm(adapter, tokenizer, ecfg, hw), task_dir / "candidate", tasks
-    )
+    # The candidate's lm-eval model is kept for the extra tasks (no second load of it).
+    cand_lm = _hflm(adapter, tokenizer, ecfg, hw)
+    results["adapter"] = run_tasks(cand_lm, task_dir / "candidate", tasks)
     del adapter, base
     if export.merged_path:
-        results["merged"] = run_tasks(
-            _hflm(export.merged_path, tokenizer, ecfg, hw, dtype=export.dtype),
-            task_dir / "candidate",
-            tasks,
-        )
+        del cand_lm  # one model in memory at a time: the adapter goes before the merge loads
+        cand_lm = _hflm(export.merged_path, tokenizer, ecfg, hw, dtype=export.dtype)
+        results["merged"] = run_tasks(cand_lm, task_dir / "candidate", tasks)
     scores = {k: scores_from(v, gen_t, ll_t) for k, v in results.items()}
 
     candidate = "merged" if export.merged_path else "adapter"
@@ -452,33 +453,24 @@ def evaluate(
                 f"{scores['merged']}. The merged artifact does not behave like what was trained."
             )
 
-    # After the agreement check: no point scoring the champion against a broken export.
+    # After the agreement check: no point running more on a broken export. The extra
+    # tasks run on the candidate still in memory, which is freed before the champion loads.
+    extra_status: dict[str, str] = {}
+    extra_metrics: dict[str, float] = {}
+    if ecfg.extra_tasks:
+        extra_status, extra_metrics = run_extra_tasks(cand_lm, ecfg.extra_tasks)
+        scores[candidate] = {
+            **scores[candidate],
+            **{f"extra.{k}": v for k, v in extra_metrics.items()},
+        }
+    del cand_lm
+
     champ_name = None
     if champion_path:
         champ_name = champion_label or "champion"
         scores["champion"] = _evaluate_champion(
             Path(champion_path), data, ecfg, hw, task_dir / "champion", tokenizer, items
         )
-
-    extra_status: dict[str, str] = {}
-    extra_metrics: dict[str, float] = {}
-    if ecfg.extra_tasks:
-        lm = _hflm(
-            cand_path if export.merged_path else export.base.name_or_path,
-            tokenizer,
-            ecfg,
-            hw,
-            **(
-                {}
-                if export.merged_path
-                else {"peft": export.adapter_path, **revision_kwargs(base_revision)}
-            ),
-        )
-        extra_status, extra_metrics = run_extra_tasks(lm, ecfg.extra_tasks)
-        scores[candidate] = {
-            **scores[candidate],
-            **{f"extra.{k}": v for k, v in extra_metrics.items()},
-        }
 
     md, page = side_by_side(
         items,

@@ -36,6 +36,30 @@ class _Loaded(Exception):
     """Raised by a stand-in loader once it has recorded its arguments."""
 
 
+def _export_ref(tmp_path: Path, base: Any, merged: bool = False) -> Any:
+    """An export reference whose artifact folders are the tiny base (only their tokenizer
+    is read when the models are stand-ins)."""
+    from tasks.export import ExportRef, load_tokenizer
+
+    tok = load_tokenizer(str(fx.base_dir()))
+    return ExportRef(
+        stage="export",
+        path=str(tmp_path),
+        adapter_path=str(fx.base_dir()),
+        merged_path=str(fx.base_dir()) if merged else None,
+        base=base,
+        data_fingerprint="d",
+        config_hash="c",
+        dtype="float32",
+        eos_token_ids=[tok.eos_token_id],
+        served_model_name="m",
+        parity_max_abs_diff=None,
+        parity_atol=1e-3,
+        stop_fraction=1.0,
+        metrics={},
+    )
+
+
 @pytest.mark.parametrize(
     ("hub", "want"), [(True, COMMIT), (False, None)], ids=["hub-base", "local-base"]
 )
@@ -57,26 +81,71 @@ def test_the_candidate_base_loads_at_the_revision_it_was_trained_on(
     base = fx.base_ref()
     if hub:
         base = base.model_copy(update={"name_or_path": "acme/tiny", "revision": COMMIT})
-    tok = export_mod.load_tokenizer(str(fx.base_dir()))
-    ref = export_mod.ExportRef(
-        stage="export",
-        path=str(tmp_path),
-        adapter_path=str(fx.base_dir()),  # the candidate folder: only its tokenizer is read
-        merged_path=None,
-        base=base,
-        data_fingerprint="d",
-        config_hash="c",
-        dtype="float32",
-        eos_token_ids=[tok.eos_token_id],
-        served_model_name="m",
-        parity_max_abs_diff=None,
-        parity_atol=1e-3,
-        stop_fraction=1.0,
-        metrics={},
-    )
+    ref = _export_ref(tmp_path, base)
     with pytest.raises(_Loaded):
         evaluate(fx.pipeline_cfg(), fx.data_ref(), ref, tmp_path / "eval", fx.cpu())
     assert calls == [(base.name_or_path, want)]
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "adapter-only"])
+def test_extra_tasks_run_on_the_candidate_already_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged: bool
+) -> None:
+    """No second load of the candidate for ``eval.extra_tasks``: they get the lm-eval
+    model that scored it (models and lm-eval stand-ins: this is about who loads what)."""
+    from types import SimpleNamespace
+
+    import peft
+
+    from tasks import evaluate as ev
+    from tasks import export as export_mod
+
+    loads: list[Any] = []
+    scored: dict[str, Any] = {}
+
+    def fake_hflm(pretrained: Any, tokenizer: Any, cfg: Any, hw: Any, **kw: Any) -> Any:
+        lm = SimpleNamespace(pretrained=pretrained, kw=kw)
+        loads.append(lm)
+        return lm
+
+    def fake_run_tasks(lm: Any, task_dir: Path, names: list[str]) -> dict[str, Any]:
+        scored[["base", "adapter", "merged"][len(scored)]] = lm
+        gen, ll = names
+        return {
+            "results": {
+                gen: {"exact_match,none": 1.0, "f1,none": 1.0},
+                ll: {"perplexity,none": 1.5, "acc,none": 1.0},
+            },
+            "samples": {gen: [{"doc_id": 0, "filtered_resps": ["x"]}]},
+        }
+
+    extra_lms: list[Any] = []
+
+    def fake_extra(lm: Any, names: list[str]) -> tuple[dict[str, str], dict[str, float]]:
+        extra_lms.append(lm)
+        return {n: "ran" for n in names}, {"arc_easy.acc": 0.5}
+
+    class FakePeft:
+        @staticmethod
+        def from_pretrained(base: Any, path: str) -> Any:
+            return SimpleNamespace(eval=lambda: SimpleNamespace(base=base, adapter=path))
+
+    monkeypatch.setattr(export_mod, "load_causal_lm", lambda *a, **kw: SimpleNamespace(base=a))
+    monkeypatch.setattr(peft, "PeftModel", FakePeft)
+    monkeypatch.setattr(ev, "_hflm", fake_hflm)
+    monkeypatch.setattr(ev, "run_tasks", fake_run_tasks)
+    monkeypatch.setattr(ev, "run_extra_tasks", fake_extra)
+    ref = _export_ref(tmp_path, fx.base_ref(), merged=merged)
+    cfg = fx.pipeline_cfg(eval={"extra_tasks": ["arc_easy"]})
+    out = ev.evaluate(cfg, fx.data_ref(), ref, tmp_path / "eval", fx.cpu())
+
+    candidate = "merged" if merged else "adapter"
+    assert out.candidate == candidate
+    assert set(scored) == ({"base", "adapter", "merged"} if merged else {"base", "adapter"})
+    assert len(loads) == len(scored)  # one lm-eval model per scored model, none for extras
+    assert extra_lms == [scored[candidate]]
+    assert out.scores[candidate]["extra.arc_easy.acc"] == 0.5
+    assert out.extra_tasks == {"arc_easy": "ran"}
 
 
 def test_a_champion_adapter_loads_its_base_at_the_recorded_revision(tmp_path: Path) -> None:
