@@ -114,7 +114,19 @@ def test_each_normalisation(raw: str, expected: str, kind: str) -> None:
 
     counts: Counter[str] = Counter()
     assert normalize_text(raw, counts) == expected
-    assert counts[kind] == 1
+    assert counts == Counter({kind: 1})  # one tick, of one kind (a BOM is not zero_width)
+    assert normalize_text(raw) == expected  # no counter: the same text
+
+
+def test_normalisation_counts_strings_per_kind() -> None:
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    assert normalize_text("\ufeffa\u200bb\u2060c\ufeff", counts) == "abc"
+    assert counts == Counter({"bom": 1, "zero_width": 1})  # one string, two kinds
+    assert normalize_text("nul\x00 here", counts) == "nul here"
+    assert normalize_text("tab\tstays", counts) == "tab\tstays"  # no control char of its own
+    assert counts == Counter({"bom": 1, "zero_width": 1, "control_chars": 1})
 
 
 def test_zero_width_joiner_is_kept() -> None:

@@ -59,40 +59,52 @@ _NBSP = "\u00a0\u202f\u2007"
 _CONTROL = "".join(chr(c) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F))
 _CONTROL += "".join(chr(c) for c in range(0x80, 0xA0))
 _TABLE = str.maketrans({**dict.fromkeys(_ZERO_WIDTH + _CONTROL, None), **dict.fromkeys(_NBSP, " ")})
-_ZW_RE = re.compile(f"[{_ZERO_WIDTH}]")
+_BOM = "\ufeff"
+_ZW_RE = re.compile(f"[{_ZERO_WIDTH.replace(_BOM, '')}]")  # a BOM counts as "bom" only
 _NBSP_RE = re.compile(f"[{_NBSP}]")
 _CONTROL_RE = re.compile(f"[{re.escape(_CONTROL)}]")
 # A JSON escape such as "\\ud800" decodes to a lone surrogate: not encodable as UTF-8.
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
+def _tick(counts: Counter[str] | None, kind: str) -> None:
+    if counts is not None:
+        counts[kind] += 1
+
+
 def normalize_text(s: str, counts: Counter[str] | None = None) -> str:
     """CRLF/CR -> LF, drop BOM/zero-width/control characters, NBSP -> space, Unicode NFC,
-    strip surrounding whitespace. ``counts`` gets one tick per kind of change."""
-    c: Counter[str] = counts if counts is not None else Counter()
+    strip surrounding whitespace.
+
+    ``counts`` (the report's ``normalisation``) gets one tick per kind of change this
+    string needed, so it counts strings changed by kind, not characters: ``crlf``,
+    ``control_chars``, ``bom`` (U+FEFF), ``zero_width`` (the other zero-width characters;
+    a BOM is counted as ``bom`` only), ``nbsp``, ``nfc``, ``surrounding_whitespace``.
+    """
     if "\r" in s:
-        c["crlf"] += 1
+        _tick(counts, "crlf")
         s = s.replace("\r\n", "\n").replace("\r", "\n")
-    if _CONTROL_RE.search(s):
-        c["control_chars"] += 1
+    has_control = _CONTROL_RE.search(s) is not None
+    if has_control:
+        _tick(counts, "control_chars")
     if not s.isascii():
         if _SURROGATE_RE.search(s):
             raise Reject("invalid_utf8", "lone surrogate (an invalid \\u escape)")
-        if "\ufeff" in s:
-            c["bom"] += 1
+        if _BOM in s:
+            _tick(counts, "bom")
         if _ZW_RE.search(s):
-            c["zero_width"] += 1
+            _tick(counts, "zero_width")
         if _NBSP_RE.search(s):
-            c["nbsp"] += 1
+            _tick(counts, "nbsp")
         s = s.translate(_TABLE)
         if not unicodedata.is_normalized("NFC", s):
-            c["nfc"] += 1
+            _tick(counts, "nfc")
             s = unicodedata.normalize("NFC", s)
-    elif c["control_chars"]:
+    elif has_control:  # this string's own control characters (ASCII ones)
         s = s.translate(_TABLE)
     stripped = s.strip()
     if len(stripped) != len(s):
-        c["surrounding_whitespace"] += 1
+        _tick(counts, "surrounding_whitespace")
     return stripped
 
 
