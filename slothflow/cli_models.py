@@ -136,9 +136,8 @@ def evaluate_cmd(
         if champion:
             from tasks import registry, tracking
 
-            resolved = registry.resolve(
-                champion, tracking.resolve_tracking_uri(cfg.tracking, home), home.cache / "registry"
-            )
+            uri = tracking.resolve_tracking_uri(cfg.tracking, home)
+            resolved = registry.resolve(champion, uri, registry.cache_dir(home, uri))
             champ_path, champ_label = str(resolved.path), f"{resolved.name} v{resolved.version}"
         hw = hardware.decide(cfg, hardware.probe())
         ref = evaluate(

@@ -126,7 +126,8 @@ def start(
             raise ConfigError(f"--heldout {heldout}: no such file")
         cfg = load_config(recipe, set_ or [])
         home = _home()
-        from tasks.deploy import registry_cache, registry_resolver
+        from tasks import registry
+        from tasks.deploy import registry_resolver
         from tasks.tracking import resolve_tracking_uri
 
         uri = resolve_tracking_uri(cfg.tracking, home)
@@ -136,7 +137,7 @@ def start(
             expected_score=expected_score,
             host=host,
             port=port,
-            resolver=registry_resolver(uri, registry_cache(home, uri)),
+            resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
         )
         if track:
             from tasks.run import open_run, stage

@@ -28,7 +28,6 @@ generated per server and kept in a 0600 file beside the state.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -146,18 +145,9 @@ Resolver = Callable[[str], tuple[Path, dict[str, Any], str]]
 _REGISTRY_SPEC = re.compile(r"^(?:models:/)?[^@/]+(?:@[\w-]+|/\d+)$")
 
 
-def registry_cache(home: Home, tracking_uri: str) -> Path:
-    """Where registry downloads for ``tracking_uri`` live: under the home, one folder
-    per store (``NAME/version`` alone would collide across two stores; a hash, as the
-    URI may carry credentials). The evaluation stage keys its champion downloads the
-    same way (``tasks.evaluate.champion_cache_dir``), so a version is fetched once."""
-    digest = hashlib.sha256(tracking_uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
-    return home.cache / "registry" / digest
-
-
 def registry_resolver(tracking_uri: str, cache_dir: Path) -> Resolver:
     """Resolve ``NAME@alias`` / ``NAME/version`` through ``tasks.registry`` (MLflow);
-    downloads from a remote store go to ``cache_dir`` (see :func:`registry_cache`)."""
+    downloads from a remote store go to ``cache_dir`` (see ``tasks.registry.cache_dir``)."""
 
     def resolve(spec: str) -> tuple[Path, dict[str, Any], str]:
         from tasks import registry
@@ -1394,6 +1384,7 @@ def deploy_task(
     if not cfg.enabled:
         log.info("deploy.enabled is false; not serving")
         return None
+    from tasks import registry
     from tasks.run import stage
 
     home = resolve_home()
@@ -1408,7 +1399,7 @@ def deploy_task(
             heldout=heldout_path,
             expected_score=expected_score,
             offline=offline,
-            resolver=registry_resolver(uri, registry_cache(home, uri)) if uri else None,
+            resolver=registry_resolver(uri, registry.cache_dir(home, uri)) if uri else None,
             run_id=ctx.run_id,
         )
 

@@ -588,19 +588,6 @@ def evaluate_inputs_hash(
     )
 
 
-def champion_cache_dir(tracking_uri: str, cache_root: Path | None = None) -> Path:
-    """Where a remote store's champion is downloaded: under the home's cache, one folder
-    per tracking store (a short hash of its URI: two stores both have a ``model/1``, and
-    the URI may carry credentials that do not belong in a path)."""
-    import hashlib
-
-    from tasks.home import resolve_home
-
-    root = cache_root or resolve_home().cache
-    store = hashlib.sha256(tracking_uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
-    return root / "registry" / store
-
-
 @stage_task(name="evaluate", retries=0)
 def evaluate_task(
     ctx: RunContext, cfg: PipelineConfig, data: DataRef, export: ExportRef
@@ -613,11 +600,12 @@ def evaluate_task(
     champ = None
     if ctx.tracking is not None:
         from tasks import registry
+        from tasks.home import resolve_home
 
         # A remote store's champion is downloaded once into the home's cache.
         uri = ctx.tracking["tracking_uri"]
         champ = registry.current_champion(
-            cfg.tracking.registered_model, uri, champion_cache_dir(uri)
+            cfg.tracking.registered_model, uri, registry.cache_dir(resolve_home(), uri)
         )
     label = f"{champ.name} v{champ.version}" if champ else None
     key = evaluate_inputs_hash(cfg, data, export, label)

@@ -33,6 +33,7 @@ from tasks.config import ConfigError, PipelineConfig
 from tasks.evaluate import EvalRef
 from tasks.export import MANIFEST, ExportRef, read_manifest, relocate_manifest
 from tasks.gate import GateRef
+from tasks.home import Home
 from tasks.orchestration import stage_task
 from tasks.refs import RunContext, StageRef, load_done, mark_done, sha256_json
 from tasks.tracking import NullTracker, Tracker
@@ -234,6 +235,18 @@ def promote(name: str, version: int, tracking_uri: str) -> None:
     client.set_registered_model_alias(name, CHAMPION, version)
     if aliases.get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
+
+
+def cache_dir(home: Home, tracking_uri: str) -> Path:
+    """Where downloads from the registry of ``tracking_uri`` land: under the home's
+    cache, one folder per tracking store (two stores both have a ``NAME/1``), named by a
+    short hash of the URI (which may carry credentials that do not belong in a path).
+    The evaluation stage (the champion), ``slothflow evaluate --champion`` and the
+    serving stage all download here, so a version is fetched once."""
+    import hashlib
+
+    store = hashlib.sha256(tracking_uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return home.cache / "registry" / store
 
 
 def _local_path(uri: str) -> Path | None:

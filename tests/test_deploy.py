@@ -337,18 +337,6 @@ def test_child_environment_drops_secrets(tmp_path: Path) -> None:
     assert d.serves_hub_model(hub) and not d.serves_hub_model(_merged(tmp_path))
 
 
-def test_registry_downloads_land_in_the_home_per_tracking_store(tmp_path: Path) -> None:
-    home = Home(tmp_path / "home")
-    a = d.registry_cache(home, "http://mlflow-a:5000")
-    b = d.registry_cache(home, "http://mlflow-b:5000")
-    assert a.parent == b.parent == home.cache / "registry" and a != b
-    assert d.registry_cache(home, "http://mlflow-a:5000/") == a
-    # The evaluation stage downloads the champion into the same folder: fetched once.
-    from tasks.evaluate import champion_cache_dir
-
-    assert champion_cache_dir("http://mlflow-a:5000", home.cache) == a
-
-
 def test_missing_environment_fails_before_starting(
     models: dict[str, Path], session_home: Home, spawned: list[int]
 ) -> None:

@@ -13,22 +13,6 @@ from tests import export_fixtures as fx
 # --------------------------------------------------------------------------- pure parts
 
 
-def test_champion_cache_is_one_folder_per_tracking_store() -> None:
-    from tasks.evaluate import champion_cache_dir
-    from tasks.home import resolve_home
-
-    a = champion_cache_dir("https://user:s3cret@mlflow-a.example:5000")
-    b = champion_cache_dir("https://mlflow-b.example:5000")
-    assert a != b  # both stores have a tiny-topics/1; their downloads must not mix
-    assert a == champion_cache_dir("https://user:s3cret@mlflow-a.example:5000/")
-    assert a.is_relative_to(resolve_home().cache)  # under SLOTHFLOW_HOME
-    assert "s3cret" not in str(a)
-    # `slothflow serve` keys its registry downloads the same way: one fetch per version.
-    from tasks.deploy import registry_cache
-
-    assert a == registry_cache(resolve_home(), "https://user:s3cret@mlflow-a.example:5000")
-
-
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

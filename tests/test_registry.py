@@ -79,6 +79,21 @@ def test_parse_spec() -> None:
         parse_spec("m")
 
 
+def test_registry_downloads_land_in_one_cache_folder_per_tracking_store(tmp_path: Path) -> None:
+    """The one place evaluation (champion), `slothflow evaluate --champion` and serving
+    download registry versions to."""
+    from tasks.home import Home
+    from tasks.registry import cache_dir
+
+    home = Home(tmp_path / "home")
+    a = cache_dir(home, "https://user:s3cret@mlflow-a.example:5000")
+    b = cache_dir(home, "https://mlflow-b.example:5000")
+    assert a != b  # both stores have a tiny-topics/1: their downloads must not mix
+    assert a.parent == b.parent == home.cache / "registry"
+    assert cache_dir(home, "https://user:s3cret@mlflow-a.example:5000/") == a
+    assert "s3cret" not in str(a)  # the URI's credentials stay out of the path
+
+
 def test_register_adds_a_challenger_version_with_lineage(tmp_path: Path) -> None:
     from tasks.registry import CHALLENGER, list_versions, resolve
 
