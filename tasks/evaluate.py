@@ -44,7 +44,7 @@ import yaml
 from pydantic import Field
 
 from tasks import eval_metrics
-from tasks.base_model import hub_load_revision
+from tasks.base_model import LOAD_KWARGS, hub_load_revision
 from tasks.config import EvalConfig, PipelineConfig
 from tasks.export import (
     ExportRef,
@@ -210,7 +210,7 @@ def _hflm(pretrained: Any, tokenizer: Any, cfg: EvalConfig, hw: HardwareDecision
         tokenizer=tokenizer,
         batch_size=cfg.batch_size,
         device=hw.device,
-        trust_remote_code=False,
+        **LOAD_KWARGS,  # HFLM hands them to each of its from_pretrained calls
         **kw,
     )
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.base_model import template_text
+from tasks.base_model import LOAD_KWARGS, template_text
 from tasks.config import ConfigError, PipelineConfig
 from tasks.hardware import HardwareDecision
 from tasks.orchestration import stage_task
@@ -303,7 +303,7 @@ def _torch_dtype(name: str) -> Any:
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(path, **LOAD_KWARGS)
 
 
 def load_causal_lm(path: str, dtype: str, device: str, revision: str | None = None) -> Any:
@@ -313,8 +313,8 @@ def load_causal_lm(path: str, dtype: str, device: str, revision: str | None = No
         path,
         revision=revision,
         dtype=_torch_dtype(dtype),
-        trust_remote_code=False,
         use_safetensors=True,
+        **LOAD_KWARGS,
     )
     return model.to(device).eval()
 
