@@ -11,8 +11,9 @@ Rules, all from ``EvalConfig`` and all must hold:
    score recorded at the champion's own registration is not comparable);
 5. **finite** — training losses and the answer perplexities are finite numbers.
 
-:func:`decide` is pure. The stage function prints and logs the decision, writes it to
-``gate.json``, and tags the run (``slothflow.gate = passed|failed``). A failed gate is
+:func:`decide` is pure. The stage function logs the decision, writes it to
+``gate.json``, and tags the run (``slothflow.gate = passed|failed``); ``slothflow run``
+and ``slothflow evaluate`` print it in their summaries. A failed gate is
 an outcome, not an error: the stage finishes, every artifact stays, and the returned
 ``GateRef.passed`` is false, which stops registration (``register`` refuses it) and
 so deployment.
@@ -75,6 +76,15 @@ class GateRef(StageRef):
     candidate: float
     base: float
     champion: float | None
+
+
+def gate_tags(passed: bool, reasons: list[str]) -> dict[str, str]:
+    """The run tags of a decision: ``slothflow.gate`` and its reasons (MLflow caps a tag
+    value's length)."""
+    return {
+        TAG_GATE: "passed" if passed else "failed",
+        f"{TAG_GATE}.reasons": "; ".join(reasons)[:5000] or "all checks passed",
+    }
 
 
 def _finite_check(ev: EvalRef) -> Check:
@@ -143,7 +153,7 @@ def decide(cfg: EvalConfig, ev: EvalRef) -> GateDecision:
 def gate(
     cfg: PipelineConfig, ev: EvalRef, out_dir: Path, tracker: Tracker | None = None
 ) -> GateRef:
-    """Decide, print, log, write ``gate.json`` and tag the stage run."""
+    """Decide, log, write ``gate.json`` and tag the stage run."""
     tracker = tracker or NullTracker()
     decision = decide(cfg.eval, ev)
     text = decision.summary()
@@ -152,12 +162,7 @@ def gate(
     (log.info if decision.passed else log.warning)("%s", text)
     path = Path(out_dir) / "gate.json"
     write_json_atomic(path, {**decision.model_dump(mode="json"), "reasons": decision.reasons})
-    tracker.set_tags(
-        {
-            TAG_GATE: "passed" if decision.passed else "failed",
-            f"{TAG_GATE}.reasons": "; ".join(decision.reasons)[:5000] or "all checks passed",
-        }
-    )
+    tracker.set_tags(gate_tags(decision.passed, decision.reasons))
     tracker.log_metrics({"gate.passed": float(decision.passed)})
     tracker.log_dict(decision.model_dump(mode="json"), "gate/decision.json")
     return GateRef(
@@ -191,10 +196,5 @@ def gate_task(ctx: RunContext, cfg: PipelineConfig, ev: EvalRef) -> GateRef:
         mark_done(out, key, done)
     if ctx.tracking is not None:
         parent = tracking.pipeline_tracker(tracking.TrackingRef.model_validate(ctx.tracking))
-        parent.set_tags(
-            {
-                TAG_GATE: "passed" if done.passed else "failed",
-                f"{TAG_GATE}.reasons": "; ".join(done.reasons)[:5000] or "all checks passed",
-            }
-        )
+        parent.set_tags(gate_tags(done.passed, done.reasons))
     return done

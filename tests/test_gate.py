@@ -85,13 +85,23 @@ def test_failed_gate_is_logged_tagged_and_written(
     tracker = RecordingTracker()
     ref = gate(fx.pipeline_cfg(), _ev(0.5, base=0.1), tmp_path, tracker)
     assert not ref.passed
-    printed = caplog.text
-    assert "gate FAILED: exact_match candidate 0.5000 vs base 0.1000" in printed
-    assert "[FAIL] threshold" in printed
+    logged = caplog.text
+    assert "gate FAILED: exact_match candidate 0.5000 vs base 0.1000" in logged
+    assert "[FAIL] threshold" in logged
     assert tracker.tags[TAG_GATE] == "failed"
     assert "exact_match 0.5000 (need >= 0.9)" in tracker.tags[f"{TAG_GATE}.reasons"]
     saved = json.loads((tmp_path / "gate.json").read_text())
     assert saved["passed"] is False and saved["reasons"] == ref.reasons
+
+
+def test_gate_tags_of_a_passed_and_a_failed_decision() -> None:
+    """The stage run and the pipeline's parent run get these same tags."""
+    from tasks.gate import TAG_GATE, gate_tags
+
+    assert gate_tags(True, []) == {TAG_GATE: "passed", f"{TAG_GATE}.reasons": "all checks passed"}
+    failed = gate_tags(False, ["a", "b" * 6000])
+    assert failed[TAG_GATE] == "failed"
+    assert failed[f"{TAG_GATE}.reasons"] == ("a; " + "b" * 6000)[:5000]  # a tag's length cap
 
 
 @pytest.mark.slow
