@@ -255,7 +255,10 @@ def test_blank_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no rows left.*malformed_json=1"):
         clean(cfg_for(src), tmp_path / "out")
     # The reports are written before the error, so the cause can be inspected.
-    assert report_of(tmp_path / "out")["kept_records"] == 0
+    r = report_of(tmp_path / "out")
+    assert r["kept_records"] == 0
+    for split in ("train", "validation"):  # empty files, hashed as written
+        assert r["splits"][f"{split}_sha256"] == sha256_file(tmp_path / "out" / f"{split}.jsonl")
 
 
 def test_empty_validation_split_is_a_clear_error(tmp_path: Path) -> None:
@@ -586,6 +589,10 @@ def test_outputs_load_in_datasets_and_are_logged(tmp_path: Path, tokenizer_dir: 
     assert set(ds["train"].column_names) == {"id", "messages"}
     assert tracker.input("train").sha256 == sha256_file(Path(ref.train_path))
     assert tracker.input("validation").sha256 == sha256_file(Path(ref.validation_path))
+    # hashed while written, equal to hashing the files afterwards
+    splits = json.loads((tmp_path / "out" / "report.json").read_text())["splits"]
+    assert splits["train_sha256"] == sha256_file(Path(ref.train_path))
+    assert splits["validation_sha256"] == sha256_file(Path(ref.validation_path))
     artifacts = {p.name for p, _ in tracker.artifacts}
     assert artifacts == {"report.json", "report.md", "token_lengths.png", "rejected.jsonl"}
     png = (tmp_path / "out" / "token_lengths.png").read_bytes()

@@ -401,9 +401,12 @@ def _near_dup_pass(
 
 def _write_pass(
     cfg: DataConfig, st: _Spooled, keep: np.ndarray, spool_path: Path, out_dir: Path
-) -> tuple[dict[str, int], list[int]]:
-    """Pass 3: split the survivors by hash and copy their spooled lines out."""
+) -> tuple[dict[str, int], list[int], dict[str, str]]:
+    """Pass 3: split the survivors by hash and copy their spooled lines out. Returns the
+    rows per split, the kept rows' lengths and each split file's sha256, hashed as it is
+    written (the very bytes of the file, so no second read of it)."""
     counts = {"train": 0, "validation": 0}
+    digests = {"train": hashlib.sha256(), "validation": hashlib.sha256()}
     kept_lengths: list[int] = []
     with (
         open(out_dir / TRAIN, "wb") as ftrain,
@@ -418,8 +421,9 @@ def _write_pass(
             counts[split] += 1
             kept_lengths.append(st.lengths[i])
             (fval if split == "validation" else ftrain).write(line)
+            digests[split].update(line)
             fman.write(b'{"id":"%s","split":"%s"}\n' % (rid.encode(), split.encode()))
-    return counts, kept_lengths
+    return counts, kept_lengths, {k: h.hexdigest() for k, h in digests.items()}
 
 
 def clean(
@@ -463,7 +467,7 @@ def clean(
         keep, index, boiler = _near_dup_pass(cfg, st, previous, quarantine, spool_path)
         timings["near_dup_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        counts, kept_lengths = _write_pass(cfg, st, keep, spool_path, out_dir)
+        counts, kept_lengths, digests = _write_pass(cfg, st, keep, spool_path, out_dir)
         timings["split_write_s"] = time.perf_counter() - t
     finally:
         quarantine.close()
@@ -471,8 +475,7 @@ def clean(
 
     kept = counts["train"] + counts["validation"]
     rejected = dict(sorted(quarantine.counts.items()))
-    train_sha = sha256_file(out_dir / TRAIN)
-    val_sha = sha256_file(out_dir / VALIDATION)
+    train_sha, val_sha = digests["train"], digests["validation"]
     prev = np.frombuffer(bytes(st.in_previous), dtype=np.uint8).astype(bool)
     timings["total_s"] = time.perf_counter() - t_start
     report: dict[str, Any] = {
