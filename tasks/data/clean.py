@@ -160,10 +160,16 @@ def tokenizer_identity(tokenizer: TokenizerSpec) -> str | None:
 
 
 def inputs_hash(
-    cfg: DataConfig, tokenizer: TokenizerSpec, previous_manifest: str | Path | None = None
+    cfg: DataConfig,
+    tokenizer: TokenizerSpec,
+    previous_manifest: str | Path | None = None,
+    sources: list[Source] | None = None,
 ) -> str:
     """What the stage's output depends on: its config, every source's content, the
-    tokenizer, the previous manifest and the cleaning rules' version."""
+    tokenizer, the previous manifest and the cleaning rules' version. ``sources``:
+    ``cfg.sources`` already resolved (:func:`resolve_all`), else they are resolved here."""
+    if sources is None:
+        sources = resolve_all(cfg.sources)
     manifest = None
     if previous_manifest is not None:
         p = Path(previous_manifest)
@@ -173,7 +179,7 @@ def inputs_hash(
         {
             "version": CLEAN_VERSION,
             "config": cfg.model_dump(mode="json"),
-            "sources": [source_sha256(s) for s in resolve_all(cfg.sources)],
+            "sources": [source_sha256(s) for s in sources],
             "tokenizer": tokenizer_identity(tokenizer),
             "previous_manifest": manifest,
         }
@@ -433,12 +439,15 @@ def clean(
     previous_manifest: Path | None = None,
     tracker: Tracker = NullTracker(),
     progress: ProgressFn | None = None,
+    sources: list[Source] | None = None,
 ) -> DataRef:
     """Read ``cfg.sources``, clean them and write the splits and reports to ``out_dir``.
 
     ``tokenizer`` is the length filter's tokenizer: the base stage's reference (its
     tokenizer at the pinned revision, as training loads it), a folder or hub id, or
-    ``None`` to skip the filter.
+    ``None`` to skip the filter. ``sources``: ``cfg.sources`` already resolved
+    (:func:`resolve_all`, as the task does once for the inputs hash and the clean), else
+    they are resolved here.
 
     Raises :class:`DataError` (after writing the reports) when no rows are left or the
     validation split is empty, and :class:`SourceError` for an unreadable source.
@@ -447,7 +456,8 @@ def clean(
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    sources = resolve_all(cfg.sources)
+    if sources is None:
+        sources = resolve_all(cfg.sources)
     tok = load_tokenizer(tokenizer)
     location = _tokenizer_location(tokenizer)
     if tok is None:
@@ -748,7 +758,8 @@ def clean_task(
 
     with stage(ctx, "data") as tracker:
         stage_dir = ctx.stage_dir("data")
-        ihash = inputs_hash(cfg, tokenizer, previous_manifest)
+        sources = resolve_all(cfg.sources)  # once: for the inputs hash and the clean
+        ihash = inputs_hash(cfg, tokenizer, previous_manifest, sources)
         done = load_done(stage_dir, ihash, DataRef)
         if done is not None:
             log.info("data: inputs unchanged; reusing %s", done.path)
@@ -760,6 +771,7 @@ def clean_task(
             tokenizer,
             Path(previous_manifest) if previous_manifest else None,
             tracker,
+            sources=sources,
         )
         tracker.log_params({"data.inputs_hash": ihash})
         mark_done(stage_dir, ihash, ref)

@@ -93,14 +93,14 @@ def source_fs(src: Source) -> tuple[Any, str]:
 BACKEND_INSTALL = {"s3": "pip install 'slothflow[s3]'", "s3a": "pip install 'slothflow[s3]'"}
 
 
-def resolve_all(names: list[str], field: str = "data.sources") -> list[Source]:
+def resolve_all(names: list[str]) -> list[Source]:
     """:func:`resolve` every configured source; an error names the entry (``data.sources[1]``)."""
     out = []
     for i, name in enumerate(names):
         try:
             out.append(resolve(name))
         except SourceError as exc:
-            raise SourceError(f"{field}[{i}]: {exc}") from exc.__cause__
+            raise SourceError(f"data.sources[{i}]: {exc}") from exc.__cause__
     return out
 
 
