@@ -80,9 +80,12 @@ def source_fs(src: Source) -> tuple[Any, str]:
 
     The stage reads every source twice: first for the content hash that decides whether
     a finished clean can be reused, then to clean it. For a remote file (``s3://``...)
-    fsspec's ``filecache`` makes that one download, and both passes see the very same
-    bytes. The copy lives in a temporary folder (``TMPDIR``) for the life of the process.
-    A saved ``datasets`` folder is left to ``datasets``, which has its own loading.
+    fsspec's ``filecache`` keeps the downloaded copy, so while the remote file is
+    unchanged the two passes are one download. Every open still compares the remote's
+    identity (``check_files``): a file replaced between the hash and the clean is
+    downloaded again, and the clean then reads newer bytes than the ones hashed. The copy
+    lives in a temporary folder (``TMPDIR``) for the life of the process. A saved
+    ``datasets`` folder is left to ``datasets``, which has its own loading.
     """
     if src.remote and src.format != "datasets":
         return _url_to_fs(f"filecache::{src.url}", filecache=_REMOTE_CACHE)
