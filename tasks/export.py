@@ -19,6 +19,10 @@ Two checks fail the stage (no artifact that fails them is handed on):
   evaluation's token budget, using the *saved* generation config: merges that lose
   the end-of-turn token are a known failure in the field.
 
+Both checks run on one load of the merged folder as saved (:func:`probe_merged`: probe
+logits and greedy generations), which is freed before base + adapter load for the
+parity reference.
+
 The merge is Unsloth's merged 16-bit save for an Unsloth-trained adapter exported in
 bfloat16/float16, and PEFT's ``merge_and_unload`` otherwise (any backend's adapter, any
 dtype; see :func:`merge_method`). It is written to ``merged.staging/`` and renamed to
@@ -32,6 +36,7 @@ stage: keep them stable.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -389,39 +394,6 @@ def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
     return outs
 
 
-def check_parity(
-    base_path: str,
-    adapter_path: str,
-    merged_path: str,
-    prompts: list[str],
-    dtype: str,
-    device: str,
-    atol: float,
-    base_revision: str | None = None,
-) -> float:
-    """Max |logit(merged) − logit(base + adapter)| over the probe prompts; raises
-    :class:`ExportError` above ``atol``."""
-    from peft import PeftModel
-
-    tokenizer = load_tokenizer(merged_path)
-    merged = load_causal_lm(merged_path, dtype, device)
-    got = probe_logits(merged, tokenizer, prompts)
-    del merged
-    base = load_causal_lm(base_path, dtype, device, base_revision)
-    ref_model = PeftModel.from_pretrained(base, adapter_path).eval()
-    want = probe_logits(ref_model, tokenizer, prompts)
-    diff = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
-    log.info(
-        "parity: max |Δlogit| = %.3g over %d probe prompts (atol %.3g)", diff, len(prompts), atol
-    )
-    if not diff <= atol:  # also catches NaN
-        raise ExportError(
-            f"parity check failed: merged logits differ from base + adapter by up to {diff:.4g} "
-            f"(> export.parity_atol {atol:g}) on {len(prompts)} probe prompts; the merge is wrong"
-        )
-    return diff
-
-
 def generate_greedy(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 ) -> list[list[int]]:
@@ -442,31 +414,84 @@ def generate_greedy(
     return outs
 
 
-def check_stop(
-    model_path: str, prompts: list[str], max_new_tokens: int, device: str, dtype: str
-) -> float:
-    """Share of probe prompts whose greedy generation ends on an EOS id from the
-    artifact's own ``generation_config.json``; raises unless every prompt stops."""
+@dataclass(frozen=True)
+class MergedProbe:
+    """What the parity and stop checks need from the merged model, from one load of it."""
+
+    tokenizer: Any  # the artifact's own saved tokenizer
+    prompts: list[str]
+    max_new_tokens: int
+    logits: list[Any]  # per probe prompt: logits at every position (float32, on the CPU)
+    generations: list[list[int]]  # per probe prompt: the greedy new token ids
+    eos_ids: set[int]  # the eos_token_id of the artifact's saved generation_config.json
+
+
+def probe_merged(
+    model_path: str, prompts: list[str], max_new_tokens: int, dtype: str, device: str
+) -> MergedProbe:
+    """Load the merged folder once, as saved (weights, tokenizer, generation config), and
+    run what both checks need on the probe prompts: their logits (:func:`check_parity`)
+    and greedy generations (:func:`check_stop`). The model is freed on return."""
     from transformers import GenerationConfig
 
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype, device)
-    gen = GenerationConfig.from_pretrained(model_path)
-    eos = gen.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-    outs = generate_greedy(model, tokenizer, prompts, max_new_tokens)
-    stopped = [bool(o) and o[-1] in eos_ids for o in outs]
-    frac = sum(stopped) / len(prompts)
-    log.info(
-        "stop: %d/%d probe prompts ended on EOS %s", sum(stopped), len(prompts), sorted(eos_ids)
+    logits = probe_logits(model, tokenizer, prompts)
+    generations = generate_greedy(model, tokenizer, prompts, max_new_tokens)
+    del model
+    eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    return MergedProbe(
+        tokenizer=tokenizer,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        logits=logits,
+        generations=generations,
+        eos_ids={eos} if isinstance(eos, int) else set(eos or []),
     )
+
+
+def check_parity(
+    probe: MergedProbe,
+    base_path: str,
+    adapter_path: str,
+    dtype: str,
+    device: str,
+    atol: float,
+    base_revision: str | None = None,
+) -> float:
+    """Max |logit(merged) − logit(base + adapter)| over the probe prompts; raises
+    :class:`ExportError` above ``atol``. Base + adapter are loaded here, once the
+    merged model of ``probe`` is gone."""
+    from peft import PeftModel
+
+    base = load_causal_lm(base_path, dtype, device, base_revision)
+    ref_model = PeftModel.from_pretrained(base, adapter_path).eval()
+    want = probe_logits(ref_model, probe.tokenizer, probe.prompts)
+    diff = max(float((g - w).abs().max()) for g, w in zip(probe.logits, want, strict=True))
+    n = len(probe.prompts)
+    log.info("parity: max |Δlogit| = %.3g over %d probe prompts (atol %.3g)", diff, n, atol)
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(
+            f"parity check failed: merged logits differ from base + adapter by up to {diff:.4g} "
+            f"(> export.parity_atol {atol:g}) on {n} probe prompts; the merge is wrong"
+        )
+    return diff
+
+
+def check_stop(probe: MergedProbe) -> float:
+    """Share of probe prompts whose greedy generation ends on an EOS id from the
+    artifact's own ``generation_config.json``; raises unless every prompt stops."""
+    outs, eos_ids, n = probe.generations, probe.eos_ids, len(probe.prompts)
+    stopped = [bool(o) and o[-1] in eos_ids for o in outs]
+    frac = sum(stopped) / n
+    log.info("stop: %d/%d probe prompts ended on EOS %s", sum(stopped), n, sorted(eos_ids))
     if not all(stopped):
         bad = next(i for i, s in enumerate(stopped) if not s)
-        text = tokenizer.decode(outs[bad], skip_special_tokens=False)
+        text = probe.tokenizer.decode(outs[bad], skip_special_tokens=False)
         raise StopCheckError(
             frac,
-            f"stop check failed: {len(prompts) - sum(stopped)}/{len(prompts)} probe prompts did "
-            f"not end on an EOS token {sorted(eos_ids)} within {max_new_tokens} new tokens "
+            f"stop check failed: {n - sum(stopped)}/{n} probe prompts did not end on an EOS "
+            f"token {sorted(eos_ids)} within {probe.max_new_tokens} new tokens "
             f"(e.g. prompt {bad} generated {text!r}). The exported generation_config or "
             "tokenizer has lost the end-of-turn token, or the model never learned to stop.",
         )
@@ -490,16 +515,20 @@ def probe_prompts(tokenizer: Any, validation_path: str, n: int) -> list[str]:
     return prompts
 
 
-def _write_generation_config(
-    base: BaseModelRef, dst: Path, tokenizer: Any, eos_ids: list[int]
-) -> None:
-    """The base's generation config (sampling defaults kept) with every stop id."""
+def base_generation_config(base: BaseModelRef) -> Any:
+    """The base's ``GenerationConfig`` at its pinned revision (its configured EOS ids and
+    sampling defaults); an empty one when the base has none."""
     from transformers import GenerationConfig
 
     try:
-        gen = GenerationConfig.from_pretrained(base.name_or_path, revision=_base_revision(base))
+        return GenerationConfig.from_pretrained(base.name_or_path, revision=_base_revision(base))
     except OSError:
-        gen = GenerationConfig()
+        return GenerationConfig()
+
+
+def _write_generation_config(base_gen: Any, dst: Path, tokenizer: Any, eos_ids: list[int]) -> None:
+    """The base's generation config (sampling defaults kept) with every stop id."""
+    gen = copy.deepcopy(base_gen)
     gen.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
     gen.bos_token_id = (
         tokenizer.bos_token_id if tokenizer.bos_token_id is not None else gen.bos_token_id
@@ -580,16 +609,9 @@ def export(
     check_export_config(cfg, train)
     tokenizer = load_tokenizer(train.tokenizer_path)
     template_hash = check_chat_template(tokenizer, train.base)
-    from transformers import GenerationConfig
-
     base_revision = _base_revision(train.base)
-    try:
-        configured_eos = GenerationConfig.from_pretrained(
-            train.base.name_or_path, revision=base_revision
-        ).eos_token_id
-    except OSError:
-        configured_eos = None
-    eos_ids = stop_token_ids(tokenizer, configured_eos)
+    base_gen = base_generation_config(train.base)  # read once: EOS ids here, then written
+    eos_ids = stop_token_ids(tokenizer, base_gen.eos_token_id)
     served = cfg.tracking.registered_model
     info = ManifestInfo(
         base=train.base,
@@ -650,13 +672,16 @@ def export(
             else:
                 merge_peft(train, cfg.export.dtype, hw.device, staging)
             _save_tokenizer(tokenizer, staging)
-            _write_generation_config(train.base, staging, tokenizer, eos_ids)
+            _write_generation_config(base_gen, staging, tokenizer, eos_ids)
             metrics["export.merge_seconds"] = time.monotonic() - t0
+            # One load of the merge, with the generation config it will be served with.
+            probe = probe_merged(
+                str(staging), prompts, cfg.eval.max_new_tokens, cfg.export.dtype, hw.device
+            )
             diff = check_parity(
+                probe,
                 train.base.name_or_path,
                 train.adapter_path,
-                str(staging),
-                prompts,
                 cfg.export.dtype,
                 hw.device,
                 atol,
@@ -664,9 +689,7 @@ def export(
             )
             metrics["export.parity_max_abs_diff"] = diff
             try:
-                stop_fraction = check_stop(
-                    str(staging), prompts, cfg.eval.max_new_tokens, hw.device, cfg.export.dtype
-                )
+                stop_fraction = check_stop(probe)
             except StopCheckError as exc:
                 if cfg.export.stop_check == "fail":
                     raise

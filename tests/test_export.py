@@ -90,7 +90,14 @@ def test_adapter_vllm_args_pin_the_trained_base_revision() -> None:
 
 
 def test_parity_matches_for_a_real_merge_and_catches_a_corrupted_one(tmp_path: Path) -> None:
-    from tasks.export import ExportError, check_parity, load_tokenizer, merge_peft, probe_prompts
+    from tasks.export import (
+        ExportError,
+        check_parity,
+        load_tokenizer,
+        merge_peft,
+        probe_merged,
+        probe_prompts,
+    )
 
     adapter = fx.random_adapter()
     train = fx.train_ref(adapter)
@@ -101,7 +108,8 @@ def test_parity_matches_for_a_real_merge_and_catches_a_corrupted_one(tmp_path: P
     prompts = probe_prompts(tok, fx.data_ref().validation_path, 3)
     base = str(fx.base_dir())
 
-    diff = check_parity(base, str(adapter), str(merged), prompts, "float32", "cpu", 1e-3)
+    probe = probe_merged(str(merged), prompts, 1, "float32", "cpu")
+    diff = check_parity(probe, base, str(adapter), "float32", "cpu", 1e-3)
     # What is compared: merged logits vs base + unmerged adapter; in float32 only the
     # summation order differs.
     assert diff < 1e-4
@@ -113,13 +121,60 @@ def test_parity_matches_for_a_real_merge_and_catches_a_corrupted_one(tmp_path: P
     from tasks.export import load_causal_lm, probe_logits
 
     bare = probe_logits(load_causal_lm(base, "float32", "cpu"), tok, prompts)
-    full = probe_logits(load_causal_lm(str(merged), "float32", "cpu"), tok, prompts)
-    assert max(float((a - b).abs().max()) for a, b in zip(bare, full, strict=True)) > 1e-2
+    assert max(float((a - b).abs().max()) for a, b in zip(bare, probe.logits, strict=True)) > 1e-2
     del torch
 
     _corrupt(merged)
+    corrupted = probe_merged(str(merged), prompts, 1, "float32", "cpu")
     with pytest.raises(ExportError, match="parity check failed"):
-        check_parity(base, str(adapter), str(merged), prompts, "float32", "cpu", 1e-3)
+        check_parity(corrupted, base, str(adapter), "float32", "cpu", 1e-3)
+
+
+def test_export_loads_the_merge_once_and_reads_the_base_generation_config_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both checks run on one load of the merged folder; the base's generation config
+    gives the EOS ids and the written config from one read."""
+    import sys
+
+    from transformers import GenerationConfig
+
+    from tasks import export as export_mod
+
+    loads: list[str] = []
+    real_load = export_mod.load_causal_lm
+
+    def counting_load(path: str, *args: Any) -> Any:
+        loads.append(path)
+        return real_load(path, *args)
+
+    gen_reads: list[str] = []
+    real_read = GenerationConfig.from_pretrained.__func__
+
+    def counting_read(cls: Any, path: Any, *args: Any, **kw: Any) -> Any:
+        if sys._getframe(1).f_globals["__name__"] == "tasks.export":  # not transformers' own
+            gen_reads.append(str(path))
+        return real_read(cls, path, *args, **kw)
+
+    monkeypatch.setattr(export_mod, "load_causal_lm", counting_load)
+    monkeypatch.setattr(GenerationConfig, "from_pretrained", classmethod(counting_read))
+    out = tmp_path / "export"
+    train = fx.train_ref(fx.random_adapter())
+    ref = export_mod.export(
+        fx.pipeline_cfg(export={"stop_check": "warn"}),
+        train,
+        fx.data_ref(),
+        out,
+        fx.cpu(),
+        run_id="t",
+        code_version="test",
+    )
+    assert ref.merged_path == str(out / "merged")
+    base = train.base.name_or_path
+    # The merge's own base load (merge_peft), the merged model, the parity reference.
+    assert loads == [base, str(out / "merged.staging"), base]
+    # The base's, once; the saved one of the merge, read by the stop check.
+    assert gen_reads == [base, str(out / "merged.staging")]
 
 
 def test_export_stage_fails_when_the_merge_is_corrupted(
@@ -360,11 +415,17 @@ def test_export_writes_checked_artifacts_and_manifests() -> None:
 
 @pytest.mark.slow
 def test_stop_check_catches_a_model_whose_eos_was_removed(tmp_path: Path) -> None:
-    from tasks.export import StopCheckError, check_stop, load_tokenizer, probe_prompts
+    from tasks.export import (
+        StopCheckError,
+        check_stop,
+        load_tokenizer,
+        probe_merged,
+        probe_prompts,
+    )
 
     good = Path(fx.exported("strong").merged_path or "")
     prompts = probe_prompts(load_tokenizer(str(good)), fx.data_ref().validation_path, 4)
-    assert check_stop(str(good), prompts, 4, "cpu", "float32") == 1.0
+    assert check_stop(probe_merged(str(good), prompts, 4, "float32", "cpu")) == 1.0
 
     # The field failure: the exported generation config names a different end token
     # (e.g. <|end_of_text|> where the chat template ends turns with <|eot_id|>).
@@ -374,7 +435,7 @@ def test_stop_check_catches_a_model_whose_eos_was_removed(tmp_path: Path) -> Non
     gen["eos_token_id"] = gen["bos_token_id"]
     (broken / "generation_config.json").write_text(json.dumps(gen))
     with pytest.raises(StopCheckError, match="did not end on an EOS token") as info:
-        check_stop(str(broken), prompts, 4, "cpu", "float32")
+        check_stop(probe_merged(str(broken), prompts, 4, "float32", "cpu"))
     assert info.value.fraction == 0.0
 
 
@@ -571,6 +632,7 @@ def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path)
         check_parity,
         load_tokenizer,
         merge_peft,
+        probe_merged,
         probe_prompts,
     )
 
@@ -582,13 +644,15 @@ def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path)
     prompts = probe_prompts(tok, fx.data_ref().validation_path, 8)
     base = str(fx.base_dir())
     atol = DEFAULT_PARITY_ATOL["bfloat16"]
-    diff = check_parity(base, str(adapter), str(merged), prompts, "bfloat16", "cuda", atol)
+    probe = probe_merged(str(merged), prompts, 1, "bfloat16", "cuda")
+    diff = check_parity(probe, base, str(adapter), "bfloat16", "cuda", atol)
     print(f"bf16 cuda parity max|dlogit| = {diff:.4g} (atol {atol})")
     assert diff <= atol
     # The tiny random model's logits are small, so shift the output layer itself.
     _corrupt(merged, scale=0.5, suffix="lm_head.weight")
+    corrupted = probe_merged(str(merged), prompts, 1, "bfloat16", "cuda")
     with pytest.raises(ExportError, match="parity check failed"):
-        check_parity(base, str(adapter), str(merged), prompts, "bfloat16", "cuda", atol)
+        check_parity(corrupted, base, str(adapter), "bfloat16", "cuda", atol)
 
 
 def test_cast_saved_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> None:
