@@ -351,22 +351,34 @@ def test_tokenizer_identity_covers_every_tokenizer_file(tmp_path: Path, tokenize
     assert tokenizer_identity("org/hub-tokenizer") == "org/hub-tokenizer"
 
 
-def test_missing_filesystem_backend_names_the_source_and_the_install(tmp_path: Path) -> None:
-    import importlib.util
+def test_missing_filesystem_backend_names_the_source_and_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fsspec
 
     from tasks.data import SourceError, inputs_hash
 
+    # fsspec raises ImportError for a protocol whose package (s3fs, gcsfs) is missing;
+    # made so here, whatever this machine has installed.
+    real_url_to_fs = fsspec.core.url_to_fs
+
+    def no_backend(url: str, **options: Any) -> Any:
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        if protocol in ("s3", "gcs"):
+            raise ImportError(f"Install {protocol}fs to access {protocol}://")
+        return real_url_to_fs(url, **options)
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_backend)
     local = write_jsonl(tmp_path / "in.jsonl", good_rows(10))
-    if importlib.util.find_spec("s3fs") is None:
-        cfg = cfg_for(local, "s3://bucket/rows.jsonl")
-        want = r"data\.sources\[1\]: s3://bucket/rows\.jsonl: .*pip install 'slothflow\[s3\]'"
-        with pytest.raises(SourceError, match=want):
-            clean(cfg, tmp_path / "out")
-        with pytest.raises(SourceError, match=want):
-            inputs_hash(cfg, None)
-    if importlib.util.find_spec("gcsfs") is None:  # a protocol slothflow ships no extra for
-        with pytest.raises(SourceError, match=r"data\.sources\[0\]: .*backend for gcs://"):
-            clean(cfg_for("gcs://bucket/rows.jsonl"), tmp_path / "out")
+    cfg = cfg_for(local, "s3://bucket/rows.jsonl")
+    want = r"data\.sources\[1\]: s3://bucket/rows\.jsonl: .*pip install 'slothflow\[s3\]'"
+    with pytest.raises(SourceError, match=want):
+        clean(cfg, tmp_path / "out")
+    with pytest.raises(SourceError, match=want):
+        inputs_hash(cfg, None)
+    # a protocol slothflow ships no extra for
+    with pytest.raises(SourceError, match=r"data\.sources\[0\]: .*backend for gcs://"):
+        clean(cfg_for("gcs://bucket/rows.jsonl"), tmp_path / "out")
 
 
 def test_data_and_train_retry_the_same_failures() -> None:
@@ -488,7 +500,11 @@ def test_split_is_stable_when_rows_are_added(tmp_path: Path) -> None:
     assert all(after[i] == s for i, s in before.items())
     val = sum(s == "validation" for s in after.values()) / len(after)
     assert 0.05 < val < 0.15  # val_fraction 0.1
-    assert split_of("abc", "slothflow-v1", 0.1) == split_of("abc", "slothflow-v1", 0.1)
+    # Pinned: a change to the hash would move rows of existing datasets between splits.
+    val = [i for i in range(40) if split_of(f"row-{i}", "slothflow-v1", 0.1) == "validation"]
+    assert val == [9, 18, 20, 30, 33]
+    val2 = [i for i in range(40) if split_of(f"row-{i}", "slothflow-v2", 0.1) == "validation"]
+    assert val2 == [1, 3, 5, 10, 13, 21, 33, 39]  # another salt, another split
 
 
 def test_previous_manifest_rows_survive_later_near_duplicates(tmp_path: Path) -> None:

@@ -334,9 +334,6 @@ def test_a_huge_line_is_rejected_in_bounded_memory(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-_cli = run_slothflow
-
-
 def test_cli_cleans_a_messy_file(tmp_path: Path) -> None:
     from tests.test_data import build_tokenizer
 
@@ -352,7 +349,7 @@ def test_cli_cleans_a_messy_file(tmp_path: Path) -> None:
         f.write(b'{"instruction": "q", "output": ""}\n')
         f.write(b"\xff\xfe garbage\n")
         f.write(b'{"instruction": "mail me at a@b.example", "output": "ok then"}\n')
-    r = _cli(
+    r = run_slothflow(
         [
             "data",
             "clean",
@@ -390,10 +387,10 @@ def test_cli_cleans_a_messy_file(tmp_path: Path) -> None:
 
 def test_cli_names_the_cause_when_nothing_is_left(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "bad.jsonl", ["{nope", '{"instruction": "q", "output": ""}'])
-    r = _cli(["data", "clean", "bad.jsonl", "--out", "out"], tmp_path)
+    r = run_slothflow(["data", "clean", "bad.jsonl", "--out", "out"], tmp_path)
     assert r.returncode == 2
     assert "no rows left" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(["data", "clean", "missing.jsonl", "--out", "out"], tmp_path)
+    r = run_slothflow(["data", "clean", "missing.jsonl", "--out", "out"], tmp_path)
     assert r.returncode == 2 and "input not found: missing.jsonl" in r.stderr
-    r = _cli(["data", "clean", "--help"], tmp_path)
+    r = run_slothflow(["data", "clean", "--help"], tmp_path)
     assert r.returncode == 0 and "--tokenizer" in r.stdout
