@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -53,11 +53,17 @@ class RunContext(BaseModel):
         return d
 
 
+def sha256_update_from(h: Any, f: BinaryIO, chunk: int = 1 << 20) -> None:
+    """Feed everything left in the binary file ``f`` to the hash ``h``, ``chunk`` bytes at
+    a time (the digest is the same for any chunk size; memory stays bounded)."""
+    while block := f.read(chunk):
+        h.update(block)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        sha256_update_from(h, f, chunk)
     return h.hexdigest()
 
 

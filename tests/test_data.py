@@ -381,6 +381,32 @@ def test_missing_filesystem_backend_names_the_source_and_the_install(
         clean(cfg_for("gcs://bucket/rows.jsonl"), tmp_path / "out")
 
 
+def test_content_hashes_are_unchanged_by_the_shared_chunk_loop(tmp_path: Path) -> None:
+    """``sha256_file`` and ``source_sha256`` (stage cache keys) hash what they always did:
+    a file's bytes; a saved ``datasets`` folder's relative path + NUL + bytes per file."""
+    import hashlib
+    import os
+
+    import datasets
+
+    from tasks.data.read import resolve, source_sha256
+
+    big = tmp_path / "big.jsonl"  # over one 1 MiB chunk, not a multiple of it
+    write_jsonl(big, [{"instruction": "x" * 1000, "output": str(i)} for i in range(1500)])
+    assert big.stat().st_size > (1 << 20) and big.stat().st_size % (1 << 20)
+    whole = hashlib.sha256(big.read_bytes()).hexdigest()
+    assert sha256_file(big) == sha256_file(big, chunk=7) == whole
+    assert source_sha256(resolve(str(big))) == whole
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(good_rows(20)).save_to_disk(str(folder))
+    old = hashlib.sha256()
+    for f in sorted(str(p) for p in folder.rglob("*") if p.is_file()):
+        old.update(os.path.relpath(f, folder).encode() + b"\0")
+        old.update(Path(f).read_bytes())
+    assert source_sha256(resolve(str(folder))) == old.hexdigest()
+
+
 def test_data_and_train_retry_the_same_failures() -> None:
     from tasks.data import SourceError, clean_task
     from tasks.orchestration import HAVE_PREFECT, is_transient, retry_transient

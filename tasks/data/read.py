@@ -25,6 +25,7 @@ import fsspec
 import orjson
 
 from tasks.config import REPO_ROOT
+from tasks.refs import sha256_update_from
 
 Format = Literal["jsonl", "json", "csv", "parquet", "datasets"]
 
@@ -182,8 +183,7 @@ def source_sha256(src: Source) -> str:
         if src.format == "datasets":
             h.update(os.path.relpath(f, path).encode() + b"\0")
         with fs.open(f, "rb") as fh:
-            while block := fh.read(CHUNK_BYTES):
-                h.update(block)
+            sha256_update_from(h, fh, CHUNK_BYTES)
     return h.hexdigest()
 
 
