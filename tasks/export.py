@@ -344,10 +344,10 @@ def merge_peft(train: TrainRef, dtype: str, device: str, out: Path) -> None:
 MergeMethod = Literal["unsloth", "peft"]
 
 
-def merge_method(backend: str, dtype: str) -> MergeMethod:
-    """Which merge writes the merged model: ``"unsloth"`` (:func:`merge_unsloth`, the GPU
-    16-bit save) for an Unsloth-trained adapter exported in bfloat16/float16, else
-    ``"peft"`` (:func:`merge_peft`).
+def merge_method(backend: str, dtype: str) -> tuple[MergeMethod, str]:
+    """Which merge writes the merged model, and why (for the log): ``"unsloth"``
+    (:func:`merge_unsloth`, the GPU 16-bit save) for an Unsloth-trained adapter exported
+    in bfloat16/float16, else ``"peft"`` (:func:`merge_peft`).
 
     Unsloth's merged save writes 16-bit weights only, but the adapter Unsloth saves is an
     ordinary PEFT LoRA adapter, so PEFT's merge (float32 on the stage's device, then cast)
@@ -356,8 +356,13 @@ def merge_method(backend: str, dtype: str) -> MergeMethod:
     every CUDA machine after training had already run.
     """
     if backend == "unsloth" and dtype in ("bfloat16", "float16"):
-        return "unsloth"
-    return "peft"
+        return "unsloth", "an Unsloth adapter exported in 16-bit: Unsloth's merged 16-bit save"
+    if backend == "unsloth":
+        return "peft", (
+            "Unsloth's merged save writes 16-bit only, and the Unsloth adapter is a plain "
+            f"PEFT adapter: PEFT merge_and_unload in float32, saved as {dtype}"
+        )
+    return "peft", "PEFT merge_and_unload in float32, then cast"
 
 
 def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
@@ -555,7 +560,7 @@ def _max_model_len(path: Path) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
-def check_export_config(cfg: PipelineConfig, train: TrainRef) -> None:
+def check_export_config(cfg: PipelineConfig) -> None:
     """Refuse, before any work, an export this config cannot finish."""
     if cfg.export.publish:
         if not cfg.export.hub_repo:
@@ -606,7 +611,7 @@ def export(
     (the merge is then left in ``out_dir/merged.rejected``, never in ``merged``)."""
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    check_export_config(cfg, train)
+    check_export_config(cfg)
     tokenizer = load_tokenizer(train.tokenizer_path)
     template_hash = check_chat_template(tokenizer, train.base)
     base_revision = _base_revision(train.base)
@@ -645,18 +650,9 @@ def export(
     # An earlier attempt's merge (checked or rejected) is not this export's.
     for name in (MERGED, STAGING, REJECTED):
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    method = merge_method(train.backend, cfg.export.dtype)
+    method, why = merge_method(train.backend, cfg.export.dtype)
     if cfg.export.merge:
         final, staging = out_dir / MERGED, out_dir / STAGING
-        if method == "unsloth":
-            why = "an Unsloth adapter exported in 16-bit: Unsloth's merged 16-bit save"
-        elif train.backend == "unsloth":
-            why = (
-                "Unsloth's merged save writes 16-bit only, and the Unsloth adapter is a plain "
-                f"PEFT adapter: PEFT merge_and_unload in float32, saved as {cfg.export.dtype}"
-            )
-        else:
-            why = "PEFT merge_and_unload in float32, then cast"
         log.info(
             "export: %s merge (train.backend=%s, export.dtype=%s, device %s): %s",
             method,

@@ -264,7 +264,10 @@ def test_export_refuses_a_chat_template_the_base_did_not_record(tmp_path: Path) 
 def test_merge_method_by_backend_and_dtype(backend: str, dtype: str, want: str) -> None:
     from tasks.export import merge_method
 
-    assert merge_method(backend, dtype) == want
+    method, why = merge_method(backend, dtype)
+    assert method == want
+    assert ("Unsloth's merged 16-bit save" in why) is (want == "unsloth")
+    assert ("merge_and_unload" in why) is (want == "peft")
 
 
 def test_unsloth_adapter_exported_in_float32_is_merged_by_peft(
