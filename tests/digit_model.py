@@ -139,16 +139,6 @@ def offline_answers(model_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     return answers
 
 
-def offline_score(model_dir: Path, rows: list[dict[str, Any]]) -> float:
-    """Exact match of greedy ``generate`` on ``rows``: the "offline evaluation" figure."""
-    answers = offline_answers(model_dir, rows)
-    hits = sum(
-        a.strip() == r["messages"][-1]["content"].strip()
-        for a, r in zip(answers, rows, strict=True)
-    )
-    return hits / len(rows)
-
-
 def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

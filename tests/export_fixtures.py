@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,6 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "topics_chat.
 N_TRAIN, N_VAL = 2000, 220
 STRONG_STEPS, WEAK_STEPS = 240, 12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TIMINGS: dict[str, float] = {}
 
 
 def root() -> Path:
@@ -199,7 +197,6 @@ def trained_adapters() -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.monotonic()
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir())
     rows = [json.loads(line) for line in Path(data_ref().train_path).read_text().splitlines()]
@@ -227,7 +224,6 @@ def trained_adapters() -> dict[str, Path]:
         if step == WEAK_STEPS:
             out["weak"] = _as_lora(model, base_state, root() / "adapter-weak")
     out["strong"] = _as_lora(model, base_state, root() / "adapter-strong")
-    TIMINGS["train_s"] = time.monotonic() - t0
     return out
 
 
@@ -250,8 +246,7 @@ def exported(which: str) -> Any:
 
     adapter = random_adapter() if which == "random" else trained_adapters()[which]
     cfg = pipeline_cfg(export={"stop_check": "fail" if which == "strong" else "warn"})
-    t0 = time.monotonic()
-    ref = export(
+    return export(
         cfg,
         train_ref(adapter),
         data_ref(),
@@ -260,15 +255,10 @@ def exported(which: str) -> Any:
         run_id=f"test-{which}",
         code_version="test",
     )
-    TIMINGS[f"export_{which}_s"] = time.monotonic() - t0
-    return ref
 
 
 @lru_cache(maxsize=4)
 def evaluated(which: str) -> Any:
     from tasks.evaluate import evaluate
 
-    t0 = time.monotonic()
-    ref = evaluate(pipeline_cfg(), data_ref(), exported(which), root() / f"eval-{which}", cpu())
-    TIMINGS[f"evaluate_{which}_s"] = time.monotonic() - t0
-    return ref
+    return evaluate(pipeline_cfg(), data_ref(), exported(which), root() / f"eval-{which}", cpu())

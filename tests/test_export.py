@@ -116,13 +116,10 @@ def test_parity_matches_for_a_real_merge_and_catches_a_corrupted_one(tmp_path: P
 
     # The adapter really changes the logits, so parity is not trivially satisfied by a
     # merge that silently dropped it: the bare base is far from the merged model.
-    import torch
-
     from tasks.export import load_causal_lm, probe_logits
 
     bare = probe_logits(load_causal_lm(base, "float32", "cpu"), tok, prompts)
     assert max(float((a - b).abs().max()) for a, b in zip(bare, probe.logits, strict=True)) > 1e-2
-    del torch
 
     _corrupt(merged)
     corrupted = probe_merged(str(merged), prompts, 1, "float32", "cpu")

@@ -148,11 +148,10 @@ def test_register_twice_for_one_run_makes_one_version(tmp_path: Path) -> None:
 def test_current_champion_is_none_only_when_the_registry_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import socket
-
     from mlflow.exceptions import MlflowException
 
     from tasks.registry import NotRegisteredError, current_champion, resolve
+    from tests.conftest import free_port
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert current_champion("tiny-topics", uri) is None  # no such registered model
@@ -163,9 +162,7 @@ def test_current_champion_is_none_only_when_the_registry_says_so(
 
     # A store that cannot be reached is an error, never "no champion yet" (the gate
     # would then skip its champion rule).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     with pytest.raises(MlflowException) as info:
