@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -51,18 +52,21 @@ PortOpt = Annotated[
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Known failures: one clear message (the server's log tail included), no traceback."""
+    """The CLI's known failures (config, busy home, unreachable tracking store: exit 2),
+    plus a server that failed its start or checks (exit 1, its log tail included). Every
+    message is printed as text: vLLM's log lines carry ``[file.py:71]``-style tags that
+    Rich would read as markup."""
+    from slothflow.cli import _friendly_errors  # late: cli imports us
     from tasks.deploy import ServeError
-    from tasks.home import HomeBusyError
 
-    try:
-        yield
-    except (ConfigError, HomeBusyError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except ServeError as exc:
-        console.print(f"[bold red]serve failed:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    with _friendly_errors():
+        try:
+            yield
+        except ServeError as exc:
+            console.print(
+                f"[bold red]serve failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(1) from None
 
 
 def _home() -> home_mod.Home:
@@ -140,12 +144,15 @@ def start(
             resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
         )
         if track:
-            from tasks.run import open_run, stage
+            from tasks.run import stage, tracked_run
 
-            with home_mod.exclusive(home, f"slothflow serve {model}"):
-                ctx = open_run(cfg, home)
-                with stage(ctx, "serve") as tracker:
-                    ref = deploy(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
+            with (
+                home_mod.exclusive(home, f"slothflow serve {model}"),
+                tracked_run(cfg, home) as (ctx, summary),
+                stage(ctx, "serve") as tracker,
+            ):
+                ref = deploy(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
+                summary["serve"] = ref.model_dump(mode="json")
         else:
             ref = deploy(cfg.deploy, model, **kwargs)
     for line in summary_lines(ref):

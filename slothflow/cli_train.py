@@ -48,24 +48,25 @@ def train_cmd(
         home = home_mod.resolve_home()
         with home_mod.exclusive(home, f"slothflow train --recipe {recipe}"):
             from tasks.base_model import prepare_base_in_run
-            from tasks.run import finish, open_run, preflight
+            from tasks.run import preflight, tracked_run
             from tasks.train import data_ref_from_folder, train_in_run
 
             preflight(cfg, home)
             data_ref = data_ref_from_folder(data)
-            ctx = open_run(cfg, home, resume_run_id=run_id)
-            console.print(f"run [bold]{ctx.run_id}[/] — {ctx.hardware['reason']}", highlight=False)
-            try:
-                base = prepare_base_in_run(ctx, cfg.model)
-                ref = train_in_run(ctx, cfg, base, data_ref)
-            except BaseException:
-                finish(ctx, "FAILED", {"completed_stages": []})
+            with tracked_run(cfg, home, resume_run_id=run_id) as (ctx, summary):
                 console.print(
-                    f"Resume with: [bold]slothflow train --data {data} -r {recipe} "
-                    f"--run-id {ctx.run_id}[/]"
+                    f"run [bold]{ctx.run_id}[/] — {ctx.hardware['reason']}", highlight=False
                 )
-                raise
-            finish(ctx, "FINISHED", {"run_id": ctx.run_id, "train": ref.model_dump(mode="json")})
+                try:
+                    base = prepare_base_in_run(ctx, cfg.model)
+                    ref = train_in_run(ctx, cfg, base, data_ref)
+                except BaseException:
+                    console.print(
+                        f"Resume with: [bold]slothflow train --data {data} -r {recipe} "
+                        f"--run-id {ctx.run_id}[/]"
+                    )
+                    raise
+                summary["train"] = ref.model_dump(mode="json")
     for line in [
         f"[bold green]trained[/]: run {ctx.run_id}",
         f"  adapter:     {ref.adapter_path}",

@@ -159,6 +159,23 @@ def finish(ctx: RunContext, status: str, summary: dict[str, object] | None = Non
     t.end(status)
 
 
+@contextlib.contextmanager
+def tracked_run(
+    cfg: PipelineConfig, home: Home, resume_run_id: str | None = None
+) -> Iterator[tuple[RunContext, dict[str, object]]]:
+    """A run of its own for a command outside the pipeline flow (``slothflow train``,
+    ``slothflow serve --track``): opened, and always finished: FINISHED with the summary
+    the caller fills in, or FAILED (and resumable) when the body raises."""
+    ctx = open_run(cfg, home, resume_run_id)
+    summary: dict[str, object] = {"run_id": ctx.run_id}
+    try:
+        yield ctx, summary
+    except BaseException:
+        finish(ctx, "FAILED", summary)
+        raise
+    finish(ctx, "FINISHED", summary)
+
+
 def previous_output(
     home: Home, ctx: RunContext, recipe: str, stage: str, filename: str
 ) -> str | None:

@@ -70,6 +70,30 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
     assert "unreachable" in r.stderr
 
 
+def test_serve_errors_are_one_clear_message_printed_as_text(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A failed server's message carries vLLM's log tail, whose ``[core.py:71]`` tags and
+    paths in brackets are not Rich markup: printed as they are (exit 1). A tracking URI
+    with a password is the CLI's known config failure (exit 2), not a traceback."""
+    import typer
+
+    from slothflow.cli_serve import _errors
+    from tasks.deploy import ServeError
+
+    with pytest.raises(typer.Exit) as exit_, _errors():
+        raise ServeError("vLLM exited: INFO [core.py:71] loading [/tmp/a] failed")
+    assert exit_.value.exit_code == 1
+    assert "INFO [core.py:71] loading [/tmp/a] failed" in capsys.readouterr().err
+    r = _run(
+        ["serve", str(tmp_path), "--set", "tracking.tracking_uri=http://u:secret@127.0.0.1:1"],
+        tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "secret" not in r.stderr + r.stdout
+
+
 def _client(home: Path):  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 

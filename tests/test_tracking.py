@@ -115,6 +115,27 @@ def test_open_run_logs_config_hash_hardware_and_code(tmp_path: Path) -> None:
     assert again.run_id == ctx.run_id and again.tracking == ctx.tracking
 
 
+def test_tracked_run_always_finishes_its_run(tmp_path: Path) -> None:
+    """A command outside the flow (train, serve --track) leaves no run RUNNING: FINISHED
+    with its summary, or FAILED when its body raises (the error propagates)."""
+    from tasks.run import tracked_run
+
+    home = Home(tmp_path / "home")
+    cfg = load_config("ci-smoke", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    with tracked_run(cfg, home) as (ctx, summary):
+        summary["serve"] = {"endpoint": "http://127.0.0.1:1"}
+    ref = tracking.TrackingRef.model_validate(ctx.tracking)
+    client = MlflowClient(ref.tracking_uri)
+    assert client.get_run(ref.parent_run_id).info.status == "FINISHED"
+    result = json.loads((Path(ctx.run_dir) / "result.json").read_text())
+    assert result == {"status": "FINISHED", "run_id": ctx.run_id, "serve": summary["serve"]}
+    with pytest.raises(RuntimeError, match="boom"), tracked_run(cfg, home) as (failed, _):
+        raise RuntimeError("boom")
+    fref = tracking.TrackingRef.model_validate(failed.tracking)
+    assert client.get_run(fref.parent_run_id).info.status == "FAILED"
+    assert json.loads((Path(failed.run_dir) / "result.json").read_text())["status"] == "FAILED"
+
+
 def test_remote_mlflow_server_process(mlflow_server: str, tmp_path: Path) -> None:
     cfg = TrackingConfig(tracking_uri=mlflow_server, experiment="remote")
     ref = tracking.open_pipeline_run(cfg, Home(tmp_path), run_id="remote-1")
