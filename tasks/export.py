@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.base_model import LOAD_KWARGS, template_text
+from tasks.base_model import LOAD_KWARGS, template_sha256, template_text
 from tasks.config import ConfigError, PipelineConfig
 from tasks.hardware import HardwareDecision
 from tasks.orchestration import stage_task
@@ -124,9 +124,7 @@ def parity_tolerance(cfg: PipelineConfig) -> float:
 def chat_template_sha256(template: str | dict[str, str] | None) -> str:
     """The hash the base stage records (a tokenizer with several named templates
     hashes as the base stage reads it)."""
-    import hashlib
-
-    return hashlib.sha256((template_text(template) or "").encode("utf-8")).hexdigest()
+    return template_sha256(template_text(template) or "")
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -40,7 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.base_model import LOAD_KWARGS, hub_load_revision, template_text
+from tasks.base_model import (
+    LOAD_KWARGS,
+    hub_load_revision,
+    load_base_tokenizer,
+    template_sha256,
+    template_text,
+)
 from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
 from tasks.eval_metrics import exact_match
 from tasks.hardware import HardwareDecision, for_model
@@ -646,7 +651,7 @@ def load_peft(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) -> 
     """transformers + PEFT: the base from safetensors, a fresh LoRA adapter on top."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     kwargs: dict[str, Any] = {"dtype": dtype[hw.dtype], "use_safetensors": True, **LOAD_KWARGS}
@@ -661,8 +666,7 @@ def load_peft(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) -> 
         )
     rev = hub_load_revision(base)
     model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=rev, **kwargs)
-    tok_rev = rev if base.tokenizer_path == base.name_or_path else None
-    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_path, revision=tok_rev, **LOAD_KWARGS)
+    tokenizer = load_base_tokenizer(base)
     lora = cfg.train.lora
     # The adapter's random init draws from torch's RNG: seed it here, since TRL would
     # otherwise wrap the model before the trainer seeds anything.
@@ -712,7 +716,7 @@ def load_unsloth(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) 
         )
     import_unsloth()
     import torch
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
     from unsloth import FastLanguageModel
 
     t, lora = cfg.train, cfg.train.lora
@@ -728,8 +732,7 @@ def load_unsloth(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) 
     )
     # The stage's own tokenizer (the one the base stage recorded, template included),
     # not the one Unsloth loads beside the weights.
-    tok_rev = rev if base.tokenizer_path == base.name_or_path else None
-    tokenizer = AutoTokenizer.from_pretrained(base.tokenizer_path, revision=tok_rev, **LOAD_KWARGS)
+    tokenizer = load_base_tokenizer(base)
 
     free, _total = torch.cuda.mem_get_info()
     choice = choose_gradient_checkpointing(cfg, hw, model.config, free)
@@ -1103,7 +1106,7 @@ def _fit(
     ckpt_dir = out_dir / "checkpoints"
     model, tokenizer = select_backend(hw)(run_cfg, base, hw)
     own = template_text(tokenizer.chat_template)
-    if own is None or hashlib.sha256(own.encode()).hexdigest() != base.chat_template_sha256:
+    if own is None or template_sha256(own) != base.chat_template_sha256:
         raise ConfigError(
             f"the tokenizer at {base.tokenizer_path} no longer carries the chat template the "
             "base stage recorded; re-run the base stage"
