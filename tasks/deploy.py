@@ -57,6 +57,8 @@ from tasks.eval_metrics import exact_match
 from tasks.home import Home, environment_for, resolve_home
 from tasks.orchestration import stage_task
 from tasks.refs import RunContext, StageRef, write_json_atomic
+from tasks.registry import is_spec
+from tasks.revision import is_hub_id
 from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -140,10 +142,6 @@ class ResolvedModel:
 # A resolver turns a registry spec into (local folder, manifest, version label).
 Resolver = Callable[[str], tuple[Path, dict[str, Any], str]]
 
-# NAME@alias or NAME/<number> (what tasks.registry.parse_spec accepts); anything else
-# that is not a folder is a path that does not exist.
-_REGISTRY_SPEC = re.compile(r"^(?:models:/)?[^@/]+(?:@[\w-]+|/\d+)$")
-
 
 def registry_resolver(tracking_uri: str, cache_dir: Path) -> Resolver:
     """Resolve ``NAME@alias`` / ``NAME/version`` through ``tasks.registry`` (MLflow);
@@ -185,7 +183,7 @@ def resolve_model(spec: str | os.PathLike[str], resolver: Resolver | None = None
         manifest = read_manifest(folder)
         version = str(manifest.get("version") or f"local:{folder.name}")
         model = ResolvedModel(text, folder, manifest, version)
-    elif _REGISTRY_SPEC.match(text) and resolver is not None:
+    elif is_spec(text) and resolver is not None:
         try:
             path, manifest, version = resolver(text)
         except (ConfigError, LookupError, FileNotFoundError) as exc:
@@ -194,7 +192,7 @@ def resolve_model(spec: str | os.PathLike[str], resolver: Resolver | None = None
     else:
         hint = (
             " (registry specs need a model registry: run with a tracking store)"
-            if _REGISTRY_SPEC.match(text)
+            if is_spec(text)
             else ""
         )
         raise ModelNotFoundError(f"model {text!r} not found: no such folder{hint}")
@@ -297,8 +295,6 @@ _SECRET_NAME = re.compile(
 # Names the pattern catches that are settings, not secrets: vLLM's own (e.g.
 # VLLM_MAX_BAD_WORDS_TOTAL_TOKENS) and the tokenizers library's.
 _NOT_SECRET = re.compile(r"^VLLM_|^TOKENIZERS_PARALLELISM$")
-# A Hugging Face hub id (``owner/name``), as opposed to a folder on this machine.
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def is_secret_name(name: str) -> bool:
@@ -320,7 +316,7 @@ def serves_hub_model(model: ResolvedModel) -> bool:
         weights = model.base_model
     if weights is None:
         return False
-    return bool(_HUB_ID.match(weights)) and not Path(weights).expanduser().exists()
+    return is_hub_id(weights)
 
 
 def server_environment(

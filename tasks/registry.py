@@ -52,6 +52,12 @@ ALIASES = {
 _SPEC = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
+def is_spec(text: str) -> bool:
+    """Whether ``text`` is a registry spec (``NAME@alias`` / ``NAME/version``), the form
+    :func:`parse_spec` accepts."""
+    return _SPEC.match(text.strip()) is not None
+
+
 class GateNotPassedError(RuntimeError):
     """Registration was asked for a candidate that failed the gate."""
 
