@@ -71,11 +71,19 @@ class SecretRef(_Strict):
 
     def resolve(self, required: bool = True) -> str | None:
         """Read the secret now. Raises ``ConfigError`` naming the *source* (never the value)."""
+        return self.resolve_with_source(required)[0]
+
+    def resolve_with_source(self, required: bool = True) -> tuple[str | None, str]:
+        """The secret and where it was actually found: ``prefect-block:NAME``, or
+        ``env:NAME`` (also when a configured block does not exist and the variable is
+        the fallback), so what users are told to rotate is the source that was used."""
         if self.prefect_block:
             from prefect.blocks.system import Secret  # Prefect only at the edge
 
             try:
-                return str(Secret.load(self.prefect_block).get())
+                return str(
+                    Secret.load(self.prefect_block).get()
+                ), f"prefect-block:{self.prefect_block}"
             except ValueError:
                 if not self.env:
                     raise ConfigError(
@@ -87,7 +95,7 @@ class SecretRef(_Strict):
         if not value and required:
             where = f"environment variable {self.env}" if self.env else "no source configured"
             raise ConfigError(f"secret not available: {where} is empty or unset")
-        return value or None
+        return value or None, f"env:{self.env}"
 
 
 # --------------------------------------------------------------------------- stages

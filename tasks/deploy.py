@@ -565,13 +565,8 @@ def port_in_use(host: str, port: int) -> bool:
 def _api_key(cfg: DeployConfig, folder: Path) -> tuple[str, str]:
     """(key, where it lives). Configured secret, else a fresh key in a 0600 file."""
     if cfg.api_key is not None:
-        value = cfg.api_key.resolve(required=True)
-        assert value is not None
-        source = (
-            f"prefect-block:{cfg.api_key.prefect_block}"
-            if cfg.api_key.prefect_block
-            else f"env:{cfg.api_key.env}"
-        )
+        value, source = cfg.api_key.resolve_with_source(required=True)
+        assert value is not None  # required=True raises instead
         return value, source
     key = secrets.token_urlsafe(32)
     path = folder / KEY_FILE

@@ -173,3 +173,18 @@ def test_secret_ref_holds_names_not_secrets(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SLOTHFLOW_TEST_SECRET", "s3cr3t-value")
     assert ref.resolve() == "s3cr3t-value"
     assert "s3cr3t" not in str(exc.value)
+
+
+def test_secret_source_is_the_one_actually_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configured Prefect block that does not exist falls back to the variable, and the
+    reported source says so (users are pointed at what to rotate). Real Prefect: its
+    ephemeral API answers that the block is missing."""
+    from tasks.config import SecretRef
+
+    monkeypatch.setenv("SLOTHFLOW_TEST_KEY", "k-123")
+    env_only = SecretRef(env="SLOTHFLOW_TEST_KEY")
+    assert env_only.resolve_with_source() == ("k-123", "env:SLOTHFLOW_TEST_KEY")
+    both = SecretRef(prefect_block="slothflow-no-such-block", env="SLOTHFLOW_TEST_KEY")
+    assert both.resolve_with_source() == ("k-123", "env:SLOTHFLOW_TEST_KEY")
+    with pytest.raises(ConfigError, match="'slothflow-no-such-block' not found"):
+        SecretRef(prefect_block="slothflow-no-such-block").resolve()
