@@ -175,16 +175,39 @@ def test_secret_ref_holds_names_not_secrets(monkeypatch: pytest.MonkeyPatch) -> 
     assert "s3cr3t" not in str(exc.value)
 
 
-def test_secret_source_is_the_one_actually_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secret_source_is_the_one_actually_used(tmp_path: Path) -> None:
     """A configured Prefect block that does not exist falls back to the variable, and the
-    reported source says so (users are pointed at what to rotate). Real Prefect: its
-    ephemeral API answers that the block is missing."""
-    from tasks.config import SecretRef
+    reported source says so (users are pointed at what to rotate). Real Prefect, in a
+    child process with its own home: its ephemeral API answers that the block is missing
+    (and its server stops with that process, not at this one's exit)."""
+    import json
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("SLOTHFLOW_TEST_KEY", "k-123")
-    env_only = SecretRef(env="SLOTHFLOW_TEST_KEY")
-    assert env_only.resolve_with_source() == ("k-123", "env:SLOTHFLOW_TEST_KEY")
-    both = SecretRef(prefect_block="slothflow-no-such-block", env="SLOTHFLOW_TEST_KEY")
-    assert both.resolve_with_source() == ("k-123", "env:SLOTHFLOW_TEST_KEY")
-    with pytest.raises(ConfigError, match="'slothflow-no-such-block' not found"):
-        SecretRef(prefect_block="slothflow-no-such-block").resolve()
+    from tests.conftest import clean_env
+
+    code = """
+import json, os
+from pathlib import Path
+from tasks import home
+from tasks.config import ConfigError, SecretRef
+home.activate(Path(os.environ["SLOTHFLOW_HOME"]))
+out = [SecretRef(env="SLOTHFLOW_TEST_KEY").resolve_with_source(),
+       SecretRef(prefect_block="slothflow-no-such-block", env="SLOTHFLOW_TEST_KEY")
+       .resolve_with_source()]
+try:
+    SecretRef(prefect_block="slothflow-no-such-block").resolve()
+except ConfigError as exc:
+    out.append(str(exc))
+print(json.dumps(out))
+"""
+    (tmp_path / "fakehome").mkdir()
+    env = clean_env(tmp_path / "home", tmp_path / "fakehome") | {"SLOTHFLOW_TEST_KEY": "k-123"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    env_only, both, missing = json.loads(r.stdout.strip().splitlines()[-1])
+    assert env_only == ["k-123", "env:SLOTHFLOW_TEST_KEY"]
+    assert both == ["k-123", "env:SLOTHFLOW_TEST_KEY"]
+    assert "'slothflow-no-such-block' not found" in missing
