@@ -442,6 +442,86 @@ def test_exact_duplicates_after_normalisation(tmp_path: Path) -> None:
     assert r["rejected"] == {"exact_duplicate": 2}
 
 
+def test_exact_duplicate_keeps_the_cleanest_copy(tmp_path: Path) -> None:
+    """Copies that are identical after normalisation: the one that needed no fixes is the
+    kept one, so the quarantine names the sloppy copy's line, not the clean one's."""
+    sloppy = {"instruction": "\ufeffKabar\u00a0locen midul nefim  ", "output": "Pogor rujat"}
+    clean_copy = {"instruction": "Kabar locen midul nefim", "output": "Pogor rujat"}
+    src = write_jsonl(tmp_path / "in.jsonl", [*good_rows(20), sloppy, clean_copy])
+    clean(cfg_for(src, val_fraction=0.3), tmp_path / "out")
+    assert report_of(tmp_path / "out")["rejected"] == {"exact_duplicate": 1}
+    (rej,) = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert rej["line"] == 21  # the sloppy copy, though it came first
+
+
+def _near_dup_cluster(seed: int) -> dict[str, dict[str, Any]]:
+    """Four members of one near-duplicate cluster, from sloppiest to cleanest."""
+    prompt = sentence(random.Random(seed), 30)
+    return {
+        # all caps and no-break spaces: the normaliser fixes the spaces, not the case
+        "shouting": {"instruction": prompt.upper().replace(" ", "\u00a0", 5), "output": "YES"},
+        "padded": {"instruction": "  " + prompt.replace(".", " kabar.") + " ", "output": "Yes"},
+        "clean": {"instruction": prompt.replace(".", " lofim."), "output": "Yes"},
+        "clean_later": {"instruction": prompt.replace(".", " rujat."), "output": "Yes"},
+    }
+
+
+def _kept_by_answer_prompt(out: Path) -> list[str]:
+    rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "validation.jsonl")
+    return [
+        r["messages"][0]["content"]
+        for r in rows
+        if answer_key(r["messages"][-1]["content"]) == answer_key("yes")
+    ]
+
+
+def test_near_duplicate_cluster_keeps_its_cleanest_member(tmp_path: Path) -> None:
+    members = _near_dup_cluster(11)
+    order = ["shouting", "padded", "clean", "clean_later"]  # file lines 21..24
+    src = write_jsonl(tmp_path / "in.jsonl", [*good_rows(20), *(members[k] for k in order)])
+    clean(cfg_for(src, val_fraction=0.3), tmp_path / "out")
+    r = report_of(tmp_path / "out")
+    assert r["rejected"] == {"near_duplicate": 3}
+    # The member that needed no fix wins; between two clean ones, the earlier.
+    assert _kept_by_answer_prompt(tmp_path / "out") == [members["clean"]["instruction"]]
+    rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert sorted(x["line"] for x in rejected) == [21, 22, 24]
+    assert len({x["duplicate_of"] for x in rejected}) == 1
+
+
+def test_previous_manifest_beats_a_cleaner_near_duplicate(tmp_path: Path) -> None:
+    members = _near_dup_cluster(12)
+    old = write_jsonl(tmp_path / "old.jsonl", [*good_rows(20), members["shouting"]])
+    old_out = tmp_path / "run1"
+    clean(cfg_for(old, val_fraction=0.3), old_out)
+    new = write_jsonl(tmp_path / "new.jsonl", [members["clean"]])
+    # The accepted row wins even over a cleaner one that comes first.
+    clean(cfg_for(new, old, val_fraction=0.3), tmp_path / "run2", previous_manifest=old_out)
+    kept = _kept_by_answer_prompt(tmp_path / "run2")
+    assert kept == [normalize_text(members["shouting"]["instruction"])]
+    # Without the manifest the cleaner row wins, though it comes later.
+    clean(cfg_for(old, new, val_fraction=0.3), tmp_path / "run3")
+    assert _kept_by_answer_prompt(tmp_path / "run3") == [members["clean"]["instruction"]]
+
+
+def test_dirtiness_counts_the_fixes_a_row_needed_and_shouting() -> None:
+    from collections import Counter
+
+    from tasks.data.rows import ALL_CAPS_WEIGHT, dirtiness
+
+    def d(text: str, **fixes: int) -> int:
+        return dirtiness([{"role": "user", "content": text}], Counter(fixes))
+
+    assert d("What is the capital of France?") == 0
+    assert d("NASA and the ESA") == 0  # acronyms are not shouting
+    assert d("OK") == 0 and d("USA") == 0  # one word is not shouting
+    assert d("padded", surrounding_whitespace=1, nbsp=1) == 2
+    assert d("WHAT IS THE CAPITAL?") == ALL_CAPS_WEIGHT
+    # Shouting outweighs every fix one string can need: the normaliser cannot undo it.
+    kinds = ("crlf", "control_chars", "bom", "zero_width", "nbsp", "nfc", "surrounding_whitespace")
+    assert d("WHAT IS THE CAPITAL?") > d("x", **dict.fromkeys(kinds, 1))
+
+
 def test_near_duplicates_need_the_same_answer(tmp_path: Path) -> None:
     rng = random.Random(5)
     prompt = sentence(rng, 30)

@@ -5,7 +5,9 @@ signatures), never the rows themselves:
 
 1. read -> normalise -> validate -> scrub PII -> exact dedup -> token-length filter,
    survivors spooled to a temporary JSONL file in ``out_dir``;
-2. near-duplicates over the spool (rows of the previous manifest first, so they win);
+2. near-duplicates over the spool, rows taken in order of preference (the previous
+   manifest's first, then the cleanest by :func:`~tasks.data.rows.dirtiness`, then the
+   earliest), so each cluster keeps its most preferred member;
 3. survivors split by a salted hash of their id and written out.
 
 Every input row ends in exactly one place: a split or ``rejected.jsonl`` (reason,
@@ -48,6 +50,7 @@ from tasks.data.rows import (
     Reject,
     canonical,
     content_text,
+    dirtiness,
     prompt_and_answer,
     row_id,
     scrub,
@@ -274,6 +277,8 @@ class _Spooled:
     source_no: array[int] = field(default_factory=lambda: array("H"))
     lines_no: array[int] = field(default_factory=lambda: array("q"))
     lengths: array[int] = field(default_factory=lambda: array("i"))
+    offsets: array[int] = field(default_factory=lambda: array("q"))  # in the spool
+    dirt: array[int] = field(default_factory=lambda: array("I"))  # rows.dirtiness
     in_previous: bytearray = field(default_factory=bytearray)
     para_counts: Counter[int] = field(default_factory=Counter)
     norm: Counter[str] = field(default_factory=Counter)
@@ -287,6 +292,20 @@ class _Spooled:
         return self._name_no[name]
 
 
+_WAITING, _FILTERED = -1, -2
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A row waiting for the length filter (one tokenizer call per batch)."""
+
+    source: int
+    line: int
+    rid: str
+    msgs: list[Message]
+    dirt: int
+
+
 def _read_pass(
     cfg: DataConfig,
     sources: list[Source],
@@ -296,34 +315,68 @@ def _read_pass(
     spool_path: Path,
     progress: ProgressFn | None,
 ) -> _Spooled:
-    """Pass 1: read -> normalise -> validate -> scrub -> exact dedup -> length filter."""
+    """Pass 1: read -> normalise -> validate -> scrub -> exact dedup -> length filter.
+
+    Of exact duplicates (the same row after normalisation) the cleanest copy is the kept
+    one (:func:`~tasks.data.rows.dirtiness`, the earliest of equals): the copies' text is
+    the same, but the quarantine then names the sloppier copies' source and line."""
     st = _Spooled()
-    seen: set[str] = set()
-    pending: list[tuple[int, int, str, list[Message]]] = []
+    # Row id -> its kept copy: a spool index, _WAITING (in ``pending``, ``waiting[rid]``)
+    # or _FILTERED (removed by the length filter, which its copies would fail too).
+    seen: dict[str, int] = {}
+    waiting: dict[str, _Pending] = {}
+    pending: list[_Pending] = []
+    offset = 0
     with open(spool_path, "wb") as spool:
 
         def flush() -> None:
+            nonlocal offset
             # Batched: one tokenizer call per TOKENIZE_BATCH rows, not one per row.
-            lengths = _token_lengths(tokenizer, [p[3] for p in pending])
-            for (si, line, rid, msgs), n in zip(pending, lengths, strict=True):
+            lengths = _token_lengths(tokenizer, [p.msgs for p in pending])
+            for p, n in zip(pending, lengths, strict=True):
                 reason = None
                 if tokenizer is not None and n < cfg.min_tokens:
                     reason = "too_few_tokens"
                 elif tokenizer is not None and n > cfg.max_tokens:
                     reason = "too_many_tokens"
                 if reason is not None:
-                    quarantine.add(reason, st.names[si], line, canonical(msgs), f"{n} tokens")
+                    seen[p.rid] = _FILTERED
+                    text = canonical(p.msgs)
+                    quarantine.add(reason, st.names[p.source], p.line, text, f"{n} tokens")
                     continue
-                spool.write(orjson.dumps({"id": rid, "messages": msgs}) + b"\n")
+                seen[p.rid] = len(st.lengths)
+                line = orjson.dumps({"id": p.rid, "messages": p.msgs}) + b"\n"
+                spool.write(line)
+                st.offsets.append(offset)
+                offset += len(line)
                 st.lengths.append(n)
-                st.lines_no.append(line)
-                st.source_no.append(si)
-                st.in_previous.append(rid in previous)
+                st.lines_no.append(p.line)
+                st.source_no.append(p.source)
+                st.dirt.append(min(p.dirt, 0xFFFFFFFF))
+                st.in_previous.append(p.rid in previous)
+                msgs = p.msgs
                 if cfg.near_dup:
                     keys = dedup.paragraph_keys(prompt_and_answer(msgs)[0])
                     if len(keys) > 1:  # a one-paragraph prompt has no boilerplate to drop
                         st.para_counts.update(keys)
             pending.clear()
+            waiting.clear()
+
+        def keep_cleaner(rid: str, si: int, line: int, dirt: int) -> tuple[int, int]:
+            """The copy of ``rid`` to quarantine as the duplicate, ``(source, line)``: the
+            new one, unless it is cleaner than the kept one, which it then replaces."""
+            k = seen[rid]
+            if k == _WAITING:
+                p = waiting[rid]
+                if dirt < p.dirt:
+                    loser = (p.source, p.line)
+                    p.source, p.line, p.dirt = si, line, dirt
+                    return loser
+            elif k >= 0 and dirt < st.dirt[k]:
+                loser = (st.source_no[k], st.lines_no[k])
+                st.source_no[k], st.lines_no[k], st.dirt[k] = si, line, dirt
+                return loser
+            return si, line
 
         for src in sources:
             for rec in read(src, cfg.max_line_bytes, progress):
@@ -339,21 +392,28 @@ def _read_pass(
                         truncated=rec.truncated,
                     )
                     continue
+                fixes: Counter[str] = Counter()
                 try:
-                    msgs = to_messages(rec.value, st.norm)
+                    msgs = to_messages(rec.value, fixes)
                 except Reject as r:
+                    st.norm.update(fixes)
                     quarantine.add_record(rec, r.reason, r.detail)
                     continue
+                st.norm.update(fixes)
                 if cfg.pii_scrub:
                     msgs = scrub_messages(msgs, st.pii)
                 rid = row_id(msgs)
+                si = st.source_index(rec.source)
+                dirt = dirtiness(msgs, fixes)
                 if rid in seen:
-                    quarantine.add(
-                        "exact_duplicate", rec.source, rec.line, canonical(msgs), duplicate_of=rid
-                    )
+                    lsi, lline = keep_cleaner(rid, si, rec.line, dirt)
+                    text = canonical(msgs)
+                    quarantine.add("exact_duplicate", st.names[lsi], lline, text, duplicate_of=rid)
                     continue
-                seen.add(rid)
-                pending.append((st.source_index(rec.source), rec.line, rid, msgs))
+                seen[rid] = _WAITING
+                p = _Pending(si, rec.line, rid, msgs, dirt)
+                waiting[rid] = p
+                pending.append(p)
                 if len(pending) >= TOKENIZE_BATCH:
                     flush()
         flush()
@@ -361,47 +421,50 @@ def _read_pass(
 
 
 def _near_dup_pass(
-    cfg: DataConfig, st: _Spooled, previous: set[str], quarantine: _Quarantine, spool_path: Path
+    cfg: DataConfig, st: _Spooled, quarantine: _Quarantine, spool_path: Path
 ) -> tuple[np.ndarray, dedup.NearDupIndex | None, set[int]]:
-    """Pass 2: which spooled rows survive near-dedup. Rows of the previous manifest are
-    inserted first, so a later arrival never evicts them."""
+    """Pass 2: which spooled rows survive near-dedup. The index keeps the first row
+    inserted of each cluster, so rows go in by preference: those of the previous manifest
+    first (a later arrival never evicts them), then the cleanest
+    (:func:`~tasks.data.rows.dirtiness`), then the earliest."""
     n = len(st.lengths)
     keep = np.ones(n, dtype=bool)
     if not cfg.near_dup or not n:
         return keep, None, set()
     boiler = dedup.boilerplate(st.para_counts, n, cfg.near_dup_boilerplate_fraction)
     index = dedup.NearDupIndex(cfg.near_dup_threshold, cfg.near_dup_num_perm, cfg.near_dup_bands, n)
+    prev = np.frombuffer(bytes(st.in_previous), dtype=np.uint8)
+    order = np.lexsort((np.arange(n), np.asarray(st.dirt, dtype=np.int64), 1 - prev))
     kept_ids: list[str] = []
-    kept_offsets: list[int] = []  # where each kept row sits in the spool, to re-read it
-    with open(spool_path, "rb") as reread:
+    kept_rows: list[int] = []  # the spool row of each kept one, to re-read it
+    with open(spool_path, "rb") as spool, open(spool_path, "rb") as reread:
 
         def shingles_of(k: int) -> list[str]:
-            reread.seek(kept_offsets[k])
+            reread.seek(st.offsets[kept_rows[k]])
             msgs = orjson.loads(reread.readline())["messages"]
             return dedup.shingles(prompt_and_answer(msgs)[0], boiler, cfg.near_dup_ngram)
 
-        for phase in (True, False) if previous else (False,):
-            for i, (offset, line) in enumerate(_spool_lines(spool_path)):
-                if previous and bool(st.in_previous[i]) != phase:
-                    continue
-                row = orjson.loads(line)
-                prompt, answer = prompt_and_answer(row["messages"])
-                tokens = dedup.shingles(prompt, boiler, cfg.near_dup_ngram)
-                if not tokens:
-                    continue
-                hit = index.add(tokens, dedup.answer_key(answer), shingles_of)
-                if hit is None:
-                    kept_ids.append(row["id"])
-                    kept_offsets.append(offset)
-                else:
-                    keep[i] = False
-                    quarantine.add(
-                        "near_duplicate",
-                        st.names[st.source_no[i]],
-                        st.lines_no[i],
-                        canonical(row["messages"]),
-                        duplicate_of=kept_ids[hit],
-                    )
+        for i in order.tolist():
+            # In file order when nothing is preferred: the seeks stay inside the buffer.
+            spool.seek(st.offsets[i])
+            row = orjson.loads(spool.readline())
+            prompt, answer = prompt_and_answer(row["messages"])
+            tokens = dedup.shingles(prompt, boiler, cfg.near_dup_ngram)
+            if not tokens:
+                continue
+            hit = index.add(tokens, dedup.answer_key(answer), shingles_of)
+            if hit is None:
+                kept_ids.append(row["id"])
+                kept_rows.append(i)
+            else:
+                keep[i] = False
+                quarantine.add(
+                    "near_duplicate",
+                    st.names[st.source_no[i]],
+                    st.lines_no[i],
+                    canonical(row["messages"]),
+                    duplicate_of=kept_ids[hit],
+                )
     return keep, index, boiler
 
 
@@ -474,7 +537,7 @@ def clean(
         st = _read_pass(cfg, sources, tok, previous, quarantine, spool_path, progress)
         timings["read_normalise_filter_s"] = time.perf_counter() - t_start
         t = time.perf_counter()
-        keep, index, boiler = _near_dup_pass(cfg, st, previous, quarantine, spool_path)
+        keep, index, boiler = _near_dup_pass(cfg, st, quarantine, spool_path)
         timings["near_dup_s"] = time.perf_counter() - t
         t = time.perf_counter()
         counts, kept_lengths, digests = _write_pass(cfg, st, keep, spool_path, out_dir)

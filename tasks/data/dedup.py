@@ -14,8 +14,10 @@ What counts as a near-duplicate, and why:
   conflicting labels, not duplicates: both are kept and counted (``conflicting_answers``
   in the report) so a person can look.
 
-The first row inserted wins; the caller inserts rows from the previous run's manifest
-first, so a row accepted earlier is never evicted by a later arrival.
+The first row inserted wins. The caller inserts rows by preference: the previous run's
+manifest first (a row accepted earlier is never evicted by a later arrival), then the
+cleanest (:func:`tasks.data.rows.dirtiness`: fewest normalisation fixes, no shouting),
+then the earliest, so a sloppy copy never displaces a clean original.
 """
 
 from __future__ import annotations

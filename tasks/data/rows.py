@@ -108,6 +108,29 @@ def normalize_text(s: str, counts: Counter[str] | None = None) -> str:
     return stripped
 
 
+# --------------------------------------------------------------------------- cleanliness
+
+#: What one all-caps turn costs in :func:`dirtiness`: more than every fix one string can
+#: need (7 kinds), because the normaliser repairs those but cannot undo shouting, which
+#: therefore reaches the training data.
+ALL_CAPS_WEIGHT = 8
+_LETTER_RUN = re.compile(r"[^\W\d_]{2,}")
+
+
+def shouting(s: str) -> bool:
+    """All cased letters upper-case over at least two words (``"OK"`` or ``"NASA"`` alone
+    is an answer or an acronym, not shouting)."""
+    return s.isupper() and len(_LETTER_RUN.findall(s)) >= 2
+
+
+def dirtiness(msgs: list[Message], fixes: Counter[str]) -> int:
+    """How far a row was from clean: the normalisation fixes it needed (``fixes``: this
+    row's ticks from :func:`normalize_text`, one per string and kind) plus
+    :data:`ALL_CAPS_WEIGHT` per all-caps turn. The one definition of which member of a
+    set of duplicates is kept: the lowest, the earliest of equals."""
+    return sum(fixes.values()) + ALL_CAPS_WEIGHT * sum(shouting(m["content"]) for m in msgs)
+
+
 # --------------------------------------------------------------------------- shape
 
 
