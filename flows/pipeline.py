@@ -119,8 +119,10 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             if served is not None:
                 results["serve"] = {"endpoint": served.endpoint}
                 summary["serving"] = summary_lines(served)
-    except BaseException:
-        run_mod.finish(ctx, "FAILED", {**summary, "completed_stages": sorted(results)})
+    except BaseException as exc:
+        # A signal marks the run INTERRUPTED (resumable, nothing failed), anything else FAILED.
+        status = run_mod.status_of(exc)
+        run_mod.finish(ctx, status, {**summary, "completed_stages": sorted(results)})
         raise
     run_mod.finish(ctx, "FINISHED", summary)
     return summary

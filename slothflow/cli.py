@@ -7,6 +7,7 @@ Heavy libraries (Prefect, MLflow, torch) are imported inside the commands, after
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,44 +132,104 @@ def run(
 
     With no options it runs the embedded default: a tiny model built on the spot, local MLflow on SQLite and Prefect without a server.
     """
-    with _friendly_errors():
-        cfg = _load(recipe, set_)
+    from tasks.interrupt import Interrupted, interrupt_of, is_interrupt, signals_as_interrupt
+
+    # Signals first: a Ctrl-C or SIGTERM from here on unwinds through every finally below
+    # (stage runs closed, run marked INTERRUPTED, servers stopped, lock released).
+    with _friendly_errors(), signals_as_interrupt() as received:
         home = home_mod.resolve_home()
-        with home_mod.exclusive(home, f"slothflow run --recipe {recipe}"):
-            from tasks.run import preflight
+        run_id: str | None = None
+        try:
+            cfg = _load(recipe, set_)
+            with home_mod.exclusive(home, f"slothflow run --recipe {recipe}"):
+                from flows import temporary_server
 
-            preflight(cfg, home)
-            from flows.pipeline import pipeline
+                # Before preflight: its checks import Prefect, which reads the URL then.
+                port = None if os.environ.get("PREFECT_API_URL") else temporary_server.reserve()
+                from flows.preflight import preflight
 
-            if not verbose_logging():
-                quiet_http_logs()
-            try:
-                summary = pipeline(config=cfg, resume_run_id=resume)
-            except (ConfigError, home_mod.HomeBusyError):
+                plan = preflight(cfg, home, resume, set_)
+                for note in plan.notes:
+                    console.print(note, highlight=False, markup=False, soft_wrap=True)
+                run_id = plan.resume_run_id
+                with _prefect_api(home, port):
+                    from flows.pipeline import pipeline
+
+                    if not verbose_logging():
+                        quiet_http_logs()
+                    summary = pipeline(config=plan.config, resume_run_id=run_id)
+        except BaseException as exc:
+            if not is_interrupt(exc):
+                if isinstance(exc, Exception) and not _is_friendly(exc):
+                    _report_failure(home, recipe, exc)
                 raise
-            except Exception as exc:
-                from tasks.tracking import TrackingUnavailableError
-
-                if isinstance(exc, TrackingUnavailableError):
-                    raise
-                last = _last_run(home)
-                console.print(
-                    f"[bold red]pipeline failed:[/] {escape(f'{type(exc).__name__}: {exc}')}",
-                    soft_wrap=True,
-                )
-                if last:
-                    console.print(
-                        f"Earlier stages' results are kept in {home.run_dir(last)}.\n"
-                        f"Fix the cause, then resume: [bold]slothflow run -r {recipe} "
-                        f"--resume {last}[/]",
-                        soft_wrap=True,
-                    )
-                raise typer.Exit(1) from None
+            signum = (interrupt_of(exc) or Interrupted(received[0] if received else 2)).signum
+            _report_interrupt(home, recipe, run_id, signum)
+            raise typer.Exit(128 + signum) from None
     _print_summary(summary)
     if summary.get("gate") and not summary["gate"]["passed"]:
         # A finished run whose model was not promoted: distinct from a crash (1) and a
         # bad config (2), so schedulers and scripts can tell them apart.
         raise typer.Exit(3)
+
+
+@contextmanager
+def _prefect_api(home: home_mod.Home, port: int | None) -> Iterator[None]:
+    """A configured Prefect server (``PREFECT_API_URL``) as it is (``port`` None); else
+    Prefect's temporary server on ``port``, run so that a signal cannot kill it before
+    the flow has said how it ended (see flows/temporary_server.py)."""
+    if port is None:
+        yield
+        return
+    from flows.temporary_server import temporary_server
+
+    with temporary_server(home.prefect, port):
+        yield
+
+
+def _is_friendly(exc: BaseException) -> bool:
+    from tasks.tracking import TrackingUnavailableError
+
+    return isinstance(exc, ConfigError | home_mod.HomeBusyError | TrackingUnavailableError)
+
+
+def _report_failure(home: home_mod.Home, recipe: str, exc: BaseException) -> None:
+    last = _last_run(home)
+    console.print(
+        f"[bold red]pipeline failed:[/] {escape(f'{type(exc).__name__}: {exc}')}",
+        soft_wrap=True,
+    )
+    if last:
+        console.print(
+            f"Earlier stages' results are kept in {home.run_dir(last)}.\n"
+            f"Fix the cause, then resume: [bold]slothflow run -r {recipe} --resume {last}[/]",
+            soft_wrap=True,
+        )
+    raise typer.Exit(1) from None
+
+
+def _report_interrupt(home: home_mod.Home, recipe: str, run_id: str | None, signum: int) -> None:
+    import json
+    import signal
+
+    name = signal.Signals(signum).name
+    last = run_id or _last_run(home)
+    result = home.run_dir(last) / "result.json" if last else None
+    started = (
+        result is not None
+        and result.exists()
+        and json.loads(result.read_text()).get("status") == "INTERRUPTED"
+    )
+    if last and started:
+        console.print(
+            f"[bold yellow]interrupted[/] by {name}: run {last} stopped; finished stages and "
+            f"the last training checkpoint are kept.\nResume: [bold]slothflow run -r {recipe} "
+            f"--resume {last}[/]",
+            soft_wrap=True,
+            highlight=False,
+        )
+    else:
+        console.print(f"[bold yellow]interrupted[/] by {name} before the run started")
 
 
 def _last_run(home: home_mod.Home) -> str | None:

@@ -42,16 +42,26 @@ def train_cmd(
 ) -> None:
     """Fine-tune the recipe's base model on DATA (stages base + train), tracked in MLflow."""
     from slothflow.cli import _friendly_errors, _load, console, out  # late: cli imports us
+    from tasks.interrupt import signals_as_interrupt
 
-    with _friendly_errors():
+    # A signal unwinds through tracked_run: the run is marked INTERRUPTED, resumable.
+    with _friendly_errors(), signals_as_interrupt():
+        from tasks.config import ConfigError
+        from tasks.data.clean import DataError, check_output
+
+        try:  # first: an empty or failed data folder must not wait for a model to load
+            check_output(data)
+        except DataError as exc:
+            raise ConfigError(f"--data: {exc}") from None
         cfg = _load(recipe, set_)
         home = home_mod.resolve_home()
         with home_mod.exclusive(home, f"slothflow train --recipe {recipe}"):
+            from flows.preflight import preflight
             from tasks.base_model import prepare_base_in_run
-            from tasks.run import preflight, tracked_run
+            from tasks.run import tracked_run
             from tasks.train import data_ref_from_folder, train_in_run
 
-            preflight(cfg, home)
+            preflight(cfg, home, run_id, set_, serving=False)
             data_ref = data_ref_from_folder(data)
             with tracked_run(cfg, home, resume_run_id=run_id) as (ctx, summary):
                 console.print(

@@ -30,7 +30,7 @@ from typing import Any
 from tasks import embedded
 from tasks.config import EMBEDDED_MODEL, REPO_ROOT, ConfigError, ModelConfig
 from tasks.home import Home
-from tasks.orchestration import stage_task
+from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import BaseModelRef, RunContext, load_done, mark_done, sha256_json
 from tasks.revision import is_hub_id, resolve_revision
 from tasks.tracking import NullTracker, Tracker
@@ -218,6 +218,32 @@ def prepare_base(cfg: ModelConfig, home: Home, tracker: Tracker = NullTracker())
     return ref
 
 
+def check_base(cfg: ModelConfig) -> None:
+    """The checks of :func:`prepare_base` that need no model loaded, in well under a
+    second: the name is the embedded model, a loadable folder or a hub id this machine
+    can resolve (offline: in the local cache), and a configured chat template exists.
+    Run before the first stage, so a typo fails at once, not after minutes of retries."""
+    name = cfg.name_or_path
+    if name == EMBEDDED_MODEL:
+        pass
+    elif Path(name).is_dir():
+        _check_loadable_folder(Path(name).resolve())
+    elif is_hub_id(name):
+        revision = resolve_revision(name, cfg.revision)
+        folder = _hub_snapshot(name, revision)
+        if folder is not None:
+            _check_loadable_folder(folder)
+    elif Path(name).expanduser().is_absolute() or name.startswith((".", "~")):
+        raise ConfigError(f"model.name_or_path: folder {name} does not exist")
+    else:
+        raise ConfigError(
+            f"model.name_or_path={name!r} is neither {EMBEDDED_MODEL!r}, an existing folder, "
+            "nor a hub id (org/name)"
+        )
+    if cfg.chat_template is not None:
+        _read_template_file(cfg.chat_template)
+
+
 def base_inputs_hash(cfg: ModelConfig) -> str:
     """What the base stage's result depends on: the model config, what the name resolves
     to now (a local folder's content hash, a hub branch's commit) and the content of the
@@ -256,8 +282,10 @@ def prepare_base_in_run(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
     return ref
 
 
-@stage_task(name="base", retries=2, retry_delay_seconds=5)
+@stage_task(name="base", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def prepare_base_task(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
-    """Prefect task of stage ``base``. Retries cover a flaky Hub when online; offline
-    errors are configuration errors and fail the same way on every try."""
+    """Prefect task of stage ``base``. Retries cover a flaky Hub when online; a missing
+    folder or an id not in the offline cache is a configuration error and fails the same
+    way on every try, so it is not retried (and :func:`check_base` catches it before the
+    run starts)."""
     return prepare_base_in_run(ctx, cfg)

@@ -28,7 +28,6 @@ generated per server and kept in a 0600 file beside the state.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
@@ -44,7 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -56,6 +55,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.config import REPO_ROOT, ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
 from tasks.eval_metrics import exact_match
 from tasks.home import Home, environment_for, resolve_home
+from tasks.interrupt import signals_as_interrupt
 from tasks.orchestration import stage_task
 from tasks.refs import RunContext, StageRef, write_json_atomic
 from tasks.registry import is_spec
@@ -674,6 +674,28 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def check_serving_plan(cfg: DeployConfig, home: Home) -> None:
+    """What :func:`start_server` would refuse, checked before a run trains for minutes:
+    the vLLM command exists and ``deploy.port`` is free, or already served by this home
+    (a restart when ``deploy.replace``). The port can still be taken in between; the
+    start checks again."""
+    resolve_command(cfg.vllm_command)
+    ours = next((s for s in servers(home) if s.port == cfg.port), None)
+    if ours is not None:
+        if not cfg.replace:
+            raise PortBusyError(
+                f"deploy.port {cfg.port} already serves {ours.model_spec} (pid {ours.pid}); "
+                f"stop it with `slothflow serve stop --port {cfg.port}`, set "
+                "deploy.replace=true, or choose another deploy.port"
+            )
+        return
+    if port_in_use(cfg.host, cfg.port):
+        raise PortBusyError(
+            f"deploy.port {cfg.port} on {cfg.host} is already in use by another program; "
+            "choose another with --set deploy.port=N (or stop that program)"
+        )
+
+
 def _api_key(cfg: DeployConfig, folder: Path) -> tuple[str, str]:
     """(key, where it lives). Configured secret, else a fresh key in a 0600 file."""
     if cfg.api_key is not None:
@@ -826,25 +848,6 @@ def mark_ready(state: ServerState, home: Home) -> ServerState:
     ready = state.model_copy(update={"phase": "ready"})
     write_json_atomic(server_dir(home, state.port) / STATE_FILE, ready.model_dump(mode="json"))
     return ready
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while a deploy runs, so ``finally`` blocks
-    stop the server. Signal handlers live in the main thread only; elsewhere (a
-    Prefect worker thread) the state file's orphan check covers the kill."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 # --------------------------------------------------------------------------- client side
@@ -1329,7 +1332,8 @@ def deploy(
     home = home or resolve_home()
     tracker = tracker or NullTracker()
     cfg = with_overrides(cfg, host=host, port=port)
-    with sigterm_as_interrupt():
+    # A signal becomes an exception here, so the failure paths below stop the server.
+    with signals_as_interrupt():
         resolved = resolve_model(model, resolver)
         pairs = load_rows_with_ids(heldout) if heldout is not None else []
         offline_list: list[str] | None = None
@@ -1346,7 +1350,8 @@ def deploy(
                 split_row(row)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"held-out rows for the smoke test: {exc}") from None
-        tracker.log_params(
+        # Serving settings may change when a failed run is resumed (another port).
+        tracker.log_attempt_params(
             {
                 "serve.model": resolved.spec,
                 "serve.model_path": str(resolved.path),

@@ -23,6 +23,7 @@ from tasks.config import (
     dump_config,
 )
 from tasks.home import Home
+from tasks.interrupt import is_interrupt
 from tasks.refs import RunContext, write_json_atomic
 from tasks.tracking import NullTracker, Tracker
 
@@ -43,14 +44,60 @@ def latest_run_id(home: Home) -> str | None:
     return max(runs, key=lambda p: p.stat().st_mtime).parent.name
 
 
-def preflight(cfg: PipelineConfig, home: Home) -> hardware.HardwareDecision:
-    """Checks that need no Prefect: run them before the flow starts its (ephemeral)
-    server, so a bad config or an unreachable tracking store fails in seconds."""
-    decision = hardware.decide(cfg, hardware.probe())
-    tracking.check_reachable(
-        tracking.resolve_tracking_uri(cfg.tracking, home), cfg.tracking.connect_timeout_s
-    )
-    return decision
+def resume_target(home: Home, cfg: PipelineConfig, resume_run_id: str) -> str:
+    """The run id ``--resume`` names (``last``: the newest run of this home), checked: it
+    exists and started with this very config (a run's finished stages are only valid for
+    the config that produced them)."""
+    import json
+
+    if resume_run_id == "last":
+        last = latest_run_id(home)
+        if last is None:
+            raise ConfigError(f"--resume last: no runs in {home.runs}")
+        resume_run_id = last
+    if not _RUN_ID.match(resume_run_id):
+        raise ConfigError(f"--resume: invalid run id {resume_run_id!r}")
+    meta = home.run_dir(resume_run_id) / "run.json"
+    if not meta.exists():
+        known = sorted(p.parent.name for p in home.runs.glob("*/run.json"))[-3:]
+        hint = f" (newest: {', '.join(known)})" if known else ""
+        raise ConfigError(f"--resume: no run {resume_run_id!r} in {home.runs}{hint}")
+    chash = config_hash(cfg)
+    started_with = json.loads(meta.read_text())["config_hash"]
+    if started_with != chash:
+        raise ConfigError(
+            f"cannot resume {resume_run_id!r}: it started with config {started_with[:12]}, "
+            f"this config is {chash[:12]} (see `slothflow config show`). Resume with the "
+            "recipe and --set values it started with, or start a new run (drop --resume)."
+        )
+    return resume_run_id
+
+
+def resume_config(
+    home: Home, cfg: PipelineConfig, run_id: str, overrides: list[str]
+) -> tuple[PipelineConfig, list[str]]:
+    """``cfg`` with the sections outside the config hash (``deploy``, ``tracking``) taken
+    from what run ``run_id`` was last started with, plus this command's ``--set`` values
+    for them: a resume that does not repeat ``--set deploy.port=N`` serves on N again
+    instead of falling back to the recipe's default. Returns the config and one line per
+    field that differs from the recipe's, for the user to see."""
+    from tasks.config import load_config
+
+    mutable = sorted(HASH_EXCLUDED_SECTIONS - {"name"})
+    own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0].strip() in mutable]
+    saved = home.run_dir(run_id) / "config.yaml"
+    if not saved.exists():
+        return cfg, []
+    started = load_config(str(saved), own)
+    merged = cfg.model_copy(update={s: getattr(started, s) for s in mutable})
+    fresh = tracking.flatten_params(cfg.model_dump(mode="json", include=set(mutable)))
+    kept = tracking.flatten_params(merged.model_dump(mode="json", include=set(mutable)))
+    notes = [
+        f"{k}={kept[k]} (the recipe says {fresh.get(k)})"
+        for k in sorted(kept)
+        if kept[k] != fresh.get(k)
+    ]
+    return merged, notes
 
 
 def open_run(
@@ -64,29 +111,11 @@ def open_run(
     finished stages are only valid for the config that produced them.
     """
     chash = config_hash(cfg)
-    if resume_run_id == "last":
-        resume_run_id = latest_run_id(home)
-        if resume_run_id is None:
-            raise ConfigError(f"--resume last: no runs in {home.runs}")
     if resume_run_id is not None:
-        if not _RUN_ID.match(resume_run_id):
-            raise ConfigError(f"invalid run id {resume_run_id!r}")
-        run_dir = home.run_dir(resume_run_id)
-        meta = run_dir / "run.json"
-        if not meta.exists():
-            raise ConfigError(f"cannot resume {resume_run_id!r}: no run at {run_dir}")
-        import json
-
-        started_with = json.loads(meta.read_text())["config_hash"]
-        if started_with != chash:
-            raise ConfigError(
-                f"cannot resume {resume_run_id!r}: it started with config {started_with[:12]}, "
-                f"this config is {chash[:12]}. Start a new run instead (drop --resume)."
-            )
-        run_id = resume_run_id
+        run_id = resume_target(home, cfg, resume_run_id)
     else:
         run_id = new_run_id(cfg, chash)
-        run_dir = home.run_dir(run_id)
+    run_dir = home.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     decision = hardware.decide(cfg, hardware.probe())
@@ -101,7 +130,9 @@ def open_run(
         # (deploy, tracking) may change on resume and live in config/resolved.yaml.
         tracking.flatten_params(cfg.model_dump(mode="json", exclude=set(HASH_EXCLUDED_SECTIONS)))
     )
-    parent.log_params({"config_hash": chash, **decision.as_params()})
+    parent.log_params({"config_hash": chash})
+    # The hardware may differ between attempts (a run resumed on another machine).
+    parent.log_attempt_params(decision.as_params())
     parent.set_tags(
         {
             "slothflow.config_hash": chash,
@@ -142,13 +173,26 @@ def stage(ctx: RunContext, name: str) -> Iterator[Tracker]:
     )
     try:
         yield t
-    except BaseException:
-        t.end("FAILED")
+    except BaseException as exc:
+        t.end(mlflow_status("INTERRUPTED" if is_interrupt(exc) else "FAILED"))
         raise
     t.end("FINISHED")
 
 
+def mlflow_status(status: str) -> str:
+    """MLflow's word for a run status of ours: an interrupted run is KILLED there."""
+    return "KILLED" if status == "INTERRUPTED" else status
+
+
+def status_of(exc: BaseException) -> str:
+    """How a run that ended with ``exc`` is recorded: INTERRUPTED (a signal: resumable,
+    nothing wrong with it) or FAILED."""
+    return "INTERRUPTED" if is_interrupt(exc) else "FAILED"
+
+
 def finish(ctx: RunContext, status: str, summary: dict[str, object] | None = None) -> None:
+    """Record the run's end: ``result.json`` in its folder and the parent MLflow run's
+    status (FINISHED, FAILED, or INTERRUPTED, which MLflow calls KILLED)."""
     write_json_atomic(Path(ctx.run_dir) / "result.json", {"status": status, **(summary or {})})
     if ctx.tracking is None:
         return
@@ -156,7 +200,7 @@ def finish(ctx: RunContext, status: str, summary: dict[str, object] | None = Non
     t = tracking.pipeline_tracker(ref)
     if summary:
         t.log_dict(summary, "summary.json")
-    t.end(status)
+    t.end(mlflow_status(status))
 
 
 @contextlib.contextmanager
@@ -170,8 +214,8 @@ def tracked_run(
     summary: dict[str, object] = {"run_id": ctx.run_id}
     try:
         yield ctx, summary
-    except BaseException:
-        finish(ctx, "FAILED", summary)
+    except BaseException as exc:
+        finish(ctx, status_of(exc), summary)
         raise
     finish(ctx, "FINISHED", summary)
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 TAG_RUN_ID = "slothflow.run_id"
 TAG_STAGE = "slothflow.stage"
 TAG_KIND = "slothflow.kind"
+TAG_ATTEMPT = "slothflow.attempt"  # 1 for a new run, +1 each time a resume re-attaches
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -50,6 +51,7 @@ class Tracker(Protocol):
     def log_dict(self, obj: Any, name: str) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_attempt_params(self, params: Mapping[str, Any]) -> None: ...
     def log_input(
         self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
     ) -> None: ...
@@ -74,6 +76,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_attempt_params(self, params: Mapping[str, Any]) -> None:
         pass
 
     def log_input(
@@ -222,8 +227,32 @@ class MlflowTracker:
         new = [
             Param(k, str(v)[:6000]) for k, v in params.items() if existing.get(k) != str(v)[:6000]
         ]
+        for p in new:
+            if p.key in existing:
+                raise ValueError(
+                    f"MLflow param {p.key} of this run is {existing[p.key]!r}; this attempt "
+                    f"has {p.value!r} (params are write-once: a value that may change on "
+                    "resume belongs in log_attempt_params)"
+                )
         for i in range(0, len(new), 100):
             self.client.log_batch(self.mlflow_run_id, params=new[i : i + 100])
+
+    def log_attempt_params(self, params: Mapping[str, Any]) -> None:
+        """Settings that may change when a run is resumed (serving, tracking, hardware):
+        the first attempt's values under their own names, a later attempt's *changed*
+        values as ``<name>.attempt<N>``, so every attempt's values stay on record and no
+        logged param is ever rewritten (MLflow refuses that)."""
+        run = self.client.get_run(self.mlflow_run_id)
+        existing = run.data.params
+        attempt = int(run.data.tags.get(TAG_ATTEMPT, "1"))
+        out: dict[str, str] = {}
+        for k, v in params.items():
+            value = str(v)[:6000]
+            if k not in existing:
+                out[k] = value
+            elif existing[k] != value and attempt > 1:
+                out[f"{k}.attempt{attempt}"] = value
+        self.log_params(out)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import time
@@ -349,10 +378,10 @@ def open_pipeline_run(cfg: TrackingConfig, home: Home, run_id: str) -> TrackingR
     tags = {TAG_RUN_ID: run_id, TAG_KIND: "pipeline"}
     mlflow_id = _find_run(client, exp_id, tags)
     if mlflow_id is None:
-        run = client.create_run(exp_id, run_name=run_id, tags=tags)
+        run = client.create_run(exp_id, run_name=run_id, tags={**tags, TAG_ATTEMPT: "1"})
         mlflow_id = run.info.run_id
     else:
-        client.update_run(mlflow_id, status="RUNNING")
+        _reattach(client, mlflow_id)
     return TrackingRef(
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=mlflow_id, run_id=run_id
     )
@@ -373,12 +402,24 @@ def stage_tracker(ref: TrackingRef, stage: str) -> MlflowTracker:
         run = client.create_run(
             ref.experiment_id,
             run_name=stage,
-            tags={**tags, TAG_KIND: "stage", "mlflow.parentRunId": ref.parent_run_id},
+            tags={
+                **tags,
+                TAG_KIND: "stage",
+                TAG_ATTEMPT: "1",
+                "mlflow.parentRunId": ref.parent_run_id,
+            },
         )
         mlflow_id = run.info.run_id
     else:
-        client.update_run(mlflow_id, status="RUNNING")
+        _reattach(client, mlflow_id)
     return MlflowTracker(ref.tracking_uri, mlflow_id)
+
+
+def _reattach(client: Any, mlflow_id: str) -> None:
+    """A resumed run's MLflow run: running again, one attempt more."""
+    tags = client.get_run(mlflow_id).data.tags
+    client.set_tag(mlflow_id, TAG_ATTEMPT, str(int(tags.get(TAG_ATTEMPT, "1")) + 1))
+    client.update_run(mlflow_id, status="RUNNING")
 
 
 def run_url(ref: TrackingRef) -> str:

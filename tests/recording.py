@@ -50,6 +50,9 @@ class RecordingTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tags.update(tags)
 
+    def log_attempt_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(params)
+
     def log_input(
         self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
     ) -> None:
