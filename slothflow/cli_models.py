@@ -26,6 +26,15 @@ def _cli() -> Any:
     return cli
 
 
+def _store_missing(uri: str) -> bool:
+    """``tasks.registry.store_missing`` without importing ``tasks.registry`` (it loads
+    Prefect, seconds): a local SQLite store that does not exist yet."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return path not in ("", ":memory:") and not Path(path).exists()
+
+
 def _read_ref(path: Path, model: Any) -> Any:
     if not path.exists():
         from tasks.config import ConfigError
@@ -171,13 +180,27 @@ def models_list(
     cli = _cli()
     with cli._friendly_errors():
         from tasks import home as home_mod
-        from tasks import registry, tracking
+        from tasks import tracking
 
         cfg = cli._load(recipe, set_)
         home = home_mod.resolve_home()
         uri = tracking.resolve_tracking_uri(cfg.tracking, home)
-        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
         model = name or cfg.tracking.registered_model
+        if _store_missing(uri):
+            # Asking MLflow would create and migrate the store (~20 s) to answer "none".
+            if as_json:
+                print("[]")
+            else:
+                cli.out.print(
+                    f"no registered models: {tracking.redact_uri(uri)} does not exist yet",
+                    soft_wrap=True,
+                    highlight=False,
+                    markup=False,
+                )
+            return
+        from tasks import registry
+
+        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
         versions = registry.list_versions(model, uri)
     if as_json:
         import sys

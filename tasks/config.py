@@ -536,7 +536,14 @@ class TrackingConfig(_Strict):
             )
         return v
 
-    registered_model: str = Field("slothflow-model", description="MLflow registered model name.")
+    registered_model: str = Field(
+        "",
+        # Built into registry search filters and NAME@alias specs.
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$",
+        description="MLflow registered model name. Empty (the default): slothflow-<name>, so "
+        "each recipe registers into its own model and a lenient recipe never moves the aliases "
+        "of one a stricter recipe serves. Also vLLM's served model name.",
+    )
     system_metrics: bool = Field(
         True,
         description="MLflow's system metrics (GPU utilisation, memory and power; CPU; disk) "
@@ -567,6 +574,8 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> PipelineConfig:
+        if not self.tracking.registered_model:
+            self.tracking.registered_model = f"slothflow-{self.name}"
         if self.data.min_tokens > self.data.max_tokens:
             raise ValueError("data.min_tokens must not exceed data.max_tokens")
         if self.data.max_tokens > self.model.max_seq_length:

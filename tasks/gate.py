@@ -78,6 +78,43 @@ class GateRef(StageRef):
     champion: float | None
 
 
+class GateBar(BaseModel):
+    """How good the gate requires a candidate to be: the rules that compare two recipes'
+    gates (``min_items`` and ``champion_tolerance`` say how sure and how stable, not how
+    good). The registry records it on every version it registers."""
+
+    primary_metric: str
+    threshold: float
+    base_margin: float
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> GateBar:
+        return cls(
+            primary_metric=cfg.primary_metric,
+            threshold=cfg.threshold,
+            base_margin=cfg.base_margin,
+        )
+
+    def looser_than(self, other: GateBar) -> list[str]:
+        """Where this bar is below ``other`` (empty: at least as strict). Thresholds on
+        different metrics cannot be ordered, so a different metric counts as looser."""
+        if self.primary_metric != other.primary_metric:
+            return [f"primary_metric {self.primary_metric} vs {other.primary_metric}"]
+        return [
+            f"{rule} {mine:g} vs {theirs:g}"
+            for rule, mine, theirs in (
+                ("threshold", self.threshold, other.threshold),
+                ("base_margin", self.base_margin, other.base_margin),
+            )
+            if mine < theirs
+        ]
+
+    def describe(self) -> str:
+        return (
+            f"{self.primary_metric} threshold {self.threshold:g} base_margin {self.base_margin:g}"
+        )
+
+
 def gate_tags(passed: bool, reasons: list[str]) -> dict[str, str]:
     """The run tags of a decision: ``slothflow.gate`` and its reasons (MLflow caps a tag
     value's length)."""

@@ -16,6 +16,13 @@ gate's decision.
 
 Model specs, as the serving stage passes them to :func:`resolve`: ``NAME@alias`` or
 ``NAME/version`` (an optional ``models:/`` prefix is accepted).
+
+**Guard rail.** Every version records the bar its gate applied (:class:`GateBar`:
+primary metric, threshold, base margin) as version tags. A run whose bar is looser than
+that of the model's ``champion`` or ``challenger`` may not register into that model
+(:func:`check_can_register`, called before the long stages and again at registration):
+a recipe whose gate cannot fail must never move an alias of a model a stricter recipe
+serves. A version without the tags has an unknown bar and counts as stricter.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 from tasks.config import ConfigError, PipelineConfig
 from tasks.evaluate import EvalRef
 from tasks.export import MANIFEST, ExportRef, read_manifest, relocate_manifest
-from tasks.gate import GateRef
+from tasks.gate import GateBar, GateRef
 from tasks.home import Home
 from tasks.orchestration import stage_task
 from tasks.refs import RunContext, StageRef, load_done, mark_done, sha256_json
@@ -62,6 +69,11 @@ class GateNotPassedError(RuntimeError):
     """Registration was asked for a candidate that failed the gate."""
 
 
+class WeakerGateError(ConfigError):
+    """This run's gate is looser than the one that admitted the model's champion or
+    challenger: registering would let a weaker candidate move an alias of that model."""
+
+
 class NotRegisteredError(ConfigError):
     """The registry answered that the model, version or alias does not exist.
 
@@ -72,6 +84,13 @@ class NotRegisteredError(ConfigError):
 #: Tags that make registration idempotent: one version per (run, exported artifact).
 TAG_RUN_ID = "slothflow.run_id"
 TAG_ARTIFACT = "slothflow.artifact_sha256"
+
+#: The bar of the gate that admitted a version (see :class:`tasks.gate.GateBar`).
+TAG_GATE_METRIC = "slothflow.gate.primary_metric"
+TAG_GATE_THRESHOLD = "slothflow.gate.threshold"
+TAG_GATE_MARGIN = "slothflow.gate.base_margin"
+#: The aliases a looser gate may not move: what serves and what awaits rollout.
+GUARDED_ALIASES = (CHAMPION, CHALLENGER)
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -139,6 +158,86 @@ def lineage_tags(export: ExportRef, ev: EvalRef, gate: GateRef, run_id: str) -> 
     }
 
 
+def gate_bar_tags(bar: GateBar) -> dict[str, str]:
+    # repr round-trips a float exactly: the comparison reads back the very bar.
+    return {
+        TAG_GATE_METRIC: bar.primary_metric,
+        TAG_GATE_THRESHOLD: repr(bar.threshold),
+        TAG_GATE_MARGIN: repr(bar.base_margin),
+    }
+
+
+def gate_bar_of(tags: dict[str, str]) -> GateBar | None:
+    """The recorded bar of a version, or None when it has none (or an unreadable one)."""
+    try:
+        return GateBar(
+            primary_metric=tags[TAG_GATE_METRIC],
+            threshold=float(tags[TAG_GATE_THRESHOLD]),
+            base_margin=float(tags[TAG_GATE_MARGIN]),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def store_missing(tracking_uri: str) -> bool:
+    """A local SQLite store whose file does not exist yet: nothing is registered there,
+    and any MLflow client pointed at it would create it (and migrate it, ~10 s)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return False
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return path not in ("", ":memory:") and not Path(path).exists()
+
+
+def _refuse_looser_gate(client: Any, name: str, bar: GateBar) -> None:
+    """Raise :class:`WeakerGateError` when ``bar`` is looser than the bar of the version
+    an alias in :data:`GUARDED_ALIASES` points at."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
+        return  # no such model yet: this run creates it
+    problems = []
+    for alias in GUARDED_ALIASES:
+        if alias not in aliases:
+            continue
+        version = int(aliases[alias])
+        theirs = gate_bar_of(dict(client.get_model_version(name, str(version)).tags or {}))
+        if theirs is None:
+            problems.append(
+                f"its {alias} (version {version}) has no recorded gate (version tags "
+                f"{TAG_GATE_METRIC}, {TAG_GATE_THRESHOLD}, {TAG_GATE_MARGIN}), so its bar is "
+                "unknown and may be stricter"
+            )
+        elif looser := bar.looser_than(theirs):
+            problems.append(
+                f"its {alias} (version {version}) was gated by {theirs.describe()}, this run "
+                f"only by {bar.describe()} (looser: {', '.join(looser)})"
+            )
+    if problems:
+        raise WeakerGateError(
+            f"refusing to register into {name!r}: "
+            + "; ".join(problems)
+            + ". A looser gate must not move an alias of a model a stricter one admitted: "
+            "register into a model of this recipe's own (tracking.registered_model; by "
+            "default slothflow-<name>, one per recipe) or apply that model's bar "
+            "(eval.primary_metric, eval.threshold, eval.base_margin)."
+        )
+
+
+def check_can_register(cfg: PipelineConfig, tracking_uri: str) -> None:
+    """Refuse, before any stage runs, a run whose gate is looser than the one that
+    admitted the champion or challenger of ``tracking.registered_model``
+    (:class:`WeakerGateError`, a :class:`ConfigError`). Reads only; a local store that
+    does not exist yet is not created. :func:`register` checks again, since the aliases
+    may move while the run trains."""
+    if store_missing(tracking_uri):
+        return
+    _refuse_looser_gate(_client(tracking_uri), cfg.tracking.registered_model, GateBar.of(cfg.eval))
+
+
 def _ensure_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -166,7 +265,9 @@ def register(
     tracker: Tracker | None = None,
 ) -> RegistryRef:
     """Upload merged + adapter to the MLflow run ``mlflow_run_id``, create a new version
-    of ``tracking.registered_model`` with lineage tags, alias it ``challenger``."""
+    of ``tracking.registered_model`` with lineage tags and the gate's bar, alias it
+    ``challenger``. Raises :class:`WeakerGateError` (before uploading anything) when
+    this run's gate is looser than the bar of the model's champion or challenger."""
     if not gate.passed:
         raise GateNotPassedError(
             "refusing to register a candidate that failed the gate: " + "; ".join(gate.reasons)
@@ -174,6 +275,8 @@ def register(
     tracker = tracker or NullTracker()
     client = _client(tracking_uri)
     name = cfg.tracking.registered_model
+    bar = GateBar.of(cfg.eval)  # the rules `gate` decided with (its key includes them)
+    _refuse_looser_gate(client, name, bar)
     metrics = _flat_scores(ev)
     artifacts = {
         kind: Path(folder)
@@ -201,7 +304,11 @@ def register(
             name,
             source=source,
             run_id=mlflow_run_id,
-            tags={**lineage_tags(export, ev, gate, run_id), TAG_ARTIFACT: artifact_key},
+            tags={
+                **lineage_tags(export, ev, gate, run_id),
+                **gate_bar_tags(bar),
+                TAG_ARTIFACT: artifact_key,
+            },
             description=f"run {run_id}: {gate.primary_metric} {gate.candidate:.4f} "
             f"(base {gate.base:.4f}) on {ev.n_items} held-out items",
         )
@@ -377,13 +484,26 @@ def list_versions(name: str, tracking_uri: str) -> list[dict[str, Any]]:
     return out
 
 
-@stage_task(name="register", retries=2, retry_delay_seconds=5)
+def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed registration unless it was refused: a refusal (a looser gate, a
+    failed gate, a bad spec) answers the same every time, a store's hiccup may not."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:
+        exc = err
+    return not isinstance(exc, ConfigError | GateNotPassedError)
+
+
+@stage_task(
+    name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_refused
+)
 def register_task(
     ctx: RunContext, cfg: PipelineConfig, export: ExportRef, ev: EvalRef, gate: GateRef
 ) -> RegistryRef | None:
     """Prefect task: register the gated candidate as ``challenger``. Returns None (and
     registers nothing) when the gate failed or the run has no tracking. Retried: a
-    tracking server's hiccup should not lose a passed candidate."""
+    tracking server's hiccup should not lose a passed candidate; a refusal is not
+    retried."""
     from tasks.run import stage
 
     if not gate.passed:

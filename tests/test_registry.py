@@ -299,3 +299,100 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
     assert ctx_b.tracking is not None
     parent = client.get_run(ctx_b.tracking["parent_run_id"])
     assert parent.data.tags["slothflow.gate"] == "failed"
+
+
+# --------------------------------------------------------------------------- guard rails
+
+
+def test_each_recipe_registers_into_its_own_model_unless_configured() -> None:
+    """A recipe whose gate cannot fail (ci-smoke) must not share a registered model with
+    the one a stricter recipe serves: the default name comes from the recipe's name."""
+    from tasks.config import config_hash, load_config
+
+    default, smoke = load_config("default"), load_config("ci-smoke")
+    assert default.tracking.registered_model == f"slothflow-{default.name}"
+    assert smoke.tracking.registered_model == f"slothflow-{smoke.name}"
+    assert default.tracking.registered_model != smoke.tracking.registered_model
+    named = load_config("ci-smoke", ["tracking.registered_model=shared"])
+    assert named.tracking.registered_model == "shared"
+    assert config_hash(named) == config_hash(smoke)  # tracking is outside the hash
+    renamed = load_config("ci-smoke", ["name=other"])
+    assert renamed.tracking.registered_model == "slothflow-other"
+
+
+def _weak_cfg(**eval_: float) -> Any:
+    return fx.pipeline_cfg(eval={"threshold": 0.0, "base_margin": 0.0, **eval_})
+
+
+def test_a_weaker_gate_cannot_move_an_alias_of_a_stricter_model(tmp_path: Path) -> None:
+    """ci-smoke's gate (threshold 0, margin 0) into a model whose champion passed
+    threshold 0.9: refused, naming both, and the aliases stay where they were."""
+    from tasks.config import ConfigError
+    from tasks.registry import list_versions, promote, register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _register(uri, _run(uri, tmp_path / "a1"))  # the default gate: threshold 0.9
+    promote("tiny-topics", 1, uri)
+    with pytest.raises(ConfigError) as info:
+        register(
+            _weak_cfg(),
+            fx.exported("random"),
+            _ev(),
+            _gate(),
+            tracking_uri=uri,
+            mlflow_run_id=_run(uri, tmp_path / "a2"),
+            run_id="r-2",
+        )
+    msg = str(info.value)
+    assert "tiny-topics" in msg and "champion" in msg and "version 1" in msg
+    assert "0.9" in msg and "threshold 0 " in msg  # its bar and this run's
+    assert [(v["version"], v["aliases"]) for v in list_versions("tiny-topics", uri)] == [
+        (1, ["champion"])
+    ]
+
+
+def test_check_can_register_refuses_before_the_run_and_allows_an_equal_gate(
+    tmp_path: Path,
+) -> None:
+    """What the preflight calls: the same refusal, before any stage, without writing."""
+    from tasks.registry import WeakerGateError, check_can_register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_can_register(_weak_cfg(), uri)  # no such model yet: anything may register
+    _register(uri, _run(uri, tmp_path / "a1"))  # challenger, gated at 0.9 / margin 0.2
+    with pytest.raises(WeakerGateError, match=r"challenger \(version 1\)"):
+        check_can_register(_weak_cfg(), uri)
+    with pytest.raises(WeakerGateError, match="base_margin"):
+        check_can_register(_weak_cfg(threshold=0.9), uri)  # a lower margin is weaker too
+    check_can_register(fx.pipeline_cfg(), uri)  # the same bar
+    check_can_register(fx.pipeline_cfg(eval={"threshold": 0.95}), uri)  # a stricter one
+    # Another model name is another model: nothing to compare with.
+    other = fx.pipeline_cfg(
+        eval={"threshold": 0.0, "base_margin": 0.0}, tracking={"registered_model": "other"}
+    )
+    check_can_register(other, uri)
+
+
+def test_a_version_without_a_recorded_gate_counts_as_stricter(tmp_path: Path) -> None:
+    """A version registered before the bar was recorded (or by hand) has an unknown bar:
+    only an explicit decision may put a weaker gate's version beside it."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.registry import WeakerGateError, check_can_register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("tiny-topics")
+    mv = client.create_model_version("tiny-topics", source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias("tiny-topics", "champion", mv.version)
+    with pytest.raises(WeakerGateError, match="no recorded gate"):
+        check_can_register(fx.pipeline_cfg(eval={"threshold": 1.0, "base_margin": 1.0}), uri)
+
+
+def test_models_list_on_an_empty_home_answers_without_creating_a_store(tmp_path: Path) -> None:
+    from tests.conftest import run_slothflow
+
+    r = run_slothflow(["models", "list"], tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "home" / "mlflow" / "mlflow.db").exists()
+    assert "no registered models" in r.stdout
