@@ -101,76 +101,6 @@ def _client(home: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.e2e
-def test_pipeline_end_to_end_fails_at_serve_and_resumes(tmp_path: Path) -> None:
-    """`slothflow run` on the CI recipe with a real Prefect flow (ephemeral) and a real
-    MLflow SQLite store: every stage runs and hands over; the serve stage then fails on
-    a busy port; the run resumes with serving off, reusing every finished stage, and
-    everything stays under SLOTHFLOW_HOME (nothing in $HOME)."""
-    import socket
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", port))
-        busy.listen()
-        r = _run(
-            [
-                "run",
-                "-r",
-                "ci-smoke",
-                "--set",
-                "deploy.enabled=true",
-                "--set",
-                f"deploy.port={port}",
-            ],
-            tmp_path,
-            timeout=1200,
-        )
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "pipeline failed: PortBusyError" in r.stderr, r.stderr[-3000:]
-    assert f"port {port}" in r.stderr
-    home = tmp_path / "home"
-    (run_dir,) = (home / "runs").iterdir()
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "FAILED"
-    finished = {p.parent.name for p in run_dir.glob("*/ref.json")}
-    assert finished == {"base", "data", "train", "export", "evaluate", "gate", "register"}
-    assert f"--resume {run_dir.name}" in r.stderr
-
-    # Fix the cause (serving is outside the config hash, so the run may be resumed).
-    r2 = _run(
-        ["run", "-r", "ci-smoke", "--resume", "last", "--set", "deploy.enabled=false"], tmp_path
-    )
-    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-5000:]
-    assert "MLflow" in r2.stdout and "mlflow.db" in r2.stdout
-    assert "gate:        PASSED" in r2.stdout
-    assert [p.name for p in (home / "runs").iterdir()] == [run_dir.name]
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "FINISHED"
-    assert set(result["stages"]) == {"base", "data", "train", "export", "evaluate", "register"}
-    assert result["stages"]["train"]["best_step"] == 6
-    assert result["stages"]["train"]["best_eval_loss"] > 0
-    assert (home / "prefect").is_dir()
-    assert [p.name for p in (tmp_path / "fakehome").iterdir()] == []
-
-    client = _client(home)
-    exp = client.get_experiment_by_name("slothflow")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
-    assert parent.info.status == "FINISHED"
-    assert parent.data.params["config_hash"] == result["config_hash"]
-    for stage in ("base", "data", "train", "export", "evaluate", "gate", "register"):
-        runs = client.search_runs([exp.experiment_id], f"tags.`slothflow.stage` = '{stage}'")
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED", stage
-        assert runs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
-    # Reused, not redone: one registered version, no duplicated training steps.
-    versions = client.search_model_versions("name = 'slothflow-model'")
-    assert [int(v.version) for v in versions] == [1]
-    (train_run,) = client.search_runs([exp.experiment_id], "tags.`slothflow.stage` = 'train'")
-    steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "train_loss")]
-    assert steps == sorted(set(steps)) and len(steps) == 6
-
-
-@pytest.mark.e2e
 @pytest.mark.slow
 def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
     """`make run`'s job: the embedded default, end to end, ending with a real vLLM server
@@ -236,3 +166,27 @@ def test_failed_gate_stops_registration_and_serving(tmp_path: Path) -> None:
     (parent,) = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
     assert parent.data.tags["slothflow.gate"] == "failed"
     assert client.search_registered_models() == []
+
+
+def test_train_refuses_a_failed_data_folder_before_loading_a_model(tmp_path: Path) -> None:
+    """What a failed `data clean` leaves (its reports, empty splits) and an empty folder:
+    one clear line and exit 2, in the time it takes to start the command."""
+    import time
+
+    from tasks.config import DataConfig
+    from tasks.data import DataError, clean
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{broken\n")
+    with pytest.raises(DataError):
+        clean(DataConfig(sources=[str(bad)]), tmp_path / "clean")
+    (tmp_path / "empty").mkdir()
+    for folder, says in (("clean.failed", "data clean that failed"), ("empty", "is empty")):
+        t0 = time.monotonic()
+        r = _run(["train", "--data", folder, "-r", "ci-smoke"], tmp_path, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert says in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert time.monotonic() - t0 < 60
+        runs = tmp_path / "home" / "runs"
+        assert not runs.exists() or not any(runs.iterdir())  # no run was opened
