@@ -39,10 +39,11 @@ def preflight(
     overrides: list[str] | None = None,
     *,
     serving: bool = True,
+    registering: bool = True,
 ) -> Plan:
     """Check ``cfg`` (and ``--resume``) against this machine; raise a ``ConfigError``
-    (or ``TrackingUnavailableError``) naming what is wrong. ``serving=False`` for
-    commands that never serve (``slothflow train``)."""
+    (or ``TrackingUnavailableError``) naming what is wrong. ``serving=False`` and
+    ``registering=False`` for commands that never serve or register (``slothflow train``)."""
     decision = hardware.decide(cfg, hardware.probe())
     notes: list[str] = []
     run_id = None
@@ -60,4 +61,8 @@ def preflight(
             raise ConfigError(str(exc)) from None
     uri = tracking.resolve_tracking_uri(cfg.tracking, home)
     tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+    if registering:
+        from tasks.registry import check_can_register
+
+        check_can_register(cfg, uri)
     return Plan(config=cfg, resume_run_id=run_id, hardware=decision, notes=notes)

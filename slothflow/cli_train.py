@@ -61,7 +61,7 @@ def train_cmd(
             from tasks.run import tracked_run
             from tasks.train import data_ref_from_folder, train_in_run
 
-            preflight(cfg, home, run_id, set_, serving=False)
+            preflight(cfg, home, run_id, set_, serving=False, registering=False)
             data_ref = data_ref_from_folder(data)
             with tracked_run(cfg, home, resume_run_id=run_id) as (ctx, summary):
                 console.print(
