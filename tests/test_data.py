@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tasks.config import DataConfig, load_config
-from tasks.data import REASONS, DataError, clean, split_of
+from tasks.data import REASONS, DataError, SourceError, clean, split_of
 from tasks.data.dedup import answer_key, jaccard, shingles
 from tasks.data.rows import Reject, normalize_text, to_messages
 from tasks.refs import sha256_file
@@ -255,11 +255,13 @@ def test_blank_input_is_a_clear_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", ["{broken", "[]", ""])
     with pytest.raises(DataError, match=r"no rows left.*malformed_json=1"):
         clean(cfg_for(src), tmp_path / "out")
-    # The reports are written before the error, so the cause can be inspected.
-    r = report_of(tmp_path / "out")
-    assert r["kept_records"] == 0
+    # The reports are written before the error, so the cause can be inspected, in a
+    # folder named for what it is (nothing is left under the output's name).
+    failed = tmp_path / "out.failed"
+    r = report_of(failed)
+    assert r["kept_records"] == 0 and not (tmp_path / "out").exists()
     for split in ("train", "validation"):  # empty files, hashed as written
-        assert r["splits"][f"{split}_sha256"] == sha256_file(tmp_path / "out" / f"{split}.jsonl")
+        assert r["splits"][f"{split}_sha256"] == sha256_file(failed / f"{split}.jsonl")
 
 
 def test_empty_validation_split_is_a_clear_error(tmp_path: Path) -> None:
@@ -590,6 +592,81 @@ def test_no_near_duplicate_pair_straddles_the_split(tmp_path: Path) -> None:
             assert not (same_answer and jaccard(prompt_shingles(v), prompt_shingles(t)) >= 0.85)
 
 
+# --------------------------------------------------------------------------- output folder
+
+
+def test_a_failed_clean_leaves_no_complete_looking_folder(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [*good_rows(40), "{broken"])
+    out = tmp_path / "out"
+    clean(cfg_for(good, val_fraction=0.3), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A source that breaks after another one has been read: the earlier output stays
+    # as it was, and nothing half-written is left next to it.
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file")
+    more = write_jsonl(tmp_path / "more.jsonl", good_rows(10, seed=4))
+    with pytest.raises(SourceError, match=r"broken\.parquet"):
+        clean(cfg_for(more, broken, val_fraction=0.3), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    inputs = ["broken.parquet", "good.jsonl", "more.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*inputs, "out"]
+    # Nothing usable: no folder at the target; the reports are kept for inspection
+    # under a name that says what they are.
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{broken"])
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DataError, match=r"fresh\.failed"):
+        clean(cfg_for(bad), fresh)
+    assert not fresh.exists()
+    assert report_of(tmp_path / "fresh.failed")["kept_records"] == 0
+    # A re-run works, after a failure and after a crash that left its staging folder.
+    (tmp_path / "fresh.staging").mkdir()
+    (tmp_path / "fresh.staging" / "train.jsonl").write_text("half a row")
+    ref = clean(cfg_for(good, val_fraction=0.3), fresh)
+    assert Path(ref.train_path) == fresh / "train.jsonl" and ref.train_rows > 0
+    assert report_of(fresh)["kept_records"] == 40
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([*inputs, "bad.jsonl", "fresh", "out"])
+
+
+def test_clean_refuses_an_output_folder_holding_other_files(tmp_path: Path) -> None:
+    """The output folder is replaced as a whole, so it must hold nothing but a clean's
+    output: never the inputs or a user's files."""
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
+    with pytest.raises(DataError, match=r"in\.jsonl"):
+        clean(cfg_for(src, val_fraction=0.3), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_check_output_names_an_empty_failed_or_incomplete_folder(tmp_path: Path) -> None:
+    from tasks.data import check_output
+
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
+    ok = tmp_path / "ok"
+    clean(cfg_for(src, val_fraction=0.3), ok)
+    check_output(ok)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        check_output(tmp_path / "empty")
+    with pytest.raises(DataError, match="failed"):
+        clean(cfg_for(write_jsonl(tmp_path / "bad.jsonl", ["{x"])), tmp_path / "bad")
+    with pytest.raises(DataError, match=r"data clean that failed"):
+        check_output(tmp_path / "bad.failed")
+    # What a clean interrupted half-way used to leave: splits but no report yet.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("train.jsonl", "validation.jsonl", "rejected.jsonl", "manifest.jsonl"):
+        (partial / name).write_bytes((ok / name).read_bytes())
+    with pytest.raises(DataError, match="incomplete"):
+        check_output(partial)
+    # train.jsonl and validation.jsonl alone, not written by the data stage: fine.
+    (partial / "rejected.jsonl").unlink()
+    (partial / "manifest.jsonl").unlink()
+    check_output(partial)
+    (partial / "validation.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"validation\.jsonl has no rows"):
+        check_output(partial)
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -823,6 +900,9 @@ def test_clean_task_records_the_stage_in_mlflow(tmp_path: Path, tokenizer_dir: s
     )
     with pytest.raises(DataError):
         fn(ctx2, cfg_for(bad), tokenizer_dir)
+    # The stage's folder holds no output; the failed one's reports sit next to it.
+    assert not any((tmp_path / "run2" / "data").iterdir())
+    assert report_of(tmp_path / "run2" / "data.failed")["kept_records"] == 0
     query = "tags.`slothflow.stage` = 'data' and tags.`slothflow.run_id` = 'r2'"
     (run,) = client.search_runs([tref.experiment_id], query)
     assert run.info.status == "FAILED"

@@ -3,10 +3,10 @@ and `slothflow data clean` as a user runs it."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.data import DataError, clean
+from tasks.data import DataError, SourceError, clean
 from tasks.data.read import lines, read, resolve
 from tests.conftest import run_slothflow
 from tests.test_data import cfg_for, good_rows, read_jsonl, report_of, write_jsonl
@@ -230,7 +230,7 @@ def test_relative_sources_fall_back_to_the_repository(
         "data/sample/topics_alpaca.jsonl"
     )
     (tmp_path / "data" / "sample").mkdir(parents=True)
-    local = write_jsonl(tmp_path / "data" / "sample" / "topics_alpaca.jsonl", [])
+    local = write_jsonl(tmp_path / "data" / "sample" / "topics_alpaca.jsonl", good_rows(1))
     assert resolve("data/sample/topics_alpaca.jsonl").url == str(local)  # cwd first
 
 
@@ -268,14 +268,21 @@ def test_arbitrary_bytes_never_crash_and_counts_add_up(tmp_path: Path, data: byt
     src = tmp_path / "fuzz.jsonl"
     src.write_bytes(data)
     cfg = cfg_for(src, max_line_bytes=64, val_fraction=0.5)
+    if not data or data.isspace():
+        with pytest.raises(SourceError, match="the file is empty"):
+            list(read(resolve(str(src)), 64))
+        return
     records = list(read(resolve(str(src)), 64))
     # Every non-blank line is one record (an over-long one too: it is not read to check).
     assert len(records) == sum(1 for x in data.split(b"\n") if x.strip() or len(x) > 64)
     out = tmp_path / "out"
-    # Nothing or too little left is a clear DataError; the reports are written anyway.
-    with contextlib.suppress(DataError):
+    # Nothing or too little left is a clear DataError; the reports are written anyway,
+    # next to the output folder.
+    try:
         clean(cfg, out)
-    r = report_of(out)
+        r = report_of(out)
+    except DataError:
+        r = report_of(tmp_path / "out.failed")
     assert r["input_records"] == len(records)
 
 
@@ -329,6 +336,50 @@ def test_a_huge_line_is_rejected_in_bounded_memory(tmp_path: Path) -> None:
     assert rep["rejected"] == {"line_too_long": 1} and rep["kept_records"] == 60
     (rej,) = read_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert rej["line"] == 31 and len(rej["text"]) <= 1000
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("e.jsonl", b""),
+        ("e.json", b""),
+        ("e.csv", b""),
+        ("e.parquet", b""),
+        ("blank.jsonl", b"\n  \r\n\t\n"),
+        ("e.jsonl.gz", gzip.compress(b"", mtime=0)),
+    ],
+)
+def test_an_empty_file_says_so(tmp_path: Path, name: str, data: bytes) -> None:
+    src = tmp_path / name
+    src.write_bytes(data)
+    with pytest.raises(SourceError, match=rf"{re.escape(name)}: the file is empty"):
+        clean(cfg_for(src), tmp_path / "out")
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_object_holding_the_rows_names_the_accepted_shapes(
+    tmp_path: Path, indent: int | None
+) -> None:
+    src = tmp_path / "wrapped.json"
+    src.write_text(json.dumps({"data": _as_alpaca(good_rows(5))}, indent=indent))
+    with pytest.raises(SourceError) as err:
+        clean(cfg_for(src), tmp_path / "out")
+    msg = str(err.value)
+    assert "wrapped.json" in msg and "keys: data" in msg
+    assert "JSON array of rows" in msg and "JSON Lines" in msg
+
+
+def test_an_unresolvable_host_is_not_a_missing_input() -> None:
+    # .invalid is reserved (RFC 6761): the lookup fails, and no request is ever sent.
+    url = "https://nonexistent.invalid/x.jsonl"
+    with pytest.raises(SourceError) as err:
+        resolve(url)
+    msg = str(err.value)
+    assert "input not found" not in msg
+    assert url in msg and "nonexistent.invalid could not be resolved" in msg
 
 
 # --------------------------------------------------------------------------- the command

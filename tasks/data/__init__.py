@@ -9,6 +9,7 @@ deduplicate, split and report.
 
 from tasks.data.clean import (
     DataError,
+    check_output,
     clean,
     clean_task,
     inputs_hash,
@@ -22,6 +23,7 @@ __all__ = [
     "REASONS",
     "DataError",
     "SourceError",
+    "check_output",
     "clean",
     "clean_task",
     "inputs_hash",

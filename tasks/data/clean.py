@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 import time
 from array import array
 from collections import Counter
@@ -59,6 +61,7 @@ from tasks.data.rows import (
 )
 from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import (
+    MARKER,
     BaseModelRef,
     DataRef,
     RunContext,
@@ -91,6 +94,14 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 HISTOGRAM = "token_lengths.png"
 _SPOOL = ".spool.jsonl"
+#: A clean is written to ``<out>.staging`` next to its output folder and renamed into
+#: place when it is done; one whose data is unusable goes to ``<out>.failed`` instead.
+STAGING_SUFFIX = ".staging"
+FAILED_SUFFIX = ".failed"
+#: Every name a clean writes to its folder, plus the pipeline stage's completion marker.
+OUTPUT_NAMES = frozenset(
+    {TRAIN, VALIDATION, REJECTED, MANIFEST, REPORT_JSON, REPORT_MD, HISTOGRAM, _SPOOL, MARKER}
+)
 
 
 class DataError(ValueError):
@@ -512,13 +523,20 @@ def clean(
     (:func:`resolve_all`, as the task does once for the inputs hash and the clean), else
     they are resolved here.
 
-    Raises :class:`DataError` (after writing the reports) when no rows are left or the
-    validation split is empty, and :class:`SourceError` for an unreadable source.
+    Everything is written to ``<out_dir>.staging`` and renamed to ``out_dir`` at the
+    end, so ``out_dir`` is either the folder as it was or a finished clean, never part
+    of one. ``out_dir`` may hold nothing but an earlier clean's output: it is replaced
+    as a whole.
+
+    Raises :class:`DataError` when no rows are left or the validation split is empty
+    (the reports are then in ``<out_dir>.failed``, ``out_dir`` is left as it was), and
+    :class:`SourceError` for an unreadable source.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(os.path.abspath(out_dir))  # "." has a name, and a parent to stage in
+    staging = out_dir.with_name(out_dir.name + STAGING_SUFFIX)
+    failed = out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+    _check_replaceable(out_dir)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     if sources is None:
         sources = resolve_all(cfg.sources)
     tok = load_tokenizer(tokenizer)
@@ -531,6 +549,143 @@ def clean(
             cfg.max_tokens,
         )
     previous = load_manifest(previous_manifest) if previous_manifest is not None else set()
+    # An earlier attempt's staging (a crash) or failed output is not this clean's.
+    for d in (staging, failed):
+        if d.exists():
+            shutil.rmtree(d)
+    staging.mkdir(parents=True)
+    try:
+        report, counts = _clean_into(
+            staging, cfg, sources, tok, location, previous, previous_manifest, progress, t_start
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    kept = counts["train"] + counts["validation"]
+    error = None
+    if kept == 0:
+        top = ", ".join(f"{k}={v}" for k, v in Counter(report["rejected"]).most_common(3))
+        error = DataError(
+            f"no rows left after cleaning: all {report['input_records']} input rows were "
+            f"rejected ({top}); see {failed / REJECTED}"
+        )
+    elif counts["validation"] == 0:
+        error = DataError(
+            f"the validation split is empty: {kept} rows kept and none hashed into validation "
+            f"(data.val_fraction={cfg.val_fraction}); add rows or raise data.val_fraction "
+            f"(reports in {failed})"
+        )
+    dest = failed if error is not None else out_dir
+    _publish(staging, dest)
+    _log(tracker, cfg, report, dest)
+    if error is not None:
+        raise error
+    log.info(
+        "data: %d in, %d kept (train %d, validation %d), %d rejected",
+        report["input_records"],
+        kept,
+        counts["train"],
+        counts["validation"],
+        report["input_records"] - kept,
+    )
+    return DataRef(
+        stage="data",
+        path=str(out_dir),
+        train_path=str(out_dir / TRAIN),
+        validation_path=str(out_dir / VALIDATION),
+        fingerprint=report["fingerprint"],
+        train_rows=counts["train"],
+        validation_rows=counts["validation"],
+        report_path=str(out_dir / REPORT_JSON),
+    )
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse an output folder that holds anything a clean does not write (the inputs, a
+    user's files): it is replaced as a whole."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"output folder {out_dir} is a file")
+    tmp = tuple(f".{n}." for n in (REPORT_JSON, MARKER))  # write_json_atomic's temp files
+    foreign = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if p.name not in OUTPUT_NAMES and not (p.name.startswith(tmp) and p.name.endswith(".tmp"))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise DataError(
+            f"output folder {out_dir} holds files a data clean does not write ({shown}); it "
+            "is replaced as a whole: give a new or empty folder"
+        )
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Rename the finished ``staging`` folder to ``dest``. A reader of ``dest`` sees the
+    folder it replaces or the new one, never a part of either."""
+    old = dest.with_name(f".{dest.name}.replaced")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(folder: Path) -> None:
+    """Raise :class:`DataError` with one clear line unless ``folder`` can feed training:
+    a finished clean, or a ``train.jsonl`` and ``validation.jsonl`` with rows. Cheap (no
+    file is read past its first row), so ``slothflow train --data`` runs it first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    if folder.name.endswith(STAGING_SUFFIX):
+        raise DataError(f"{folder} is a data clean's staging folder: that clean did not finish")
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        raise DataError(
+            f"{folder} is empty: no {TRAIN} or {VALIDATION} "
+            f"(`slothflow data clean INPUT --out {folder}` writes them)"
+        )
+    if REPORT_JSON in names:
+        try:
+            report = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+            kept, val = report["kept_records"], report["splits"]["validation"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{folder / REPORT_JSON} is unreadable ({exc})") from None
+        if not kept or not val:
+            raise DataError(
+                f"{folder} is the output of a data clean that failed ({kept} rows kept, "
+                f"{val} in validation; see {folder / REPORT_MD})"
+            )
+    elif names & {REJECTED, MANIFEST, _SPOOL}:
+        raise DataError(
+            f"{folder} is incomplete: a data clean started there and did not finish (no "
+            f"{REPORT_JSON}); run it again"
+        )
+    for name in (TRAIN, VALIDATION):
+        if name not in names:
+            raise DataError(f"{folder}: missing {name} (chat rows, as the data stage writes)")
+        with open(folder / name, "rb") as f:
+            if not any(line.strip() for line in f):
+                raise DataError(f"{folder}: {name} has no rows")
+
+
+def _clean_into(
+    out_dir: Path,
+    cfg: DataConfig,
+    sources: list[Source],
+    tok: Any,
+    location: tuple[str, str | None] | None,
+    previous: set[str],
+    previous_manifest: Path | None,
+    progress: ProgressFn | None,
+    t_start: float,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The three passes and the reports, written to ``out_dir`` (the staging folder).
+    Returns the report and the rows per split."""
+    timings: dict[str, float] = {}
     quarantine = _Quarantine(out_dir / REJECTED, cfg.pii_scrub)
     spool_path = out_dir / _SPOOL
     try:
@@ -622,37 +777,7 @@ def clean(
     write_json_atomic(out_dir / REPORT_JSON, report)
     _histogram(kept_lengths, report["length_filter"]["unit"], out_dir / HISTOGRAM)
     (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
-    _log(tracker, cfg, report, out_dir)
-
-    if kept == 0:
-        top = ", ".join(f"{k}={v}" for k, v in Counter(rejected).most_common(3))
-        raise DataError(
-            f"no rows left after cleaning: all {st.input_records} input rows were rejected "
-            f"({top}); see {out_dir / REJECTED}"
-        )
-    if counts["validation"] == 0:
-        raise DataError(
-            f"the validation split is empty: {kept} rows kept and none hashed into validation "
-            f"(data.val_fraction={cfg.val_fraction}); add rows or raise data.val_fraction"
-        )
-    log.info(
-        "data: %d in, %d kept (train %d, validation %d), %d rejected",
-        st.input_records,
-        kept,
-        counts["train"],
-        counts["validation"],
-        st.input_records - kept,
-    )
-    return DataRef(
-        stage="data",
-        path=str(out_dir),
-        train_path=str(out_dir / TRAIN),
-        validation_path=str(out_dir / VALIDATION),
-        fingerprint=report["fingerprint"],
-        train_rows=counts["train"],
-        validation_rows=counts["validation"],
-        report_path=str(out_dir / REPORT_JSON),
-    )
+    return report, counts
 
 
 def _summary(values: list[int]) -> dict[str, float]:
@@ -844,6 +969,7 @@ def clean_task(
 __all__ = [
     "DataError",
     "Source",
+    "check_output",
     "clean",
     "clean_task",
     "inputs_hash",

@@ -39,7 +39,17 @@ ProgressFn = Callable[[str, int, int | None], None]
 
 
 class SourceError(ValueError):
-    """A source that cannot be read at all (missing, unknown format)."""
+    """A source that cannot be read at all (missing, empty, unknown format, unreachable)."""
+
+
+class SourceUnreachableError(SourceError, ConnectionError):
+    """A remote source the network could not reach this time (a connection refused or
+    timed out, a DNS server that did not answer): worth a retry, unlike a host name that
+    does not exist."""
+
+
+def _empty(name: str) -> SourceError:
+    return SourceError(f"{name}: the file is empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +136,7 @@ def resolve(name: str) -> Source:
     repository, so the shipped sample works from any folder; URLs go to fsspec as they are."""
     if "://" in name:
         fs, path = _url_to_fs(name)
-        if not fs.exists(path):
+        if not _remote_exists(name, fs, path):
             raise SourceError(f"input not found: {name}")
         return Source(name, name, _detect_format(name, fs.isdir(path), fs, path))
     p = Path(name).expanduser()
@@ -134,9 +144,48 @@ def resolve(name: str) -> Source:
     for c in candidates:
         if c.exists():
             fs = fsspec.filesystem("file")
-            return Source(name, str(c.resolve()), _detect_format(name, c.is_dir(), fs, str(c)))
+            fmt = _detect_format(name, c.is_dir(), fs, str(c))
+            if c.is_file() and c.stat().st_size == 0:
+                raise _empty(name)  # here, before a tokenizer loads (compressed: on read)
+            return Source(name, str(c.resolve()), fmt)
     where = " or ".join(str(c) for c in candidates)
     raise SourceError(f"input not found: {name} (looked for {where})")
+
+
+def _remote_exists(name: str, fs: Any, path: str) -> bool:
+    """Whether a URL names something, telling "not there" from "not reachable": fsspec's
+    HTTP ``exists`` answers ``False`` for any connection error (a host that cannot be
+    resolved included), so HTTP asks strictly and a network error is named as one."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    try:
+        if isinstance(fs, HTTPFileSystem):
+            return bool(fs.exists(path, strict=True))
+        return bool(fs.exists(path))
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise _network_error(name, exc) from exc
+
+
+def _network_error(name: str, exc: BaseException) -> SourceError:
+    """The clearest account of why ``name`` could not be reached: a host that could not
+    be resolved is named as such (found anywhere in the exception's chain)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(name).hostname or name
+    seen: BaseException | None = exc
+    while seen is not None:
+        for err in (seen, getattr(seen, "os_error", None)):
+            if isinstance(err, socket.gaierror):
+                msg = f"{name}: the host {host} could not be resolved ({err.strerror})"
+                # "Temporary failure" (no DNS answer) may pass; "not known" will not.
+                if err.errno == socket.EAI_AGAIN:
+                    return SourceUnreachableError(msg)
+                return SourceError(msg)
+        seen = seen.__cause__ or seen.__context__
+    return SourceUnreachableError(f"{name}: network error reaching {host}: {exc}")
 
 
 #: Compression suffixes fsspec infers (``compression="infer"``) and decompresses on read.
@@ -206,6 +255,8 @@ def read(
                 yield from _read_json(counted, src.name, max_line_bytes)
             else:
                 yield from _read_csv(counted, src.name, max_line_bytes)
+        if counted.blank:  # nothing but whitespace, so not one record came out
+            raise _empty(src.name)
 
 
 def _size(fs: Any, path: str) -> int | None:
@@ -220,10 +271,13 @@ class _Counted:
 
     def __init__(self, f: BinaryIO, name: str, total: int | None, progress: ProgressFn | None):
         self.f, self.name, self.total, self.progress, self.done = f, name, total, progress, 0
+        self.blank = True  # every byte so far was whitespace
 
     def read(self, n: int = -1) -> bytes:
         block = self.f.read(n)
         self.done += len(block)
+        if self.blank and not block.isspace() and block:
+            self.blank = False
         if self.progress is not None:
             self.progress(self.name, self.done, self.total)
         return block
@@ -343,16 +397,63 @@ def _read_jsonl(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
             yield _rejected(name, lineno, "malformed_json", text, str(exc))
 
 
+#: What a ``.json`` source may hold, for the error about anything else.
+JSON_SHAPES = (
+    "a JSON array of rows ([{...}, {...}]) or JSON Lines (one row object per line), each "
+    "row alpaca (instruction/output) or chat (messages)"
+)
+
+
 def _read_json(f: _Counted, name: str, max_bytes: int) -> Iterator[RawRecord]:
     """A JSON document: an array of records is streamed element by element; anything
     else (an object first) is read as JSON Lines, which is what ``datasets`` writes to
-    ``.json`` files."""
+    ``.json`` files -- unless the whole file is one object that is not a row (rows
+    wrapped in ``{"data": [...]}``), a :class:`SourceError` naming the accepted shapes."""
     head = f.read(CHUNK_BYTES)
-    first = head.lstrip(codecs.BOM_UTF8 + b" \t\r\n")[:1]
-    if first != b"[":
+    body = head.lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+    if body[:1] == b"{":
+        head = _refuse_a_wrapper(head, f, name, max_bytes)
+    if body[:1] != b"[":
         yield from _read_jsonl(_Prepended(head, f), name, max_bytes)  # type: ignore[arg-type]
         return
     yield from _json_array(_Prepended(head, f), name, max_bytes)
+
+
+def _refuse_a_wrapper(head: bytes, f: _Counted, name: str, max_bytes: int) -> bytes:
+    """Raise if the first JSON value of ``head`` (read on up to ``max_bytes``) is an
+    object that is not a row and is the whole file or spans several lines (a JSON Lines
+    row cannot). Returns what was read, for the JSON Lines reader to start over with."""
+    from tasks.data.rows import has_row_shape
+
+    decoder = json.JSONDecoder()
+
+    def read_more() -> bool:
+        nonlocal head
+        more = f.read(CHUNK_BYTES) if len(head) <= max_bytes else b""
+        head += more
+        return bool(more)
+
+    while True:
+        text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+        try:
+            value, end = decoder.raw_decode(text)
+            break
+        except (ValueError, RecursionError):
+            if not read_more():
+                return head  # not one readable value: the line reader reports the lines
+    if not isinstance(value, dict) or has_row_shape(value):
+        return head
+    multiline = "\n" in text[:end]
+    while not multiline and not text[end:].strip() and read_more():
+        text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    alone = not text[end:].strip()
+    if multiline or alone:
+        keys = ", ".join(sorted(map(str, value))[:8])
+        raise SourceError(
+            f"{name}: the file is one JSON object (keys: {keys}), not rows; accepted "
+            f"shapes: {JSON_SHAPES}"
+        )
+    return head
 
 
 class _Prepended:
@@ -501,8 +602,13 @@ def _read_parquet(src: Source, progress: ProgressFn | None) -> Iterator[RawRecor
     import pyarrow.parquet as pq
 
     fs, path = source_fs(src)
+    if _size(fs, path) == 0:
+        raise _empty(src.name)
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as exc:  # pyarrow's ArrowInvalid and friends: a broken file
+            raise SourceError(f"{src.name}: not a readable Parquet file ({exc})") from exc
         total = pf.metadata.num_rows
         index = 0
         for batch in pf.iter_batches(batch_size=4096):

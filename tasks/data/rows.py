@@ -145,6 +145,11 @@ def _text_field(obj: dict[str, Any], key: str, required: bool) -> str:
     return v
 
 
+def has_row_shape(value: dict[str, Any]) -> bool:
+    """Chat (``messages``) or alpaca (``instruction``/``output``): an object to convert."""
+    return "messages" in value or "instruction" in value or "output" in value
+
+
 def to_messages(value: Any, counts: Counter[str] | None = None) -> list[Message]:
     """Chat messages of an alpaca or chat row, normalised and validated.
 
@@ -153,6 +158,9 @@ def to_messages(value: Any, counts: Counter[str] | None = None) -> list[Message]
     """
     if not isinstance(value, dict):
         raise Reject("not_an_object", f"got {type(value).__name__}")
+    if not has_row_shape(value):
+        keys = ", ".join(sorted(map(str, value))[:8])
+        raise Reject("unknown_shape", f"keys: {keys}")
     if "messages" in value:
         raw = value["messages"]
         if not isinstance(raw, list):
@@ -168,7 +176,7 @@ def to_messages(value: Any, counts: Counter[str] | None = None) -> list[Message]
             if role not in ROLES:
                 raise Reject("bad_role", f"message {i} has role {role!r}")
             msgs.append({"role": role, "content": normalize_text(content, counts)})
-    elif "instruction" in value or "output" in value:
+    else:
         instruction = normalize_text(_text_field(value, "instruction", True), counts)
         extra = normalize_text(_text_field(value, "input", False), counts)
         output = normalize_text(_text_field(value, "output", True), counts)
@@ -176,9 +184,6 @@ def to_messages(value: Any, counts: Counter[str] | None = None) -> list[Message]
         user = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
         msgs = [{"role": "system", "content": system}] if system else []
         msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    else:
-        keys = ", ".join(sorted(map(str, value))[:8])
-        raise Reject("unknown_shape", f"keys: {keys}")
     return validate(msgs)
 
 
