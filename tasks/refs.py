@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -81,9 +81,12 @@ def data_fingerprint(train_sha256: str, validation_sha256: str) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so a crash leaves the old file or the new one, never half of one."""
+    """Write JSON so a crash leaves the old file or the new one, never half of one. The
+    file gets the permissions of any file the process creates (0644 under umask 022)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: it creates the file 0600, and the rename would keep that.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -626,6 +627,17 @@ def test_a_failed_clean_leaves_no_complete_looking_folder(tmp_path: Path) -> Non
     assert report_of(fresh)["kept_records"] == 40
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([*inputs, "bad.jsonl", "fresh", "out"])
+
+
+def test_every_output_file_has_the_same_permissions(tmp_path: Path) -> None:
+    """report.json (written atomically, through a temporary file) is as readable as the
+    files written in place: 0644 under the usual umask, never owner-only."""
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
+    clean(cfg_for(src, val_fraction=0.3), tmp_path / "out")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
 def test_clean_refuses_an_output_folder_holding_other_files(tmp_path: Path) -> None:
