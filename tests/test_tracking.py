@@ -40,6 +40,50 @@ def test_parent_and_nested_stage_runs_reattach_on_resume(tmp_path: Path) -> None
     assert other.parent_run_id != ref.parent_run_id
 
 
+def test_a_resumed_attempt_records_changed_settings_beside_the_first(tmp_path: Path) -> None:
+    """Serving settings may change on resume: each attempt's values are kept and no
+    logged param is rewritten (MLflow refuses that: 'Changing param values')."""
+    home = Home(tmp_path / "home")
+    cfg = _sqlite_cfg(tmp_path)
+    ref = tracking.open_pipeline_run(cfg, home, run_id="r1")
+    t = tracking.stage_tracker(ref, "serve")
+    t.log_attempt_params({"serve.port": 8000, "serve.host": "127.0.0.1"})
+    t.end("FAILED")
+    t2 = tracking.stage_tracker(tracking.open_pipeline_run(cfg, home, run_id="r1"), "serve")
+    t2.log_attempt_params({"serve.port": 8123, "serve.host": "127.0.0.1"})
+    run = MlflowClient(cfg.tracking_uri).get_run(t2.mlflow_run_id)
+    assert run.data.tags[tracking.TAG_ATTEMPT] == "2"
+    params = {k: v for k, v in run.data.params.items() if k.startswith("serve.")}
+    assert params == {
+        "serve.port": "8000",
+        "serve.host": "127.0.0.1",
+        "serve.port.attempt2": "8123",
+    }
+    # A value covered by the config hash may not change: a clear error naming it.
+    with pytest.raises(ValueError, match=r"serve\.port of this run is '8000'"):
+        t2.log_params({"serve.port": 9000})
+
+
+def test_resume_keeps_the_runs_own_serving_settings(tmp_path: Path) -> None:
+    """A resume that does not repeat --set deploy.port=N serves on N again (not on the
+    recipe's default), says so, and a new --set still wins."""
+    from tasks.config import dump_config
+    from tasks.run import resume_config
+
+    home = Home(tmp_path / "home")
+    started = load_config("ci-smoke", ["deploy.port=9123", "deploy.enabled=true"])
+    run_dir = home.run_dir("r1")
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(started))
+    fresh = load_config("ci-smoke")
+    cfg, notes = resume_config(home, fresh, "r1", [])
+    assert (cfg.deploy.port, cfg.deploy.enabled) == (9123, True)
+    assert "deploy.port=9123 (the recipe says 8000)" in notes
+    cfg, notes = resume_config(home, fresh, "r1", ["deploy.port=8124"])
+    assert (cfg.deploy.port, cfg.deploy.enabled) == (8124, True)
+    assert cfg.train == fresh.train  # only the sections outside the hash come from the run
+
+
 def test_dataset_input_records_full_content_hash(tmp_path: Path) -> None:
     cfg = _sqlite_cfg(tmp_path)
     ref = tracking.open_pipeline_run(cfg, Home(tmp_path), run_id="r1")
