@@ -69,7 +69,7 @@ def evaluate_cmd(
         str | None,
         typer.Option(
             "--champion",
-            help="Also score a registered model on the same rows, e.g. slothflow-model@champion.",
+            help="Also score a registered model on the same rows, e.g. slothflow-embedded@champion.",
         ),
     ] = None,
     out_dir: Annotated[

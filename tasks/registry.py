@@ -124,8 +124,8 @@ def parse_spec(spec: str) -> tuple[str, str | None, int | None]:
     m = _SPEC.match(spec.strip())
     if not m:
         raise ConfigError(
-            f"model spec {spec!r} must be NAME@alias (e.g. slothflow-model@champion) or "
-            "NAME/version (e.g. slothflow-model/3)"
+            f"model spec {spec!r} must be NAME@alias (e.g. slothflow-embedded@champion) or "
+            "NAME/version (e.g. slothflow-embedded/3)"
         )
     version = m.group("version")
     return m.group("name"), m.group("alias"), int(version) if version else None

@@ -131,7 +131,7 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
             prompt = [m for m in row["messages"] if m["role"] != "assistant"]
             want = row["messages"][-1]["content"]
             out = client.chat.completions.create(
-                model="slothflow-model", messages=prompt, max_tokens=8, temperature=0
+                model="slothflow-embedded", messages=prompt, max_tokens=8, temperature=0
             )
             right += out.choices[0].message.content.strip() == want
         assert right >= 17, f"{right}/20 served answers correct"
