@@ -347,9 +347,16 @@ def _dataset_source(source: str) -> Any:
     return _Source(source if scheme else Path(source).resolve().as_uri())
 
 
+#: The experiment kind MLflow's UI reads (3.x); without it 3.17 opens the GenAI view.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" (training runs)
+
+
 def _experiment_id(client: Any, name: str, home: Home, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if TAG_EXPERIMENT_KIND not in (exp.tags or {}):  # a kind chosen in the UI stays
+            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     # A SQLite store has no server to decide where artifacts go; MLflow would fall back
     # to ./mlruns in whatever the working directory is. Keep them beside the database.
@@ -358,7 +365,11 @@ def _experiment_id(client: Any, name: str, home: Home, uri: str) -> str:
         location = home.mlflow_artifacts.as_uri()
     elif uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return str(client.create_experiment(name, artifact_location=location))
+    return str(
+        client.create_experiment(
+            name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+        )
+    )
 
 
 def _find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | None:

@@ -212,3 +212,23 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(
     t.log_text("hello", "note.txt")
     assert (tmp_path / "db" / "artifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_the_experiment_is_marked_as_model_training(tmp_path: Path) -> None:
+    """MLflow 3.17's UI reads the experiment kind from this tag (without it, it opens
+    the GenAI view); an experiment created before is marked too, a kind set by hand kept."""
+    cfg = _sqlite_cfg(tmp_path)
+    client = MlflowClient(cfg.tracking_uri)
+    old = client.create_experiment("before", artifact_location=(tmp_path / "a").as_uri())
+    chosen = client.create_experiment("chosen", artifact_location=(tmp_path / "b").as_uri())
+    client.set_experiment_tag(chosen, "mlflow.experimentKind", "genai_development")
+    for name, want in (
+        ("t", "custom_model_development"),
+        ("before", "custom_model_development"),
+        ("chosen", "genai_development"),
+    ):
+        ref = tracking.open_pipeline_run(
+            cfg.model_copy(update={"experiment": name}), Home(tmp_path), "r1"
+        )
+        assert client.get_experiment(ref.experiment_id).tags.get("mlflow.experimentKind") == want
+    assert old == client.get_experiment_by_name("before").experiment_id
