@@ -219,7 +219,9 @@ def models_list(
         lines.append(
             f"  v{v['version']:<4} [{', '.join(v['aliases']) or '-'}]  {created}  "
             f"{m} {t.get(f'eval.{m}', '?')} (base {t.get(f'eval.base.{m}', '?')}, "
-            f"{t.get('eval.n_items', '?')} items)  run {t.get('slothflow.run_id', '?')}  "
+            f"{t.get('eval.n_items', '?')} items)  "
+            f"gate >= {t.get(registry.TAG_GATE_THRESHOLD, '?')} "
+            f"margin {t.get(registry.TAG_GATE_MARGIN, '?')}  run {t.get('slothflow.run_id', '?')}  "
             f"data {t.get('data_fingerprint', '?')[:12]}  config {t.get('config_hash', '?')[:12]}  "
             f"base {t.get('base_model', '?')}@{t.get('base_revision', '?')[:19]}"
         )

@@ -242,6 +242,7 @@ def test_models_list_cli_shows_versions_aliases_metrics_lineage(tmp_path: Path) 
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "challenger" in res.output and "exact_match 0.95" in res.output and "r-1" in res.output
+    assert "gate >= 0.9 margin 0.2" in res.output  # the bar a looser gate is refused against
     res = CliRunner().invoke(app, [*args, "--json"])
     assert json.loads(res.output)[0]["tags"]["config_hash"] == "c" * 64
 
