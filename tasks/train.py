@@ -20,7 +20,9 @@ process died is ignored (and removed) in favour of the previous one. Re-running 
 stage on the same output folder resumes from the last complete checkpoint:
 adapter weights, optimizer, scheduler, RNG states and data position (the trainer
 skips the batches it has already seen). Metrics a killed attempt had already sent
-to the tracker are not sent again (see :class:`_StepJournal`).
+to the tracker are not sent again (see :class:`_StepJournal`). Checkpoints also carry
+the loss summed over their steps, so the final ``train_loss`` of a resumed run is the
+mean over all of its steps, like an uninterrupted run's (see :class:`LossSum`).
 """
 
 from __future__ import annotations
@@ -403,6 +405,65 @@ class TokenCounter:
         return 0 if n is None else int(n)
 
 
+#: In each committed checkpoint: the training loss summed over its steps (:class:`LossSum`).
+LOSS_SUM_FILE = "slothflow-loss-sum.json"
+
+
+class LossSum:
+    """The training loss summed over every optimizer step of the run, resumes included.
+
+    transformers' ``train_loss`` is what ``training_step`` returned, summed over the
+    micro-batches *this process* trained and divided by ``global_step``: after a resume
+    the sum lacks the steps before the checkpoint while the divisor counts them. This
+    sums the same values (each micro-batch's loss already scaled for gradient
+    accumulation, so a step's micro-batches add up to that step's loss), on top of what
+    the checkpoint carried. Like the trainer, it sums on the device and folds into a
+    host float only where the trainer syncs anyway (logging, checkpoints), so an
+    uninterrupted run and a resumed one add the same numbers in the same groups.
+    """
+
+    def __init__(self, carried: float = 0.0) -> None:
+        self.carried = carried  # steps up to the resumed checkpoint, then folded ones
+        self._pending: Any = None
+
+    def add(self, loss: Any) -> None:
+        loss = loss.detach().float()
+        self._pending = loss if self._pending is None else self._pending + loss
+
+    def total(self) -> float:
+        if self._pending is not None:
+            self.carried += float(self._pending)
+            self._pending = None
+        return self.carried
+
+
+def carried_loss_sum(ckpt: Path | None) -> float:
+    """The loss summed over the steps up to checkpoint ``ckpt`` (0.0 for a fresh start)."""
+    if ckpt is None:
+        return 0.0
+    saved = ckpt / LOSS_SUM_FILE
+    if saved.exists():
+        return float(json.loads(saved.read_text(encoding="utf-8"))["train_loss_sum"])
+    # Written before checkpoints carried the sum: rebuild it from the logged losses,
+    # each the mean over its logging window.
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    total, last = 0.0, 0
+    for entry in state.get("log_history", []):
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += float(entry["loss"]) * (entry["step"] - last)
+            last = entry["step"]
+    if last < state.get("global_step", 0):
+        log.warning(
+            "train: %s stores no loss sum and logged up to step %d only: train_loss "
+            "misses steps %d-%d",
+            ckpt.name,
+            last,
+            last + 1,
+            state["global_step"],
+        )
+    return total
+
+
 #: The trainer's log keys kept under another name (the rest keep theirs).
 _RENAME = {"loss": "train_loss"}
 
@@ -426,10 +487,12 @@ def _train_callback_cls() -> type:
             tokenizer: Any,
             max_new_tokens: int,
             tokens: TokenCounter,
+            loss_sum: LossSum,
             perf: GpuPerf | None = None,
         ) -> None:
             self.perf = perf
             self.tokens = tokens  # the trainer's: only its training_step adds to it
+            self.loss_sum = loss_sum  # the trainer's too
             self.tracker = tracker
             self.journal = journal
             self.ckpt_dir = ckpt_dir
@@ -473,6 +536,8 @@ def _train_callback_cls() -> type:
             # `train` logs the final metrics itself, once.
             if "train_loss" in logs:
                 return
+            if "loss" in logs:
+                self.loss_sum.total()  # the trainer has just synced for this loss
             if any(k.startswith("eval_") for k in logs):
                 kind = "eval"
                 metrics = {
@@ -522,6 +587,11 @@ def _train_callback_cls() -> type:
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             ckpt = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
             if ckpt.is_dir():
+                # inside the checkpoint, before its marker: committed with it or not at all
+                write_json_atomic(
+                    ckpt / LOSS_SUM_FILE,
+                    {"step": state.global_step, "train_loss_sum": self.loss_sum.total()},
+                )
                 mark_complete(ckpt)
             best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
             for p in rotate(self.ckpt_dir, self.keep, best):
@@ -880,11 +950,17 @@ def _trainer_cls() -> type:
         """
 
         def __init__(
-            self, *args: Any, token_metrics: bool, tokens: TokenCounter, **kwargs: Any
+            self,
+            *args: Any,
+            token_metrics: bool,
+            tokens: TokenCounter,
+            loss_sum: LossSum,
+            **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
             self.slothflow_token_metrics = token_metrics
             self.slothflow_tokens = tokens
+            self.slothflow_loss_sum = loss_sum
 
         def compute_loss(
             self,
@@ -900,7 +976,9 @@ def _trainer_cls() -> type:
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
             self.slothflow_tokens.add(inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.slothflow_loss_sum.add(loss)
+            return loss
 
     return SlothSFTTrainer
 
@@ -915,6 +993,7 @@ def build_trainer(
     ckpt_dir: Path,
     callbacks: list[Any] | None = None,
     tokens: TokenCounter | None = None,
+    loss_sum: LossSum | None = None,
 ) -> Any:
     """The configured TRL trainer (datasets tokenized, labels masked), not yet trained."""
     from datasets import Dataset
@@ -926,6 +1005,7 @@ def build_trainer(
     return _trainer_cls()(
         token_metrics=cfg.train.token_metrics,
         tokens=tokens or TokenCounter(),
+        loss_sum=loss_sum or LossSum(),
         model=model,
         args=sft_config(cfg, hw, ckpt_dir),
         train_dataset=Dataset.from_list(train_rows),
@@ -1146,6 +1226,7 @@ def _fit(
     )
 
     tokens = TokenCounter()
+    loss_sum = LossSum(carried_loss_sum(resume))
     tracker_cb = _train_callback_cls()(
         tracker=tracker,
         journal=_StepJournal(out_dir / "tracked_steps.jsonl"),
@@ -1156,9 +1237,19 @@ def _fit(
         max_new_tokens=cfg.eval.max_new_tokens,
         perf=perf,
         tokens=tokens,
+        loss_sum=loss_sum,
     )
     trainer = build_trainer(
-        run_cfg, hw, model, tokenizer, train_rows, val_rows, ckpt_dir, [tracker_cb], tokens
+        run_cfg,
+        hw,
+        model,
+        tokenizer,
+        train_rows,
+        val_rows,
+        ckpt_dir,
+        [tracker_cb],
+        tokens,
+        loss_sum,
     )
     if len(trainer.train_dataset) == 0:
         raise ConfigError(
@@ -1168,9 +1259,15 @@ def _fit(
         )
     fitted = length_fit(run_cfg, tokenizer, train_rows, len(trainer.train_dataset))
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # its TrainOutput's training_loss leaves out the steps before a resumed checkpoint
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - t0
     state = trainer.state
+    # the mean step loss over the whole run, as transformers defines it uninterrupted
+    train_loss = loss_sum.total() / max(state.global_step, 1)
+    for entry in state.log_history:  # its summary line, in the exported trainer state
+        if "train_loss" in entry:
+            entry["train_loss"] = train_loss
     best_step = state.best_global_step or state.global_step
     best_eval = _best_eval_loss(state.log_history, best_step)
     if best_eval is None:
@@ -1195,9 +1292,9 @@ def _fit(
         "best_eval_loss": best_eval,
         "best_step": float(best_step),
         "global_step": float(state.global_step),
-        "train_loss": float(result.training_loss),
+        "train_loss": train_loss,
         "epoch": float(state.epoch or 0.0),
-        "train_wall_s": wall,
+        "train_wall_s": wall,  # this attempt's
         "resumed_from_step": float(tracker_cb.resumed_from_step),
         **{k: float(v) for k, v in fitted.items()},
     }

@@ -146,6 +146,27 @@ def test_step_journal_survives_a_torn_line(tmp_path: Path) -> None:
     assert again.seen("train", 1) and again.seen("eval", 3) and not again.seen("train", 3)
 
 
+def test_a_checkpoint_without_a_loss_sum_rebuilds_it_from_its_logged_losses(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints written before they carried the sum: each logged loss is the mean
+    over its logging window, so it counts once per step of that window."""
+    from tasks.train import LOSS_SUM_FILE, carried_loss_sum
+
+    ck = _ckpt(tmp_path, 6)
+    history = [
+        {"loss": 3.0, "step": 2},
+        {"eval_loss": 9.0, "step": 3},
+        {"loss": 2.0, "step": 4},
+        {"loss": 1.5, "step": 6},
+    ]
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 6, "log_history": history}))
+    assert carried_loss_sum(ck) == pytest.approx(3.0 * 2 + 2.0 * 2 + 1.5 * 2)
+    (ck / LOSS_SUM_FILE).write_text(json.dumps({"step": 6, "train_loss_sum": 11.25}))
+    assert carried_loss_sum(ck) == 11.25  # what the checkpoint stored wins
+    assert carried_loss_sum(None) == 0.0
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -209,8 +230,9 @@ def test_trained_tokens_are_counted_once_per_step_without_padding(
 ) -> None:
     """The trainer state's token count (what tokens/s and checkpoints use) is the answer
     to "how many real tokens were trained on": one epoch of rows of different lengths,
-    padded in each micro-batch, counts every row's own length exactly once."""
-    from tasks.train import TokenCounter, _train_callback_cls
+    padded in each micro-batch, counts every row's own length exactly once. The loss
+    sum behind the final train_loss is the trainer's own, gradient accumulation and all."""
+    from tasks.train import LossSum, TokenCounter, _train_callback_cls
 
     cfg = load_config(
         "ci-smoke",
@@ -218,7 +240,7 @@ def test_trained_tokens_are_counted_once_per_step_without_padding(
     )
     rows = read_chat_rows(data.train_path)[:12]
     model, tok = load_peft(cfg, base, CPU)
-    tokens = TokenCounter()
+    tokens, loss_sum = TokenCounter(), LossSum()
     cb = _train_callback_cls()(
         tracker=RecordingTracker(),
         journal=_StepJournal(tmp_path / "j.jsonl"),
@@ -228,14 +250,21 @@ def test_trained_tokens_are_counted_once_per_step_without_padding(
         tokenizer=tok,
         max_new_tokens=2,
         tokens=tokens,
+        loss_sum=loss_sum,
     )
-    trainer = build_trainer(cfg, CPU, model, tok, rows, rows[:2], tmp_path / "ckpt", [cb], tokens)
+    trainer = build_trainer(
+        cfg, CPU, model, tok, rows, rows[:2], tmp_path / "ckpt", [cb], tokens, loss_sum
+    )
     lengths = [len(r["input_ids"]) for r in trainer.train_dataset]
     assert len(set(lengths)) > 1  # micro-batches carry padding
-    trainer.train()
+    out = trainer.train()
     # 2 optimizer steps x 2 micro-batches x 3 rows = the 12 rows, each once
     assert trainer.state.num_input_tokens_seen == sum(lengths)
     assert tokens.take() == 0  # nothing left pending after the last step
+    # uninterrupted, the run's mean step loss is transformers' train_loss
+    assert loss_sum.total() / 2 == pytest.approx(out.training_loss, rel=1e-6)
+    steps = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(steps) == 2 and out.training_loss == pytest.approx(sum(steps) / 2, rel=1e-6)
 
 
 def test_padding_free_off_pads_and_auto_leaves_the_choice_to_the_backend(
@@ -323,6 +352,10 @@ def test_short_run_tracks_what_the_issue_lists(
     assert {"adapter", "tokenizer", "trainer"} <= logged
     assert "checkpoints" not in " ".join(str(p) for p, _ in tracker.artifacts)
     assert "config/resolved.yaml" in tracker.texts
+    # the summary train_loss: the mean of the 16 per-step losses (logging_steps=1)
+    losses = [v for _, v in tracker.series("train_loss")]
+    assert len(losses) == 16
+    assert ref.metrics["train_loss"] == pytest.approx(sum(losses) / 16, rel=1e-6)
     assert tracker.inputs == ["train", "validation"]
     assert tracker.tags["slothflow.best_step"] == str(ref.best_step)
     # last K (2) complete checkpoints plus the best, nothing else

@@ -117,6 +117,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     rec = RecordingTracker()
     whole = train(cfg, base, data, tmp_path / "whole", CPU, rec)
     assert whole.best_step == resumed.best_step
+    # the run's train_loss covers every step, the killed attempt's too (exact resume:
+    # the per-step losses are the same, so their mean is too)
+    assert resumed.metrics["train_loss"] == pytest.approx(whole.metrics["train_loss"], rel=1e-4)
+    exported = json.loads((run_dir / "train" / "trainer_state.json").read_text())
+    (summary,) = [e["train_loss"] for e in exported["log_history"] if "train_loss" in e]
+    assert summary == resumed.metrics["train_loss"]
     a = load_file(str(Path(resumed.adapter_path) / "adapter_model.safetensors"))
     b = load_file(str(Path(whole.adapter_path) / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
@@ -163,6 +169,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     want = dict(rec.series("train_loss"))
     for step, value in history["train_loss"]:
         assert value == pytest.approx(want[step], rel=1e-4), step
+    # the summary is the mean of those per-step losses (logging_steps=1), all of them
+    mean = sum(v for _, v in history["train_loss"]) / MAX_STEPS
+    (final,) = client.get_metric_history(rid, "final_train_loss")
+    assert final.value == pytest.approx(mean, rel=1e-4)
+    assert final.value == pytest.approx(resumed.metrics["train_loss"], rel=1e-6)
     # the killed attempt's metrics and the resumed ones landed in the same run
     assert client.get_run(rid).data.params["train.backend"] == "peft"
     assert os.path.exists(resumed.adapter_path)
