@@ -63,7 +63,10 @@ def write_split(
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         paths[split] = p
     report = out_dir / "report.json"
-    report.write_text(json.dumps({k: len(v) for k, v in splits.items()}))
+    # The data stage's report keys that readers of a data folder check
+    # (tasks.data.check_output: rows kept, rows per split).
+    counts = {k: len(v) for k, v in splits.items()}
+    report.write_text(json.dumps({"kept_records": sum(counts.values()), "splits": counts}))
     return DataRef(
         stage="data",
         path=str(out_dir),
