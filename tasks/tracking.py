@@ -438,7 +438,12 @@ def run_url(ref: TrackingRef) -> str:
     scheme = urllib.parse.urlsplit(ref.tracking_uri).scheme
     if scheme in ("http", "https"):
         base = redact_uri(ref.tracking_uri).rstrip("/")
-        return f"{base}/#/experiments/{ref.experiment_id}/runs/{ref.parent_run_id}"
+        # MLflow 3's UI picks its view from this parameter, else from the browser's last
+        # choice (GenAI by default): a training run opens in the training view.
+        return (
+            f"{base}/#/experiments/{ref.experiment_id}/runs/{ref.parent_run_id}"
+            "?workflowType=machine_learning"
+        )
     return (
         f"run {ref.parent_run_id} in {redact_uri(ref.tracking_uri)} "
         f"(browse: mlflow ui --backend-store-uri {redact_uri(ref.tracking_uri)})"

@@ -232,3 +232,15 @@ def test_the_experiment_is_marked_as_model_training(tmp_path: Path) -> None:
         )
         assert client.get_experiment(ref.experiment_id).tags.get("mlflow.experimentKind") == want
     assert old == client.get_experiment_by_name("before").experiment_id
+
+
+def test_a_server_run_link_opens_the_training_view() -> None:
+    """MLflow 3.17's UI picks its view from ?workflowType (else GenAI): seen in Chromium,
+    bench/results/mlflow-ui-experiment-*.png."""
+    ref = tracking.TrackingRef(
+        tracking_uri="http://u:pw@127.0.0.1:5000", experiment_id="3", parent_run_id="ab", run_id="r"
+    )
+    url = tracking.run_url(ref)
+    assert (
+        url == "http://u:***@127.0.0.1:5000/#/experiments/3/runs/ab?workflowType=machine_learning"
+    )
