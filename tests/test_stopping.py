@@ -104,6 +104,14 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
     assert rc in (143, -signal.SIGTERM), log.read_text()[-3000:]
     _assert_clean_exit(home)
 
+    # 1b. Even SIGKILL to the main pid leaves no Prefect server behind (PDEATHSIG).
+    proc, log = _start(["run", *LONG], tmp_path, "sigkill.log")
+    _wait_for(proc, str(home / "prefect" / "temporary-server.log"), log)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    _assert_clean_exit(home)
+    assert not list(home.glob("runs/*/run.json")), "killed before the run was opened"
+
     # 2. Ctrl-C (SIGINT to the group) while training, after its first checkpoint.
     proc, log = _start(["run", *LONG], tmp_path, "train.log")
     # The first checkpoint, complete (its marker is written last).
