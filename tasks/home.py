@@ -90,6 +90,9 @@ def environment_for(home: Home) -> dict[str, str]:
         "PREFECT_MEMO_STORE_PATH": str(home.prefect / "memo_store.toml"),
         "PREFECT_LOCAL_STORAGE_PATH": str(home.prefect / "storage"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Prefect's own temporary server (a Secret block looked up outside `slothflow run`)
+        # gets 20 s to start by default; a loaded 2-core machine took longer.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_UI_ENABLED": "false",
         # MLflow telemetry writes ~/.config/mlflow and phones home.
         "MLFLOW_DISABLE_TELEMETRY": "true",
