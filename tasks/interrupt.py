@@ -60,6 +60,23 @@ def is_interrupt(exc: BaseException) -> bool:
 
 
 _received: list[int] | None = None  # set while a handler of ours is installed
+_deferring = 0  # depth of deferred() blocks
+_held: list[int] = []  # a first signal that arrived inside one
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold the interrupt of a signal that arrives inside the block until the block has
+    finished: for a write and its record that must not be torn apart (a metric sent to
+    MLflow and the journal line saying so; torn, a resume logs that step twice)."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _deferring == 0 and _held:
+        raise Interrupted(_held.pop())
 
 
 @contextlib.contextmanager
@@ -80,6 +97,9 @@ def signals_as_interrupt() -> Iterator[list[int]]:
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
         if len(received) == 1:
+            if _deferring:
+                _held.append(signum)
+                return
             raise Interrupted(signum)
         log.warning("%s again: already stopping", signal.Signals(signum).name)
 
@@ -89,5 +109,6 @@ def signals_as_interrupt() -> Iterator[list[int]]:
         yield received
     finally:
         _received = None
+        _held.clear()
         for s, h in old.items():
             signal.signal(s, h)

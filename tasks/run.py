@@ -56,12 +56,12 @@ def resume_target(home: Home, cfg: PipelineConfig, resume_run_id: str) -> str:
             raise ConfigError(f"--resume last: no runs in {home.runs}")
         resume_run_id = last
     if not _RUN_ID.match(resume_run_id):
-        raise ConfigError(f"--resume: invalid run id {resume_run_id!r}")
+        raise ConfigError(f"cannot resume {resume_run_id!r}: not a run id")
     meta = home.run_dir(resume_run_id) / "run.json"
     if not meta.exists():
         known = sorted(p.parent.name for p in home.runs.glob("*/run.json"))[-3:]
         hint = f" (newest: {', '.join(known)})" if known else ""
-        raise ConfigError(f"--resume: no run {resume_run_id!r} in {home.runs}{hint}")
+        raise ConfigError(f"cannot resume {resume_run_id!r}: no such run in {home.runs}{hint}")
     chash = config_hash(cfg)
     started_with = json.loads(meta.read_text())["config_hash"]
     if started_with != chash:

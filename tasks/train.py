@@ -51,6 +51,7 @@ from tasks.base_model import (
 from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
 from tasks.eval_metrics import exact_match
 from tasks.hardware import HardwareDecision, for_model
+from tasks.interrupt import deferred
 from tasks.orchestration import retry_transient, stage_task
 from tasks.refs import (
     BaseModelRef,
@@ -354,8 +355,9 @@ class _StepJournal:
 
     A resumed attempt replays the steps between its checkpoint and the kill; their
     values are the same (exact resume), so they are skipped instead of logged twice.
-    A line is appended (and flushed) right after the tracker call returns, so only a
-    kill inside those few microseconds could log one step twice.
+    A line is appended (and flushed) right after the tracker call returns, and a signal
+    in between is held until the line is written (:meth:`log_once`), so only a SIGKILL
+    inside those few microseconds could log one step twice.
     """
 
     def __init__(self, path: Path) -> None:
@@ -371,6 +373,15 @@ class _StepJournal:
 
     def seen(self, kind: str, step: int) -> bool:
         return (kind, step) in self.done
+
+    def log_once(self, kind: str, step: int, send: Callable[[], None]) -> None:
+        """``send()`` (a tracker call) unless ``(kind, step)`` was sent before, then record
+        it; a signal in between is held until both are done (see interrupt.deferred)."""
+        if self.seen(kind, step):
+            return
+        with deferred():
+            send()
+            self.record(kind, step)
 
     def record(self, kind: str, step: int) -> None:
         self.done.add((kind, step))
@@ -555,10 +566,10 @@ def _train_callback_cls() -> type:
                 self._tokens_at_log, self._busy_s = tokens, 0.0
                 if self.perf is not None:
                     metrics.update(self.perf.window(metrics.get("tokens_per_s")))
-            if self.journal.seen(kind, step) or not metrics:
-                return
-            self.tracker.log_metrics(metrics, step=step)
-            self.journal.record(kind, step)
+            if metrics:
+                self.journal.log_once(
+                    kind, step, lambda: self.tracker.log_metrics(metrics, step=step)
+                )
 
         def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             model = kw.get("model")
@@ -572,9 +583,11 @@ def _train_callback_cls() -> type:
                 return
             match = sum(exact_match(o["generated"], o["expected"]) for o in out) / len(out)
             self.tracker.log_dict({"step": step, "samples": out}, f"samples/step-{step:06d}.json")
-            if not self.journal.seen("samples", step):
-                self.tracker.log_metrics({"eval_samples_exact_match": match}, step=step)
-                self.journal.record("samples", step)
+            self.journal.log_once(
+                "samples",
+                step,
+                lambda: self.tracker.log_metrics({"eval_samples_exact_match": match}, step=step),
+            )
             for o in out:
                 log.info(
                     "step %d sample: %r -> %r (want %r)",
@@ -1309,9 +1322,10 @@ def _fit(
     if run_cfg is not cfg:
         metrics["oom_retry_micro_batch_size"] = float(run_cfg.train.micro_batch_size)
     journal = tracker_cb.journal  # a re-run after a crash here must not log these twice
-    if not journal.seen("final", state.global_step):
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=state.global_step)
-        journal.record("final", state.global_step)
+    final = {f"final_{k}": v for k, v in metrics.items()}
+    journal.log_once(
+        "final", state.global_step, lambda: tracker.log_metrics(final, step=state.global_step)
+    )
     tracker.set_tags({"slothflow.best_step": str(best_step)})
     tracker.log_artifact(adapter_dir, "adapter")
     tracker.log_artifact(tok_dir, "tokenizer")

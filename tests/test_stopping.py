@@ -211,7 +211,7 @@ def test_bad_runs_fail_at_once_and_leave_nothing_to_resume(tmp_path: Path) -> No
         assert took < 60, f"took {took:.0f}s"
 
     refused(["--set", "model.name_or_path=/nonexistent"], "model.name_or_path", "/nonexistent")
-    refused(["--resume", "nope-20260101-000000-abc"], "--resume", "no run 'nope-")
+    refused(["--resume", "nope-20260101-000000-abc"], "cannot resume 'nope-", "no such run")
     refused(["--resume", "last"], "--resume last: no runs")
     with socket.socket() as busy:
         port = free_port()
@@ -226,3 +226,20 @@ def test_bad_runs_fail_at_once_and_leave_nothing_to_resume(tmp_path: Path) -> No
         ["--set", f"tracking.tracking_uri=http://127.0.0.1:{free_port()}"],
         "unreachable",
     )
+
+
+def test_a_signal_inside_a_deferred_block_waits_for_its_end() -> None:
+    """A metric sent to MLflow and its journal line are not torn apart by Ctrl-C: the
+    interrupt is held until the block is done, then raised."""
+    from tasks.interrupt import Interrupted, deferred, signals_as_interrupt
+
+    done = []
+    with pytest.raises(Interrupted) as caught, signals_as_interrupt():
+        with deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler has run by now
+            done.append("sent")
+            done.append("recorded")
+        done.append("after the block")  # never reached: the held interrupt is raised
+    assert done == ["sent", "recorded"]
+    assert caught.value.signum == signal.SIGINT and caught.value.exit_code == 130
