@@ -403,7 +403,7 @@ def test_cli_train_names_what_is_wrong(data: DataRef, tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--data", data.path, "-r", "ci-smoke", "--run-id", "nope-1"])
     assert r.exit_code == 2 and "cannot resume 'nope-1'" in r.output, r.output
     r = runner.invoke(app, ["train", "--data", str(tmp_path), "-r", "ci-smoke"])
-    assert r.exit_code == 2 and "missing train.jsonl" in r.output, r.output
+    assert r.exit_code == 2 and "no train.jsonl" in r.output, r.output
 
 
 # --------------------------------------------------------------------------- GPU decisions
