@@ -109,7 +109,7 @@ def build_tokenizer(folder: Path, corpus_file: Path) -> str:
 
     Saved without its chat template: the data stage then counts each row's turns joined
     by newlines, the same text the seed approach below counts (equal work)."""
-    from tasks.embedded import train_tokenizer
+    from tasks.core.embedded import train_tokenizer
 
     texts = []
     with open(corpus_file, encoding="utf-8") as f:
@@ -134,7 +134,7 @@ def arm_slothflow(data: str, tok: str, out: str, near_dup: bool, extra: dict[str
     import matplotlib.pyplot  # noqa: F401  imports outside the timer, as in the seed arm
     import transformers  # noqa: F401
 
-    from tasks.config import DataConfig
+    from tasks.core.config import DataConfig
     from tasks.data import clean
 
     cfg = DataConfig(

@@ -15,9 +15,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.core.embedded import SAMPLE_FILES as SAMPLE
+from tasks.core.refs import DataRef, data_fingerprint, sha256_file, sha256_json
 from tasks.data.clean import split_of
-from tasks.embedded import SAMPLE_FILES as SAMPLE
-from tasks.refs import DataRef, data_fingerprint, sha256_file, sha256_json
 
 
 def _chat_rows(path: Path) -> Iterator[list[dict[str, str]]]:

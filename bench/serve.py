@@ -51,9 +51,9 @@ def build_models(root: Path) -> dict[str, Path]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.config import LoraConfig as SlothLoraConfig
-    from tasks.config import TinyModelConfig
-    from tasks.embedded import ensure_built
+    from tasks.core.config import LoraConfig as SlothLoraConfig
+    from tasks.core.config import TinyModelConfig
+    from tasks.core.embedded import ensure_built
 
     base = ensure_built(TinyModelConfig(), root / "models")
     tok = AutoTokenizer.from_pretrained(base)
@@ -113,7 +113,7 @@ def bench_generate(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.deploy import percentile
+    from tasks.serve import percentile
 
     torch.set_num_threads(threads)
 
@@ -167,8 +167,8 @@ def bench_vllm(
     concurrencies: list[int],
     home: Any,
 ) -> list[dict[str, Any]]:
-    from tasks import deploy as d
-    from tasks.config import DeployConfig, LoadTestConfig
+    from tasks import serve as d
+    from tasks.core.config import DeployConfig, LoadTestConfig
 
     cfg = DeployConfig(dtype="float32", health_timeout_s=400)
     model = d.resolve_model(model_dir)
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
 
-    from tasks import home as home_mod
+    from tasks.core import home as home_mod
 
     work = Path(tempfile.mkdtemp(prefix="slothflow-bench-serve-"))
     home = home_mod.activate(work / "home")

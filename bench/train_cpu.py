@@ -31,11 +31,11 @@ def greedy_exact_match(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch: int = 64
 ) -> tuple[float, list[dict[str, str]]]:
     """Share of rows whose greedy answer matches the reference by the evaluate stage's
-    exact match (:func:`tasks.eval_metrics.exact_match`: case, spacing and end
+    exact match (:func:`tasks.core.eval_metrics.exact_match`: case, spacing and end
     punctuation folded)."""
     import torch
 
-    from tasks.eval_metrics import exact_match
+    from tasks.core.eval_metrics import exact_match
 
     tokenizer.padding_side = "left"  # generation continues from the right edge
     model.eval()
@@ -81,7 +81,7 @@ def main() -> None:
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="slothflow-bench-train-"))
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from tasks import home as home_mod
+    from tasks.core import home as home_mod
 
     home = home_mod.activate(tmp / "home")
 
@@ -90,9 +90,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.sample_data import write_split
-    from tasks import hardware
     from tasks.base_model import prepare_base
-    from tasks.config import load_config
+    from tasks.core import hardware
+    from tasks.core.config import load_config
     from tasks.train import read_chat_rows, train
 
     cfg = load_config(args.recipe, args.sets)

@@ -140,10 +140,10 @@ def cmd_project(a: argparse.Namespace) -> None:
     import_unsloth()  # before transformers, as the stage does on CUDA
     import torch
 
-    from tasks import home as home_mod
     from tasks.base_model import prepare_base
-    from tasks.config import load_config
-    from tasks.hardware import decide, probe
+    from tasks.core import home as home_mod
+    from tasks.core.config import load_config
+    from tasks.core.hardware import decide, probe
     from tasks.train import activation_bytes, data_ref_from_folder, flops_per_token, train
 
     t0 = time.perf_counter()

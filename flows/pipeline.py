@@ -15,17 +15,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks import home as home_mod
-from tasks import run as run_mod
-from tasks import tracking
 from tasks.base_model import prepare_base_task
-from tasks.config import PipelineConfig
+from tasks.core import home as home_mod
+from tasks.core import run as run_mod
+from tasks.core import tracking
+from tasks.core.config import PipelineConfig
 from tasks.data import clean_task
-from tasks.deploy import deploy_task, summary_lines
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.gate import gate_task
 from tasks.registry import register_task
+from tasks.serve import deploy_task, summary_lines
 from tasks.train import train_task
 
 log = logging.getLogger(__name__)

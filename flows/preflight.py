@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from tasks import hardware, tracking
 from tasks.base_model import check_base
-from tasks.config import ConfigError, PipelineConfig
-from tasks.home import Home
-from tasks.run import resume_config, resume_target
+from tasks.core import hardware, tracking
+from tasks.core.config import ConfigError, PipelineConfig
+from tasks.core.home import Home
+from tasks.core.run import resume_config, resume_target
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def preflight(
         notes += [f"resuming {run_id} with its own {line}" for line in kept]
     check_base(cfg.model)
     if serving and cfg.deploy.enabled:
-        from tasks.deploy import ServeError, check_serving_plan
+        from tasks.serve import ServeError, check_serving_plan
 
         try:
             check_serving_plan(cfg.deploy, home)

@@ -20,8 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from slothflow.options import RecipeOpt, SetOpt
-from tasks import home as home_mod
-from tasks.config import ConfigError
+from tasks.core import home as home_mod
+from tasks.core.config import ConfigError
 
 console = Console(stderr=True)
 out = Console()
@@ -91,7 +91,7 @@ def quiet_http_logs() -> None:
 @contextmanager
 def _friendly_errors() -> Iterator[None]:
     """Known failure kinds become one clear line and exit code 2, not a traceback."""
-    from tasks.home import HomeBusyError
+    from tasks.core.home import HomeBusyError
 
     try:
         yield
@@ -99,7 +99,7 @@ def _friendly_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except Exception as exc:
-        from tasks.tracking import TrackingUnavailableError
+        from tasks.core.tracking import TrackingUnavailableError
 
         if isinstance(exc, TrackingUnavailableError):
             console.print(
@@ -110,7 +110,7 @@ def _friendly_errors() -> Iterator[None]:
 
 
 def _load(recipe: str, overrides: list[str] | None) -> Any:
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     return load_config(recipe, overrides or [])
 
@@ -132,7 +132,7 @@ def run(
 
     With no options it runs the embedded default: a tiny model built on the spot, local MLflow on SQLite and Prefect without a server.
     """
-    from tasks.interrupt import Interrupted, interrupt_of, is_interrupt, signals_as_interrupt
+    from tasks.core.interrupt import Interrupted, interrupt_of, is_interrupt, signals_as_interrupt
 
     # Signals first: a Ctrl-C or SIGTERM from here on unwinds through every finally below
     # (stage runs closed, run marked INTERRUPTED, servers stopped, lock released).
@@ -188,7 +188,7 @@ def _prefect_api(home: home_mod.Home, port: int | None) -> Iterator[None]:
 
 
 def _is_friendly(exc: BaseException) -> bool:
-    from tasks.tracking import TrackingUnavailableError
+    from tasks.core.tracking import TrackingUnavailableError
 
     return isinstance(exc, ConfigError | home_mod.HomeBusyError | TrackingUnavailableError)
 
@@ -233,7 +233,7 @@ def _report_interrupt(home: home_mod.Home, recipe: str, run_id: str | None, sign
 
 
 def _last_run(home: home_mod.Home) -> str | None:
-    from tasks.run import latest_run_id
+    from tasks.core.run import latest_run_id
 
     return latest_run_id(home)
 
@@ -281,7 +281,7 @@ def _short(ref: Any) -> str:
 def info(recipe: RecipeOpt = "default", set_: SetOpt = None) -> None:
     """Show where state lives, the tracking store and the hardware decision."""
     with _friendly_errors():
-        from tasks import hardware, tracking
+        from tasks.core import hardware, tracking
 
         cfg = _load(recipe, set_)
         home = home_mod.resolve_home()
@@ -301,7 +301,7 @@ def info(recipe: RecipeOpt = "default", set_: SetOpt = None) -> None:
 @config_app.command("list")
 def config_list() -> None:
     """List the shipped recipes."""
-    from tasks.config import list_recipes
+    from tasks.core.config import list_recipes
 
     for p in list_recipes():
         first = next((ln for ln in p.read_text().splitlines() if ln.startswith("#")), "")
@@ -316,7 +316,7 @@ def config_show(
 ) -> None:
     """Print the fully resolved config (defaults filled in) and its hash."""
     with _friendly_errors():
-        from tasks.config import config_hash, dump_config
+        from tasks.core.config import config_hash, dump_config
 
         cfg = _load(recipe, set_)
         if hash_only:
@@ -333,7 +333,7 @@ def config_validate(
     ] = None,
 ) -> None:
     """Validate recipes strictly; exit 2 naming the bad field when one is invalid."""
-    from tasks.config import list_recipes, load_config
+    from tasks.core.config import list_recipes, load_config
 
     bad = 0
     for p in paths or list_recipes():
@@ -350,7 +350,7 @@ def config_validate(
 @config_app.command("schema")
 def config_schema() -> None:
     """Print the JSON schema of the pipeline config (the Prefect UI form)."""
-    from tasks.config import PipelineConfig
+    from tasks.core.config import PipelineConfig
 
     sys.stdout.write(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
 

@@ -37,7 +37,7 @@ def _store_missing(uri: str) -> bool:
 
 def _read_ref(path: Path, model: Any) -> Any:
     if not path.exists():
-        from tasks.config import ConfigError
+        from tasks.core.config import ConfigError
 
         raise ConfigError(f"no stage reference at {path} (did that stage finish?)")
     return model.model_validate(json.loads(path.read_text(encoding="utf-8"))["ref"])
@@ -97,14 +97,14 @@ def evaluate_cmd(
     """
     cli = _cli()
     with cli._friendly_errors():
-        from tasks import hardware
-        from tasks import home as home_mod
-        from tasks.config import ConfigError
+        from tasks.core import hardware
+        from tasks.core import home as home_mod
+        from tasks.core.config import ConfigError
+        from tasks.core.refs import DataRef
+        from tasks.core.run import latest_run_id
         from tasks.evaluate import evaluate, scores_table
         from tasks.export import ExportRef
         from tasks.gate import decide
-        from tasks.refs import DataRef
-        from tasks.run import latest_run_id
 
         home = home_mod.resolve_home()
         run_dir: Path | None = None
@@ -143,7 +143,8 @@ def evaluate_cmd(
         out.mkdir(parents=True, exist_ok=True)
         champ_path = champ_label = None
         if champion:
-            from tasks import registry, tracking
+            from tasks import registry
+            from tasks.core import tracking
 
             uri = tracking.resolve_tracking_uri(cfg.tracking, home)
             resolved = registry.resolve(champion, uri, registry.cache_dir(home, uri))
@@ -179,8 +180,8 @@ def models_list(
     """
     cli = _cli()
     with cli._friendly_errors():
-        from tasks import home as home_mod
-        from tasks import tracking
+        from tasks.core import home as home_mod
+        from tasks.core import tracking
 
         cfg = cli._load(recipe, set_)
         home = home_mod.resolve_home()

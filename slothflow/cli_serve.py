@@ -19,8 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from tasks import home as home_mod
-from tasks.config import ConfigError
+from tasks.core import home as home_mod
+from tasks.core.config import ConfigError
 
 console = Console(stderr=True)
 out = Console()
@@ -57,7 +57,7 @@ def _errors() -> Iterator[None]:
     message is printed as text: vLLM's log lines carry ``[file.py:71]``-style tags that
     Rich would read as markup."""
     from slothflow.cli import _friendly_errors  # late: cli imports us
-    from tasks.deploy import ServeError
+    from tasks.serve import ServeError
 
     with _friendly_errors():
         try:
@@ -121,8 +121,8 @@ def start(
 
     The checks: health, warm-up, smoke test, load test with SLOs. A failed check stops the server again."""
     with _errors():
-        from tasks.config import load_config
-        from tasks.deploy import deploy, summary_lines
+        from tasks.core.config import load_config
+        from tasks.serve import deploy, summary_lines
 
         if expected_score is not None and heldout is None:
             raise ConfigError("--expected-score needs --heldout (the rows it was measured on)")
@@ -131,8 +131,8 @@ def start(
         cfg = load_config(recipe, set_ or [])
         home = _home()
         from tasks import registry
-        from tasks.deploy import registry_resolver
-        from tasks.tracking import resolve_tracking_uri
+        from tasks.core.tracking import resolve_tracking_uri
+        from tasks.serve import registry_resolver
 
         uri = resolve_tracking_uri(cfg.tracking, home)
         kwargs: dict[str, Any] = dict(
@@ -144,7 +144,7 @@ def start(
             resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
         )
         if track:
-            from tasks.run import stage, tracked_run
+            from tasks.core.run import stage, tracked_run
 
             with (
                 home_mod.exclusive(home, f"slothflow serve {model}"),
@@ -164,7 +164,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """What is running: model, version, port, pid, since when. Stops orphaned servers."""
-    from tasks.deploy import servers
+    from tasks.serve import servers
 
     with _errors():
         running = servers(_home())
@@ -207,7 +207,7 @@ def stop(
     port: Annotated[int | None, typer.Option("--port", "-p", help="Only this port.")] = None,
 ) -> None:
     """Stop the managed servers (all, or the one on --port): SIGTERM, then SIGKILL."""
-    from tasks.deploy import stop_servers
+    from tasks.serve import stop_servers
 
     with _errors():
         stopped = stop_servers(_home(), port)
@@ -223,7 +223,7 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Lines from the end.")] = 50,
 ) -> None:
     """Print the end of a server's log (also after it stopped or failed to start)."""
-    from tasks.deploy import LOG_FILE, log_tail, serve_root, server_dir, servers
+    from tasks.serve import LOG_FILE, log_tail, serve_root, server_dir, servers
 
     with _errors():
         home = _home()

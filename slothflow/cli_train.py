@@ -1,6 +1,6 @@
 """``slothflow train``: the base and train stages alone, on an already-cleaned data folder.
 
-Opened with :func:`tasks.run.open_run` and recorded with :func:`tasks.run.stage`, so a
+Opened with :func:`tasks.core.run.open_run` and recorded with :func:`tasks.core.run.stage`, so a
 stage run by hand lands in MLflow exactly like one run by the pipeline; re-running
 with ``--run-id`` resumes it (finished stages reused, training from its last
 complete checkpoint, the same MLflow runs).
@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from slothflow.options import RecipeOpt, SetOpt
-from tasks import home as home_mod
+from tasks.core import home as home_mod
 
 
 def train_cmd(
@@ -42,11 +42,11 @@ def train_cmd(
 ) -> None:
     """Fine-tune the recipe's base model on DATA (stages base + train), tracked in MLflow."""
     from slothflow.cli import _friendly_errors, _load, console, out  # late: cli imports us
-    from tasks.interrupt import signals_as_interrupt
+    from tasks.core.interrupt import signals_as_interrupt
 
     # A signal unwinds through tracked_run: the run is marked INTERRUPTED, resumable.
     with _friendly_errors(), signals_as_interrupt():
-        from tasks.config import ConfigError
+        from tasks.core.config import ConfigError
         from tasks.data.clean import DataError, check_output
 
         try:  # first: an empty or failed data folder must not wait for a model to load
@@ -58,7 +58,7 @@ def train_cmd(
         with home_mod.exclusive(home, f"slothflow train --recipe {recipe}"):
             from flows.preflight import preflight
             from tasks.base_model import prepare_base_in_run
-            from tasks.run import tracked_run
+            from tasks.core.run import tracked_run
             from tasks.train import data_ref_from_folder, train_in_run
 
             preflight(cfg, home, run_id, set_, serving=False, registering=False)

@@ -2,7 +2,7 @@
 
 Three sources, one code path afterwards:
 
-- ``embedded:tiny-llama``: built on the spot by :mod:`tasks.embedded` (no download);
+- ``embedded:tiny-llama``: built on the spot by :mod:`tasks.core.embedded` (no download);
 - a local folder: loaded as it is, its revision a content hash;
 - a hub id (``org/name``): the real ``from_pretrained(repo_id, revision=commit)``;
   offline (``HF_HUB_OFFLINE=1``) it reads the Hugging Face cache layout
@@ -27,13 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks import embedded
-from tasks.config import EMBEDDED_MODEL, REPO_ROOT, ConfigError, ModelConfig
-from tasks.home import Home
-from tasks.orchestration import retry_transient, stage_task
-from tasks.refs import BaseModelRef, RunContext, load_done, mark_done, sha256_json
-from tasks.revision import is_hub_id, resolve_revision
-from tasks.tracking import NullTracker, Tracker
+from tasks.core import embedded
+from tasks.core.config import EMBEDDED_MODEL, REPO_ROOT, ConfigError, ModelConfig
+from tasks.core.home import Home
+from tasks.core.orchestration import retry_transient, stage_task
+from tasks.core.refs import BaseModelRef, RunContext, load_done, mark_done, sha256_json
+from tasks.core.revision import is_hub_id, resolve_revision
+from tasks.core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,8 @@ def prepare_base_in_run(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
     The embedded build and hub revisions are cheap to re-check, but a finished stage is
     still reused so a resumed run records the very same base it started with.
     """
-    from tasks import run as run_mod
-    from tasks.home import resolve_home
+    from tasks.core import run as run_mod
+    from tasks.core.home import resolve_home
 
     out = ctx.stage_dir(STAGE)
     inputs = base_inputs_hash(cfg)

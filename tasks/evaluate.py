@@ -4,7 +4,7 @@ Tasks are generated from the held-out split (chat rows ``{"id", "messages"}``), 
 folder per chat template, loaded with ``TaskManager(include_path=DIR)`` — no hub:
 
 * ``<name>_gen`` — ``generate_until``: greedy answer, scored by exact match and token
-  F1 (:mod:`tasks.eval_metrics`, copied in as ``utils.py``), stopping on the EOS /
+  F1 (:mod:`tasks.core.eval_metrics`, copied in as ``utils.py``), stopping on the EOS /
   end-of-turn tokens;
 * ``<name>_ll`` — ``loglikelihood`` of the reference answer *plus its end token*:
   ``answer_perplexity`` = exp(mean per-item negative log-likelihood) and
@@ -43,9 +43,14 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from tasks import eval_metrics
 from tasks.base_model import LOAD_KWARGS, hub_load_revision
-from tasks.config import EvalConfig, PipelineConfig
+from tasks.core import eval_metrics
+from tasks.core.config import EvalConfig, PipelineConfig
+from tasks.core.hardware import HardwareDecision
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import DataRef, RunContext, StageRef, load_done, mark_done, sha256_json
+from tasks.core.revision import is_hub_id
+from tasks.core.tracking import NullTracker, Tracker
 from tasks.export import (
     ExportRef,
     chat_template_sha256,
@@ -53,11 +58,6 @@ from tasks.export import (
     read_manifest,
     render_prompt,
 )
-from tasks.hardware import HardwareDecision
-from tasks.orchestration import stage_task
-from tasks.refs import DataRef, RunContext, StageRef, load_done, mark_done, sha256_json
-from tasks.revision import is_hub_id
-from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +489,7 @@ def evaluate(
     )
     (out_dir / "side_by_side.html").write_text(page, encoding="utf-8")
     results_path = out_dir / "results.json"
-    from tasks.refs import write_json_atomic
+    from tasks.core.refs import write_json_atomic
 
     write_json_atomic(
         results_path,
@@ -594,13 +594,13 @@ def evaluate_task(
 ) -> EvalRef:
     """Prefect task: lm-eval under ``<run>/evaluate``, with the registry's current
     champion (if any) re-evaluated on this run's held-out split; resumable."""
-    from tasks.run import stage
+    from tasks.core.run import stage
 
     out = ctx.stage_dir("evaluate")
     champ = None
     if ctx.tracking is not None:
         from tasks import registry
-        from tasks.home import resolve_home
+        from tasks.core.home import resolve_home
 
         # A remote store's champion is downloaded once into the home's cache.
         uri = ctx.tracking["tracking_uri"]

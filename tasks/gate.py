@@ -27,11 +27,18 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.config import EvalConfig, PipelineConfig
+from tasks.core.config import EvalConfig, PipelineConfig
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import (
+    RunContext,
+    StageRef,
+    load_done,
+    mark_done,
+    sha256_json,
+    write_json_atomic,
+)
+from tasks.core.tracking import NullTracker, Tracker
 from tasks.evaluate import FINITE_METRICS, EvalRef
-from tasks.orchestration import stage_task
-from tasks.refs import RunContext, StageRef, load_done, mark_done, sha256_json, write_json_atomic
-from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +226,8 @@ def gate(
 def gate_task(ctx: RunContext, cfg: PipelineConfig, ev: EvalRef) -> GateRef:
     """Prefect task: the decision under ``<run>/gate``; also tags the pipeline's parent
     MLflow run, so a failed gate is visible in the run list."""
-    from tasks import tracking
-    from tasks.run import stage
+    from tasks.core import tracking
+    from tasks.core.run import stage
 
     out = ctx.stage_dir("gate")
     key = sha256_json(

@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, PipelineConfig
+from tasks.core.config import ConfigError, PipelineConfig
+from tasks.core.home import Home
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import RunContext, StageRef, load_done, mark_done, sha256_json
+from tasks.core.tracking import NullTracker, Tracker
 from tasks.evaluate import EvalRef
 from tasks.export import MANIFEST, ExportRef, read_manifest, relocate_manifest
 from tasks.gate import GateBar, GateRef
-from tasks.home import Home
-from tasks.orchestration import stage_task
-from tasks.refs import RunContext, StageRef, load_done, mark_done, sha256_json
-from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ def register_task(
     registers nothing) when the gate failed or the run has no tracking. Retried: a
     tracking server's hiccup should not lose a passed candidate; a refusal is not
     retried."""
-    from tasks.run import stage
+    from tasks.core.run import stage
 
     if not gate.passed:
         log.warning("not registering: the gate failed (%s)", "; ".join(gate.reasons))

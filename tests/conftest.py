@@ -27,7 +27,7 @@ os.environ["SLOTHFLOW_HOME"] = str(_SESSION_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from tasks import home as home_mod  # noqa: E402
+from tasks.core import home as home_mod  # noqa: E402
 
 home_mod.activate(_SESSION_HOME)
 

@@ -33,8 +33,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tasks.config import TinyModelConfig
-from tasks.embedded import ROLE_TOKENS, ensure_built
+from tasks.core.config import TinyModelConfig
+from tasks.core.embedded import ROLE_TOKENS, ensure_built
 
 SHAPE = TinyModelConfig(
     vocab_size=256,

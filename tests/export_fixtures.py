@@ -27,11 +27,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks import home as home_mod
-from tasks.config import PipelineConfig, TinyModelConfig, build_config
-from tasks.embedded import ensure_built
+from tasks.core import home as home_mod
+from tasks.core.config import PipelineConfig, TinyModelConfig, build_config
+from tasks.core.embedded import ensure_built
+from tasks.core.refs import BaseModelRef, DataRef, TrainRef, sha256_file
 from tasks.export import chat_template_sha256
-from tasks.refs import BaseModelRef, DataRef, TrainRef, sha256_file
 
 TINY = TinyModelConfig(
     vocab_size=512,
@@ -231,7 +231,7 @@ def trained_adapters() -> dict[str, Path]:
 
 
 def cpu() -> Any:
-    from tasks.hardware import HardwareDecision
+    from tasks.core.hardware import HardwareDecision
 
     return HardwareDecision(
         device="cpu", backend="peft", dtype="float32", load_in_4bit=False, reason="tests: CPU"

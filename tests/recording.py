@@ -1,4 +1,4 @@
-"""One in-memory :class:`~tasks.tracking.Tracker` for every test that checks what a stage
+"""One in-memory :class:`~tasks.core.tracking.Tracker` for every test that checks what a stage
 reports (our own interface, not a library mock)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.tracking import Tracker
+from tasks.core.tracking import Tracker
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import embedded
 from tasks.base_model import LOAD_KWARGS, prepare_base
-from tasks.config import ConfigError, ModelConfig, load_config
-from tasks.home import Home
+from tasks.core import embedded
+from tasks.core.config import ConfigError, ModelConfig, load_config
+from tasks.core.home import Home
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_hub_id_offline_through_the_cache_layout(
     smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path
 ) -> None:
     """The real ``from_pretrained(repo_id, revision=commit)`` path, with no network."""
-    from tasks.hardware import HardwareDecision
+    from tasks.core.hardware import HardwareDecision
     from tasks.train import load_peft
 
     repo_id = f"slothflow-test/tiny-{uuid.uuid4().hex[:8]}"
@@ -149,7 +149,7 @@ def test_resumed_base_stage_notices_a_changed_folder_or_template(
     """The base stage's cache key covers what the name resolves to (a local folder's
     content) and the chat-template file's content, not only the config text."""
     from tasks.base_model import base_inputs_hash, prepare_base_in_run
-    from tasks.refs import RunContext
+    from tasks.core.refs import RunContext
 
     d = tmp_path / "model"
     shutil.copytree(tiny_dir, d)

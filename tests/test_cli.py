@@ -79,7 +79,7 @@ def test_serve_errors_are_one_clear_message_printed_as_text(
     import typer
 
     from slothflow.cli_serve import _errors
-    from tasks.deploy import ServeError
+    from tasks.serve import ServeError
 
     with pytest.raises(typer.Exit) as exit_, _errors():
         raise ServeError("vLLM exited: INFO [core.py:71] loading [/tmp/a] failed")
@@ -173,7 +173,7 @@ def test_train_refuses_a_failed_data_folder_before_loading_a_model(tmp_path: Pat
     one clear line and exit 2, in the time it takes to start the command."""
     import time
 
-    from tasks.config import DataConfig
+    from tasks.core.config import DataConfig
     from tasks.data import DataError, clean
 
     bad = tmp_path / "bad.jsonl"

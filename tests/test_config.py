@@ -7,7 +7,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tasks.config import (
+from tasks.core.config import (
     ConfigError,
     PipelineConfig,
     SecretRef,
@@ -189,8 +189,8 @@ def test_secret_source_is_the_one_actually_used(tmp_path: Path) -> None:
     code = """
 import json, os
 from pathlib import Path
-from tasks import home
-from tasks.config import ConfigError, SecretRef
+from tasks.core import home
+from tasks.core.config import ConfigError, SecretRef
 home.activate(Path(os.environ["SLOTHFLOW_HOME"]))
 out = [SecretRef(env="SLOTHFLOW_TEST_KEY").resolve_with_source(),
        SecretRef(prefect_block="slothflow-no-such-block", env="SLOTHFLOW_TEST_KEY")

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from tasks.config import DataConfig, load_config
+from tasks.core.config import DataConfig, load_config
+from tasks.core.refs import sha256_file
 from tasks.data import REASONS, DataError, SourceError, clean, split_of
 from tasks.data.dedup import answer_key, jaccard, shingles
 from tasks.data.rows import Reject, normalize_text, to_messages
-from tasks.refs import sha256_file
 from tests.recording import RecordingTracker
 
 # --------------------------------------------------------------------------- helpers
@@ -84,7 +84,7 @@ def prompt_shingles(row: dict[str, Any]) -> list[str]:
 def build_tokenizer(folder: Path) -> str:
     """The embedded model's byte-level BPE tokenizer (with its chat template), trained on
     the spot on a small corpus and saved like a hub one."""
-    from tasks.embedded import train_tokenizer
+    from tasks.core.embedded import train_tokenizer
 
     rng = random.Random(1)
     train_tokenizer(iter([sentence(rng) for _ in range(400)]), 300).save_pretrained(folder)
@@ -411,8 +411,8 @@ def test_content_hashes_are_unchanged_by_the_shared_chunk_loop(tmp_path: Path) -
 
 
 def test_data_and_train_retry_the_same_failures() -> None:
+    from tasks.core.orchestration import HAVE_PREFECT, is_transient, retry_transient
     from tasks.data import SourceError, clean_task
-    from tasks.orchestration import HAVE_PREFECT, is_transient, retry_transient
     from tasks.train import train_task
 
     if HAVE_PREFECT:
@@ -841,7 +841,7 @@ def test_clean_task_reuses_a_finished_stage(
 
     # the module (the package's ``clean`` attribute is the function of that name)
     clean_mod = importlib.import_module("tasks.data.clean")
-    from tasks.refs import RunContext
+    from tasks.core.refs import RunContext
 
     src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
     ctx = RunContext(
@@ -872,11 +872,11 @@ def test_clean_task_records_the_stage_in_mlflow(tmp_path: Path, tokenizer_dir: s
     hashes. A FAILED stage run when the data is unusable."""
     from mlflow.tracking import MlflowClient
 
-    from tasks import tracking
-    from tasks.config import TrackingConfig
+    from tasks.core import tracking
+    from tasks.core.config import TrackingConfig
+    from tasks.core.home import Home
+    from tasks.core.refs import RunContext
     from tasks.data import clean_task
-    from tasks.home import Home
-    from tasks.refs import RunContext
 
     tcfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="d")
     tref = tracking.open_pipeline_run(tcfg, Home(tmp_path / "home"), run_id="r1")

@@ -312,7 +312,7 @@ def test_a_huge_line_is_rejected_in_bounded_memory(tmp_path: Path) -> None:
         f"""
         import json, resource, sys
         from pathlib import Path
-        from tasks.config import DataConfig
+        from tasks.core.config import DataConfig
         from tasks.data import clean
         import matplotlib.pyplot  # imported before the baseline: not the line's cost
         cfg = DataConfig(sources=[{str(src)!r}], val_fraction=0.3)

@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tasks import deploy as d
-from tasks.config import ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
-from tasks.home import Home, environment_for
+from tasks import serve as d
+from tasks.core.config import ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
+from tasks.core.home import Home, environment_for
 from tests.conftest import free_port, run_slothflow
 from tests.digit_model import build_digit_model, digit_rows, offline_answers, write_rows
 from tests.recording import RecordingTracker
@@ -234,7 +234,7 @@ def test_smoke_judgement_against_a_plain_expected_score() -> None:
 
 def test_smoke_exact_match_is_the_offline_evaluations() -> None:
     """Case, edge punctuation and spaces are normalised as lm-eval's task does
-    (tasks.eval_metrics): "Food." is right for "food" here exactly as it was offline."""
+    (tasks.core.eval_metrics): "Food." is right for "food" here exactly as it was offline."""
     smoke = SmokeConfig(tolerance=0.0, min_rate=0.9)
     answers = [("Food.", "stop"), (" MUSIC ", "stop"), ("food and music", "stop")]
     refs = ["food", "music", "food"]
@@ -509,7 +509,7 @@ def test_status_through_a_pipe_prints_whole_values(tmp_path: Path) -> None:
 
 
 def test_deploy_task_is_the_serve_stage() -> None:
-    from tasks.refs import RunContext
+    from tasks.core.refs import RunContext
 
     assert getattr(d.deploy_task, "name", "serve") == "serve"
     fn = getattr(d.deploy_task, "fn", d.deploy_task)
@@ -570,8 +570,8 @@ def served(
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.config import load_config
-    from tasks.run import open_run
+    from tasks.core.config import load_config
+    from tasks.core.run import open_run
 
     rows, answers = heldout
     root = tmp_path_factory.mktemp("served")
@@ -612,7 +612,7 @@ def _client(ref: d.DeployRef, key: str | None = None) -> Any:
 def _stage_run(shared: Shared) -> Any:
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import TAG_RUN_ID, TAG_STAGE
+    from tasks.core.tracking import TAG_RUN_ID, TAG_STAGE
 
     client = MlflowClient(shared.tracking_uri)
     query = f"tags.`{TAG_STAGE}` = 'serve' and tags.`{TAG_RUN_ID}` = '{shared.run_id}'"

@@ -160,7 +160,7 @@ def test_a_champion_adapter_loads_its_base_at_the_recorded_revision(tmp_path: Pa
 
 
 def test_scoring_normalises_case_space_and_edge_punctuation() -> None:
-    from tasks.eval_metrics import exact_match, process_results, token_f1
+    from tasks.core.eval_metrics import exact_match, process_results, token_f1
 
     assert exact_match("  Food.\n", "food") == 1.0
     assert exact_match("food and music", "food") == 0.0
@@ -284,7 +284,7 @@ def test_slothflow_evaluate_runs_alone_on_an_export_folder(tmp_path: Path) -> No
     from typer.testing import CliRunner
 
     from slothflow.cli import app
-    from tasks.refs import mark_done
+    from tasks.core.refs import mark_done
 
     exp = fx.exported("strong")
     mark_done(Path(exp.path), "written-by-the-test", exp)  # what export_task leaves behind

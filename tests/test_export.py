@@ -273,7 +273,7 @@ def test_unsloth_adapter_exported_in_float32_is_merged_by_peft(
     """The embedded default recipe (export.dtype=float32, train.backend=auto → Unsloth on
     CUDA) must export: PEFT merges the Unsloth adapter, Unsloth's 16-bit save is not used."""
     from tasks import export as export_mod
-    from tasks import gpu_merge
+    from tasks.export import gpu_merge
 
     def no_merge_16bit(*args: Any, **kw: Any) -> dict[str, Any]:
         raise AssertionError("merge_16bit called for a float32 export")
@@ -313,7 +313,7 @@ def test_unsloth_adapter_exported_in_float32_is_merged_by_peft(
 
 def test_unsloth_merge_refuses_float32_before_importing_unsloth(tmp_path: Path) -> None:
     """Checked first, so the refusal names the dtype even where Unsloth cannot load."""
-    from tasks.gpu_merge import merge_16bit
+    from tasks.export.gpu_merge import merge_16bit
 
     train = fx.train_ref(fx.random_adapter())
     with pytest.raises(ValueError, match="bfloat16 or float16, not 'float32'"):
@@ -327,7 +327,7 @@ def test_unsloth_branch_hands_gpu_merge_the_stage_arguments(
     """The plumbing into ``gpu_merge.merge_16bit`` (our function, replaced by a CPU merge
     here; Unsloth itself is exercised on the device by tests/test_train_gpu.py)."""
     from tasks import export as export_mod
-    from tasks import gpu_merge
+    from tasks.export import gpu_merge
 
     calls: list[dict[str, Any]] = []
 
@@ -501,7 +501,7 @@ def test_publish_pushes_a_private_repo_with_a_model_card(
     caplog: pytest.LogCaptureFixture,
     fake_hub: type[FakeHfApi],
 ) -> None:
-    from tasks.publish import publish
+    from tasks.export.publish import publish
 
     folder = _publishable(tmp_path / "adapter")
     secret = "hf_TESTSECRET_never_logged"
@@ -530,8 +530,8 @@ def test_publish_pushes_a_private_repo_with_a_model_card(
 def test_publish_refuses_an_existing_public_repo(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: type[FakeHfApi]
 ) -> None:
-    from tasks.config import ConfigError
-    from tasks.publish import publish
+    from tasks.core.config import ConfigError
+    from tasks.export.publish import publish
 
     folder = _publishable(tmp_path / "adapter")
     card = (folder / "README.md").read_text()  # PEFT's own card
@@ -586,7 +586,7 @@ def test_export_publishes_the_artifact_publish_kind_names(
 def test_publishing_a_merged_model_that_is_not_merged_is_refused_up_front(
     tmp_path: Path,
 ) -> None:
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
     from tasks.export import export
 
     cfg = fx.pipeline_cfg(
@@ -608,8 +608,8 @@ def test_publishing_a_merged_model_that_is_not_merged_is_refused_up_front(
 def test_publish_without_token_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: type[FakeHfApi]
 ) -> None:
-    from tasks.config import ConfigError
-    from tasks.publish import publish
+    from tasks.core.config import ConfigError
+    from tasks.export.publish import publish
 
     monkeypatch.delenv("SLOTHFLOW_TEST_HF_TOKEN", raising=False)
     cfg = fx.pipeline_cfg(
@@ -661,7 +661,7 @@ def test_cast_saved_recasts_weights_saved_in_another_dtype(tmp_path: Path) -> No
     tokenizer and generation files the merge wrote."""
     from safetensors import safe_open
 
-    from tasks.gpu_merge import cast_saved, saved_dtype
+    from tasks.export.gpu_merge import cast_saved, saved_dtype
 
     folder = tmp_path / "merged"
     shutil.copytree(fx.base_dir(), folder)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks.config import EvalConfig
+from tasks.core.config import EvalConfig
 from tasks.evaluate import EvalRef
 from tests import export_fixtures as fx
 from tests.recording import RecordingTracker

@@ -1,7 +1,7 @@
 import pytest
 
-from tasks.config import ConfigError, load_config
-from tasks.hardware import Probe, decide, probe
+from tasks.core.config import ConfigError, load_config
+from tasks.core.hardware import Probe, decide, probe
 
 CPU = Probe(cuda=False)
 H200 = Probe(

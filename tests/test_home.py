@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import home as home_mod
+from tasks.core import home as home_mod
 
 
 def test_environment_keeps_every_cache_inside_home(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_default_home_is_in_the_working_directory(
 _HOLD = textwrap.dedent(
     """
     import sys, time
-    from tasks import home
+    from tasks.core import home
     h = home.Home(__import__("pathlib").Path(sys.argv[1]))
     with home.exclusive(h, "holder"):
         print("held", flush=True)

@@ -70,7 +70,7 @@ def _register(uri: str, run: str, name: str = "tiny-topics", run_id: str = "r-1"
 
 
 def test_parse_spec() -> None:
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
     from tasks.registry import parse_spec
 
     assert parse_spec("m@champion") == ("m", "champion", None)
@@ -82,7 +82,7 @@ def test_parse_spec() -> None:
 def test_registry_downloads_land_in_one_cache_folder_per_tracking_store(tmp_path: Path) -> None:
     """The one place evaluation (champion), `slothflow evaluate --champion` and serving
     download registry versions to."""
-    from tasks.home import Home
+    from tasks.core.home import Home
     from tasks.registry import cache_dir
 
     home = Home(tmp_path / "home")
@@ -187,7 +187,7 @@ def test_register_refuses_a_failed_gate(tmp_path: Path) -> None:
 
 
 def test_promote_moves_champion_to_previous(tmp_path: Path) -> None:
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
     from tasks.registry import current_champion, list_versions, promote, resolve
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -254,12 +254,12 @@ def test_models_list_cli_shows_versions_aliases_metrics_lineage(tmp_path: Path) 
 def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from tasks.core.home import Home
+    from tasks.core.run import open_run
     from tasks.evaluate import evaluate_task
     from tasks.export import export_task
     from tasks.gate import gate_task
-    from tasks.home import Home
     from tasks.registry import list_versions, promote, register_task
-    from tasks.run import open_run
 
     home = Home(tmp_path / "home")
     data = fx.data_ref()
@@ -308,7 +308,7 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
 def test_each_recipe_registers_into_its_own_model_unless_configured() -> None:
     """A recipe whose gate cannot fail (ci-smoke) must not share a registered model with
     the one a stricter recipe serves: the default name comes from the recipe's name."""
-    from tasks.config import config_hash, load_config
+    from tasks.core.config import config_hash, load_config
 
     default, smoke = load_config("default"), load_config("ci-smoke")
     assert default.tracking.registered_model == f"slothflow-{default.name}"
@@ -328,7 +328,7 @@ def _weak_cfg(**eval_: float) -> Any:
 def test_a_weaker_gate_cannot_move_an_alias_of_a_stricter_model(tmp_path: Path) -> None:
     """ci-smoke's gate (threshold 0, margin 0) into a model whose champion passed
     threshold 0.9: refused, naming both, and the aliases stay where they were."""
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
     from tasks.registry import list_versions, promote, register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

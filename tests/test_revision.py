@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError
-from tasks.revision import local_revision, resolve_revision
+from tasks.core.config import ConfigError
+from tasks.core.revision import local_revision, resolve_revision
 
 
 def _model_dir(root: Path) -> Path:

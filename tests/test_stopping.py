@@ -231,7 +231,7 @@ def test_bad_runs_fail_at_once_and_leave_nothing_to_resume(tmp_path: Path) -> No
 def test_a_signal_inside_a_deferred_block_waits_for_its_end() -> None:
     """A metric sent to MLflow and its journal line are not torn apart by Ctrl-C: the
     interrupt is held until the block is done, then raised."""
-    from tasks.interrupt import Interrupted, deferred, signals_as_interrupt
+    from tasks.core.interrupt import Interrupted, deferred, signals_as_interrupt
 
     done = []
     with pytest.raises(Interrupted) as caught, signals_as_interrupt():

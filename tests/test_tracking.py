@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks import tracking
-from tasks.config import TrackingConfig, load_config
-from tasks.home import Home
-from tasks.refs import RunContext
-from tasks.run import open_run, stage
+from tasks.core import tracking
+from tasks.core.config import TrackingConfig, load_config
+from tasks.core.home import Home
+from tasks.core.refs import RunContext
+from tasks.core.run import open_run, stage
 
 
 def _sqlite_cfg(tmp_path: Path) -> TrackingConfig:
@@ -67,8 +67,8 @@ def test_a_resumed_attempt_records_changed_settings_beside_the_first(tmp_path: P
 def test_resume_keeps_the_runs_own_serving_settings(tmp_path: Path) -> None:
     """A resume that does not repeat --set deploy.port=N serves on N again (not on the
     recipe's default), says so, and a new --set still wins."""
-    from tasks.config import dump_config
-    from tasks.run import resume_config
+    from tasks.core.config import dump_config
+    from tasks.core.run import resume_config
 
     home = Home(tmp_path / "home")
     started = load_config("ci-smoke", ["deploy.port=9123", "deploy.enabled=true"])
@@ -113,7 +113,7 @@ def test_unreachable_server_fails_fast_with_clear_message(tmp_path: Path) -> Non
 def test_credentials_never_ride_in_the_tracking_uri(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.config import ConfigError, build_config
+    from tasks.core.config import ConfigError, build_config
 
     with pytest.raises(
         ConfigError, match=r"tracking\.tracking_uri: .*must not embed a password"
@@ -151,7 +151,7 @@ def test_open_run_logs_config_hash_hardware_and_code(tmp_path: Path) -> None:
     failed = client.search_runs([ref.experiment_id], "tags.`slothflow.stage` = 'train'")[0]
     assert failed.info.status == "FAILED"
     # Resume needs the same config.
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="started with config"):
         open_run(load_config("ci-smoke", ["train.max_steps=9"]), home, resume_run_id=ctx.run_id)
@@ -162,7 +162,7 @@ def test_open_run_logs_config_hash_hardware_and_code(tmp_path: Path) -> None:
 def test_tracked_run_always_finishes_its_run(tmp_path: Path) -> None:
     """A command outside the flow (train, serve --track) leaves no run RUNNING: FINISHED
     with its summary, or FAILED when its body raises (the error propagates)."""
-    from tasks.run import tracked_run
+    from tasks.core.run import tracked_run
 
     home = Home(tmp_path / "home")
     cfg = load_config("ci-smoke", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])

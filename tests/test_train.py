@@ -12,11 +12,11 @@ import pytest
 
 from bench.sample_data import write_split
 from tasks.base_model import prepare_base
-from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.hardware import HardwareDecision, Probe, decide
-from tasks.home import Home
-from tasks.orchestration import is_transient
-from tasks.refs import BaseModelRef, DataRef
+from tasks.core.config import ConfigError, PipelineConfig, load_config
+from tasks.core.hardware import HardwareDecision, Probe, decide
+from tasks.core.home import Home
+from tasks.core.orchestration import is_transient
+from tasks.core.refs import BaseModelRef, DataRef
 from tasks.train import (
     COMPLETE_MARKER,
     BackendNotReadyError,
@@ -79,7 +79,7 @@ def test_hardware_decision_round_trips_through_the_run_context() -> None:
 
 
 def test_only_io_failures_are_retried() -> None:
-    from tasks.tracking import TrackingUnavailableError
+    from tasks.core.tracking import TrackingUnavailableError
 
     assert is_transient(OSError("disk hiccup"))
     assert is_transient(ConnectionResetError())
@@ -90,7 +90,7 @@ def test_only_io_failures_are_retried() -> None:
     # and through Prefect's retry hook, with the state Prefect builds from the exception
     from prefect.states import Failed
 
-    from tasks.orchestration import retry_transient
+    from tasks.core.orchestration import retry_transient
 
     assert retry_transient(None, None, Failed(data=OSError("disk hiccup")))
     assert not retry_transient(None, None, Failed(data=ConfigError("bad field")))
@@ -189,7 +189,7 @@ def test_rows_over_max_seq_length_are_counted_truncated_and_dropped(
 ) -> None:
     """TRL truncates rows longer than max_seq_length and drops those left without an answer
     token; the stage counts both (metrics ``train_rows_truncated``/``_dropped``)."""
-    from tasks.tokens import chat_token_lengths
+    from tasks.core.tokens import chat_token_lengths
     from tasks.train import length_fit
 
     cfg = load_config("ci-smoke", ["data.max_tokens=64", "model.max_seq_length=64"])
@@ -428,7 +428,7 @@ def _llama3_8b_config() -> Any:
 
 
 def test_unsloth_falls_back_to_peft_for_other_architectures_only_under_auto() -> None:
-    from tasks.hardware import for_model
+    from tasks.core.hardware import for_model
 
     auto = load_config("llama3-8b-qlora", ["train.backend=auto"])
     assert for_model(auto, H200, "llama") is H200
@@ -530,7 +530,7 @@ def test_system_metrics_reach_the_mlflow_run_while_training_on_cuda(
     from mlflow.tracking import MlflowClient
 
     from tasks import train as train_mod
-    from tasks.tracking import MlflowTracker
+    from tasks.core.tracking import MlflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -28,10 +28,10 @@ import pytest
 
 from bench.sample_data import write_split
 from tasks.base_model import prepare_base
-from tasks.config import PipelineConfig, load_config
-from tasks.hardware import HardwareDecision, decide, probe
-from tasks.home import Home
-from tasks.refs import BaseModelRef, DataRef, TrainRef
+from tasks.core.config import PipelineConfig, load_config
+from tasks.core.hardware import HardwareDecision, decide, probe
+from tasks.core.home import Home
+from tasks.core.refs import BaseModelRef, DataRef, TrainRef
 from tasks.train import train
 from tests.conftest import REPO
 from tests.recording import RecordingTracker
@@ -249,7 +249,7 @@ def test_merged_16bit_save_reloads_in_plain_transformers(
 ) -> None:
     """Unsloth's merged 16-bit save of the QLoRA adapter, loaded by transformers alone
     (a fresh process without Unsloth), against the base + adapter through PEFT."""
-    from tasks.gpu_merge import merge_16bit
+    from tasks.export.gpu_merge import merge_16bit
 
     ref, _rec, _cfg = run_1b
     info = merge_16bit(
@@ -615,7 +615,7 @@ def test_export_stage_merges_an_unsloth_adapter_on_the_gpu(
     float32 (the default recipe's) through PEFT's merge in float32; either way the merged
     folder passes the stage's parity check against base + adapter and its stop check."""
     from tasks.export import MANIFEST, export, read_manifest
-    from tasks.gpu_merge import saved_dtype
+    from tasks.export.gpu_merge import saved_dtype
 
     ref, _rec, hw, _wall = tiny_run
     cfg = load_config("default", [*TINY_SETS, f"export.dtype={dtype}", "export.stop_check=warn"])
@@ -652,7 +652,7 @@ def test_mlflow_records_gpu_system_metrics_while_training(
     from mlflow.tracking import MlflowClient
 
     from tasks import train as train_mod
-    from tasks.tracking import MlflowTracker
+    from tasks.core.tracking import MlflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

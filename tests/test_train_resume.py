@@ -17,10 +17,10 @@ import pytest
 
 from bench.sample_data import write_split
 from tasks.base_model import prepare_base
-from tasks.config import load_config
-from tasks.hardware import HardwareDecision
-from tasks.home import Home
-from tasks.refs import TrainRef
+from tasks.core.config import load_config
+from tasks.core.hardware import HardwareDecision
+from tasks.core.home import Home
+from tasks.core.refs import TrainRef
 from tasks.train import COMPLETE_MARKER, train
 from tests.conftest import BIN, REPO, clean_env
 from tests.recording import RecordingTracker

@@ -34,7 +34,23 @@ import numpy as np
 import orjson
 
 from tasks.base_model import LOAD_KWARGS, base_tokenizer_revision, load_base_tokenizer
-from tasks.config import DataConfig
+from tasks.core.config import DataConfig
+from tasks.core.orchestration import retry_transient, stage_task
+from tasks.core.refs import (
+    MARKER,
+    BaseModelRef,
+    DataRef,
+    RunContext,
+    data_fingerprint,
+    load_done,
+    mark_done,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
+from tasks.core.revision import tokenizer_revision
+from tasks.core.tokens import chat_token_lengths, counted_text, has_chat_template
+from tasks.core.tracking import NullTracker, Tracker
 from tasks.data import dedup
 from tasks.data.read import (
     ProgressFn,
@@ -59,22 +75,6 @@ from tasks.data.rows import (
     scrub_messages,
     to_messages,
 )
-from tasks.orchestration import retry_transient, stage_task
-from tasks.refs import (
-    MARKER,
-    BaseModelRef,
-    DataRef,
-    RunContext,
-    data_fingerprint,
-    load_done,
-    mark_done,
-    sha256_file,
-    sha256_json,
-    write_json_atomic,
-)
-from tasks.revision import tokenizer_revision
-from tasks.tokens import chat_token_lengths, counted_text, has_chat_template
-from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -892,7 +892,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def _log(tracker: Tracker, cfg: DataConfig, report: dict[str, Any], out_dir: Path) -> None:
-    from tasks.tracking import flatten_params
+    from tasks.core.tracking import flatten_params
 
     tracker.log_params(flatten_params({"data": cfg.model_dump(mode="json")}))
     metrics: dict[str, float] = {
@@ -942,7 +942,7 @@ def clean_task(
 ) -> DataRef:
     """The data stage of a pipeline run: reuses a finished result for identical inputs.
     ``tokenizer`` is the base stage's reference in the pipeline (see :func:`clean`)."""
-    from tasks.run import stage
+    from tasks.core.run import stage
 
     with stage(ctx, "data") as tracker:
         stage_dir = ctx.stage_dir("data")

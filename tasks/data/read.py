@@ -24,8 +24,8 @@ from typing import Any, BinaryIO, Literal
 import fsspec
 import orjson
 
-from tasks.config import REPO_ROOT
-from tasks.refs import sha256_update_from
+from tasks.core.config import REPO_ROOT
+from tasks.core.refs import sha256_update_from
 
 Format = Literal["jsonl", "json", "csv", "parquet", "datasets"]
 

@@ -255,7 +255,7 @@ def row_id(msgs: list[Message]) -> str:
 
 def content_text(msgs: list[Message]) -> str:
     """Every turn's content, joined by newlines: what the length filter counts when the
-    tokenizer has no chat template (see :mod:`tasks.tokens`), in words when there is no
+    tokenizer has no chat template (see :mod:`tasks.core.tokens`), in words when there is no
     tokenizer at all."""
     return "\n".join(m["content"] for m in msgs)
 

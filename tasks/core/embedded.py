@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.config import REPO_ROOT, TinyModelConfig
-from tasks.refs import sha256_file, sha256_json
+from tasks.core.config import REPO_ROOT, TinyModelConfig
+from tasks.core.refs import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Stage ``train``: supervised fine-tuning of a LoRA adapter with TRL's ``SFTTrainer``.
 
 ``train`` is the plain function (no Prefect, no MLflow: it records through a
-:class:`~tasks.tracking.Tracker`); ``train_task`` is its Prefect task. The backend
+:class:`~tasks.core.tracking.Tracker`); ``train_task`` is its Prefect task. The backend
 comes from the hardware decision made once per run (``hw.backend``): ``peft``
 (transformers + PEFT, any device) or ``unsloth`` (CUDA: Unsloth's 4-bit loader and
 fused LoRA kernels under the same TRL trainer). Once the base model's architecture is
 known, an Unsloth decision for a model Unsloth has no kernels for falls back to PEFT
-under ``train.backend=auto`` (:func:`tasks.hardware.for_model`).
+under ``train.backend=auto`` (:func:`tasks.core.hardware.for_model`).
 
 On CUDA the stage also sizes gradient checkpointing against free GPU memory on the
 Unsloth backend (:func:`choose_gradient_checkpointing`; PEFT turns it on), logs peak GPU memory and an MFU estimate at
@@ -48,12 +48,12 @@ from tasks.base_model import (
     template_sha256,
     template_text,
 )
-from tasks.config import ConfigError, PipelineConfig, config_hash, dump_config
-from tasks.eval_metrics import exact_match
-from tasks.hardware import HardwareDecision, for_model
-from tasks.interrupt import deferred
-from tasks.orchestration import retry_transient, stage_task
-from tasks.refs import (
+from tasks.core.config import ConfigError, PipelineConfig, config_hash, dump_config
+from tasks.core.eval_metrics import exact_match
+from tasks.core.hardware import HardwareDecision, for_model
+from tasks.core.interrupt import deferred
+from tasks.core.orchestration import retry_transient, stage_task
+from tasks.core.refs import (
     BaseModelRef,
     DataRef,
     RunContext,
@@ -65,8 +65,8 @@ from tasks.refs import (
     sha256_json,
     write_json_atomic,
 )
-from tasks.tokens import chat_token_lengths
-from tasks.tracking import NullTracker, Tracker
+from tasks.core.tokens import chat_token_lengths
+from tasks.core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -1131,7 +1131,7 @@ def resolve_backend(
 ) -> HardwareDecision:
     """The run's decision, refined once the base model's architecture is known.
 
-    Only an Unsloth decision can change (see :func:`tasks.hardware.for_model`); Unsloth
+    Only an Unsloth decision can change (see :func:`tasks.core.hardware.for_model`); Unsloth
     is imported here, before this stage touches transformers, since it patches it.
     """
     if hw.backend != "unsloth":
@@ -1360,7 +1360,7 @@ def train_in_run(
     ctx: RunContext, cfg: PipelineConfig, base: BaseModelRef, data: DataRef
 ) -> TrainRef:
     """``train`` inside a run: tracked as stage ``train``; a finished stage is reused."""
-    from tasks import run as run_mod
+    from tasks.core import run as run_mod
 
     hw = HardwareDecision.from_params(ctx.hardware)
     out = ctx.stage_dir(STAGE)

@@ -52,15 +52,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import REPO_ROOT, ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
-from tasks.eval_metrics import exact_match
-from tasks.home import Home, environment_for, resolve_home
-from tasks.interrupt import signals_as_interrupt
-from tasks.orchestration import stage_task
-from tasks.refs import RunContext, StageRef, write_json_atomic
+from tasks.core.config import REPO_ROOT, ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
+from tasks.core.eval_metrics import exact_match
+from tasks.core.home import Home, environment_for, resolve_home
+from tasks.core.interrupt import signals_as_interrupt
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import RunContext, StageRef, write_json_atomic
+from tasks.core.revision import is_hub_id
+from tasks.core.tracking import NullTracker, Tracker
 from tasks.registry import is_spec
-from tasks.revision import is_hub_id
-from tasks.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -653,7 +653,7 @@ def api_key_of(state: ServerState) -> str:
         if value:
             return value
         raise ConfigError(f"the server's API key is read from ${where}, which is unset here")
-    from tasks.config import SecretRef
+    from tasks.core.config import SecretRef
 
     return str(SecretRef(prefect_block=where).resolve())
 
@@ -980,7 +980,7 @@ def judge_smoke(
 ) -> SmokeJudgement:
     """Judge answers ``(text, finish_reason)`` against their references.
 
-    Exact match is ``tasks.eval_metrics.exact_match``, the offline evaluation's own
+    Exact match is ``tasks.core.eval_metrics.exact_match``, the offline evaluation's own
     normalisation. With ``offline`` (the offline evaluation's answers to the *same*
     rows, in order) the comparison is per item: the served model fails when more than
     ``smoke.tolerance`` x rows of the items the offline evaluation answered correctly
@@ -1493,7 +1493,7 @@ def deploy_task(
         log.info("deploy.enabled is false; not serving")
         return None
     from tasks import registry
-    from tasks.run import stage
+    from tasks.core.run import stage
 
     home = resolve_home()
     uri = (ctx.tracking or {}).get("tracking_uri")

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "configs"
 EMBEDDED_MODEL = "embedded:tiny-llama"
 

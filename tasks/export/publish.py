@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, ExportConfig
+from tasks.core.config import ConfigError, ExportConfig
 from tasks.export import read_manifest
 
 log = logging.getLogger(__name__)

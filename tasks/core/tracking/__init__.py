@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from tasks.config import REPO_ROOT, TrackingConfig
-from tasks.home import Home
+from tasks.core.config import REPO_ROOT, TrackingConfig
+from tasks.core.home import Home
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks import hardware, tracking
-from tasks.config import (
+from tasks.core import hardware, tracking
+from tasks.core.config import (
     HASH_EXCLUDED_SECTIONS,
     ConfigError,
     PipelineConfig,
     config_hash,
     dump_config,
 )
-from tasks.home import Home
-from tasks.interrupt import is_interrupt
-from tasks.refs import RunContext, write_json_atomic
-from tasks.tracking import NullTracker, Tracker
+from tasks.core.home import Home
+from tasks.core.interrupt import is_interrupt
+from tasks.core.refs import RunContext, write_json_atomic
+from tasks.core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def resume_config(
     for them: a resume that does not repeat ``--set deploy.port=N`` serves on N again
     instead of falling back to the recipe's default. Returns the config and one line per
     field that differs from the recipe's, for the user to see."""
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     mutable = sorted(HASH_EXCLUDED_SECTIONS - {"name"})
     own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0].strip() in mutable]

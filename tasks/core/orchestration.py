@@ -36,8 +36,8 @@ def is_transient(exc: BaseException | None) -> bool:
     the network, the tracking server away for a moment). A bad config, bad data, a
     missing file or a code error fails the same way every time, and a retry would only
     burn the time again."""
-    from tasks.config import ConfigError
-    from tasks.tracking import TrackingUnavailableError
+    from tasks.core.config import ConfigError
+    from tasks.core.tracking import TrackingUnavailableError
 
     if isinstance(exc, ConfigError):
         return False

@@ -12,7 +12,7 @@ import importlib.util
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from tasks.config import ConfigError, PipelineConfig
+from tasks.core.config import ConfigError, PipelineConfig
 
 Backend = Literal["unsloth", "peft"]
 Dtype = Literal["bfloat16", "float16", "float32"]

@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.base_model import LOAD_KWARGS, template_sha256, template_text
-from tasks.config import ConfigError, PipelineConfig
-from tasks.hardware import HardwareDecision
-from tasks.orchestration import stage_task
-from tasks.refs import (
+from tasks.core.config import ConfigError, PipelineConfig
+from tasks.core.hardware import HardwareDecision
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import (
     BaseModelRef,
     DataRef,
     RunContext,
@@ -60,7 +60,7 @@ from tasks.refs import (
     sha256_json,
     write_json_atomic,
 )
-from tasks.tracking import NullTracker, Tracker
+from tasks.core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def merge_method(backend: str, dtype: str) -> tuple[MergeMethod, str]:
 
 
 def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
-    """Unsloth's merged 16-bit save (GPU), through :func:`tasks.gpu_merge.merge_16bit`:
+    """Unsloth's merged 16-bit save (GPU), through :func:`tasks.export.gpu_merge.merge_16bit`:
     the adapter's base path rewritten to ``train.base``, Unsloth's buffers kept beside
     ``out`` (not in the cwd), ``out`` written atomically.
 
@@ -372,7 +372,7 @@ def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
     on the device by ``tests/test_train_gpu.py`` (merge_16bit on a real Unsloth adapter);
     the CPU tests cover the argument plumbing.
     """
-    from tasks import gpu_merge  # imports tasks.train; GPU packages only inside the call
+    from tasks.export import gpu_merge  # imports tasks.train; GPU packages only inside the call
 
     # A non-16-bit dtype is a ValueError; without unsloth installed this raises
     # BackendNotReadyError (a ConfigError) saying so.
@@ -761,7 +761,7 @@ def export(
     if merged_dir:
         tracker.log_artifact(merged_dir / MANIFEST, "merged")
     if cfg.export.publish:
-        from tasks.publish import publish
+        from tasks.export.publish import publish
 
         url = publish(published_artifact(ref, cfg.export.publish_kind), cfg.export)
         tracker.set_tags({"slothflow.hub_repo": url})
@@ -792,7 +792,7 @@ def export_inputs_hash(cfg: PipelineConfig, train: TrainRef, data: DataRef) -> s
 @stage_task(name="export", retries=0)
 def export_task(ctx: RunContext, cfg: PipelineConfig, train: TrainRef, data: DataRef) -> ExportRef:
     """Prefect task: merge + checks + manifests under ``<run>/export``; resumable."""
-    from tasks.run import stage
+    from tasks.core.run import stage
 
     out = ctx.stage_dir("export")
     key = export_inputs_hash(cfg, train, data)

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from tasks.config import EMBEDDED_MODEL, ConfigError
+from tasks.core.config import EMBEDDED_MODEL, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.base_model import LOAD_KWARGS
-from tasks.refs import BaseModelRef
+from tasks.core.refs import BaseModelRef
 from tasks.train import import_unsloth
 
 log = logging.getLogger(__name__)
