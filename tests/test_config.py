@@ -211,3 +211,20 @@ print(json.dumps(out))
     assert env_only == ["k-123", "env:SLOTHFLOW_TEST_KEY"]
     assert both == ["k-123", "env:SLOTHFLOW_TEST_KEY"]
     assert "'slothflow-no-such-block' not found" in missing
+
+
+# Today's hash of every shipped recipe, computed before the tasks/core/ move (de45a0a).
+PINNED_HASHES = {
+    "ci-smoke": "96b5335aa2af9f9ac95234a6b9c7b7e3041b4c3a20e70c04230fe8087a02c5fb",
+    "default": "b32ece1bd0c732b98f36c9db69170b4853b9c8aa18c946263ed6abb8707ebe6e",
+    "llama3-8b-qlora": "fd5ecbf6b510eb5b3ae5dda4a31fe1ccf691fbb03b53a2c3bc3090e8ff062371",
+}
+
+
+def test_shipped_recipe_hashes_are_pinned() -> None:
+    """The config hash names what a run produces (run ids, resume, cached stages), so a
+    refactor must not move it. This fails when a config field, a default, a shipped recipe
+    or the canonical form changes, and when a recipe is added or removed. To change a hash
+    on purpose, update the pin here and explain why in the commit message."""
+    got = {p.stem: config_hash(load_config(p.stem)) for p in list_recipes()}
+    assert got == PINNED_HASHES

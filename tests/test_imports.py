@@ -26,16 +26,3 @@ def test_module_imports(name: str) -> None:
 def test_gpu_only_packages_not_installed_here() -> None:
     # Importing unsloth on this CPU kills the process (SIGILL); it must stay a GPU extra.
     assert importlib.util.find_spec("unsloth") is None
-
-
-def test_flows_never_imported_by_tasks() -> None:
-    """Imports go one way: flows -> tasks."""
-    import pathlib
-
-    root = pathlib.Path(importlib.import_module("tasks").__path__[0])
-    offenders = [
-        p.name
-        for p in root.rglob("*.py")
-        if "from flows" in p.read_text() or "import flows" in p.read_text()
-    ]
-    assert offenders == []
