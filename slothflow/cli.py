@@ -15,16 +15,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from slothflow.cli_models import evaluate_cmd, models_app
+from slothflow.cli_serve import serve_app
+from slothflow.cli_train import train_cmd
+from slothflow.common import (
+    console,
+    friendly_errors,
+    is_known_failure,
+    load_recipe,
+    out,
+    print_error,
+)
 from slothflow.options import RecipeOpt, SetOpt
 from tasks.core import home as home_mod
 from tasks.core.config import ConfigError
-
-console = Console(stderr=True)
-out = Console()
 
 app = typer.Typer(
     name="slothflow",
@@ -88,33 +95,6 @@ def quiet_http_logs() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@contextmanager
-def _friendly_errors() -> Iterator[None]:
-    """Known failure kinds become one clear line and exit code 2, not a traceback."""
-    from tasks.core.home import HomeBusyError
-
-    try:
-        yield
-    except (ConfigError, HomeBusyError) as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except Exception as exc:
-        from tasks.core.tracking import TrackingUnavailableError
-
-        if isinstance(exc, TrackingUnavailableError):
-            console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(2) from None
-        raise
-
-
-def _load(recipe: str, overrides: list[str] | None) -> Any:
-    from tasks.core.config import load_config
-
-    return load_config(recipe, overrides or [])
-
-
 @app.command()
 def run(
     recipe: RecipeOpt = "default",
@@ -136,11 +116,11 @@ def run(
 
     # Signals first: a Ctrl-C or SIGTERM from here on unwinds through every finally below
     # (stage runs closed, run marked INTERRUPTED, servers stopped, lock released).
-    with _friendly_errors(), signals_as_interrupt() as received:
+    with friendly_errors(), signals_as_interrupt() as received:
         home = home_mod.resolve_home()
         run_id: str | None = None
         try:
-            cfg = _load(recipe, set_)
+            cfg = load_recipe(recipe, set_)
             with home_mod.exclusive(home, f"slothflow run --recipe {recipe}"):
                 from flows import temporary_server
 
@@ -160,7 +140,7 @@ def run(
                     summary = pipeline(config=plan.config, resume_run_id=run_id)
         except BaseException as exc:
             if not is_interrupt(exc):
-                if isinstance(exc, Exception) and not _is_friendly(exc):
+                if isinstance(exc, Exception) and not is_known_failure(exc):
                     _report_failure(home, recipe, exc)
                 raise
             signum = (interrupt_of(exc) or Interrupted(received[0] if received else 2)).signum
@@ -185,12 +165,6 @@ def _prefect_api(home: home_mod.Home, port: int | None) -> Iterator[None]:
 
     with temporary_server(home.prefect, port):
         yield
-
-
-def _is_friendly(exc: BaseException) -> bool:
-    from tasks.core.tracking import TrackingUnavailableError
-
-    return isinstance(exc, ConfigError | home_mod.HomeBusyError | TrackingUnavailableError)
 
 
 def _report_failure(home: home_mod.Home, recipe: str, exc: BaseException) -> None:
@@ -280,10 +254,10 @@ def _short(ref: Any) -> str:
 @app.command()
 def info(recipe: RecipeOpt = "default", set_: SetOpt = None) -> None:
     """Show where state lives, the tracking store and the hardware decision."""
-    with _friendly_errors():
+    with friendly_errors():
         from tasks.core import hardware, tracking
 
-        cfg = _load(recipe, set_)
+        cfg = load_recipe(recipe, set_)
         home = home_mod.resolve_home()
         probe = hardware.probe()
         table = Table(show_header=False)
@@ -315,10 +289,10 @@ def config_show(
     hash_only: Annotated[bool, typer.Option("--hash", help="Print only the config hash.")] = False,
 ) -> None:
     """Print the fully resolved config (defaults filled in) and its hash."""
-    with _friendly_errors():
+    with friendly_errors():
         from tasks.core.config import config_hash, dump_config
 
-        cfg = _load(recipe, set_)
+        cfg = load_recipe(recipe, set_)
         if hash_only:
             out.print(config_hash(cfg))
             return
@@ -389,8 +363,8 @@ def data_clean(
 
     from tasks.data import DataError, SourceError, clean
 
-    with _friendly_errors():
-        cfg = _load(recipe, [*(set_ or []), f"data.sources={json.dumps(inputs)}"]).data
+    with friendly_errors():
+        cfg = load_recipe(recipe, [*(set_ or []), f"data.sources={json.dumps(inputs)}"]).data
         tasks: dict[str, Any] = {}
         with Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console
@@ -404,9 +378,7 @@ def data_clean(
             try:
                 ref = clean(cfg, out_dir, tokenizer, previous, progress=progress)
             except (DataError, SourceError) as exc:
-                console.print(
-                    f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-                )
+                print_error(exc)
                 raise typer.Exit(2) from None
     report = json.loads(Path(ref.report_path).read_text())
     rejected = sum(report["rejected"].values())
@@ -420,21 +392,13 @@ def data_clean(
         out.print(line, soft_wrap=True, highlight=False)
 
 
-# Issue 6: evaluation alone and the model registry (defined in cli_models, wired here).
-from slothflow.cli_models import evaluate_cmd, models_app  # noqa: E402
-
+# The commands defined in the cli_* modules, registered last so that `--help` lists
+# them after this file's own: commands run, info, evaluate, train; groups config, data,
+# models, serve.
 app.command("evaluate")(evaluate_cmd)
-app.add_typer(models_app, name="models")
-
-# Issue 7: serving with vLLM (defined in cli_serve, wired here).
-from slothflow.cli_serve import serve_app  # noqa: E402
-
-app.add_typer(serve_app, name="serve")
-
-# Issue 4: the base + train stages alone (defined in cli_train, wired here).
-from slothflow.cli_train import train_cmd  # noqa: E402
-
 app.command("train")(train_cmd)
+app.add_typer(models_app, name="models")
+app.add_typer(serve_app, name="serve")
 
 
 if __name__ == "__main__":

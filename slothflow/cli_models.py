@@ -9,21 +9,24 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from slothflow.common import friendly_errors, load_recipe, out
+from tasks.core.config import ConfigError
+
+if TYPE_CHECKING:
+    from tasks.core.config import PipelineConfig
+    from tasks.core.home import Home
+    from tasks.core.refs import DataRef
+    from tasks.export import ExportRef
 
 models_app = typer.Typer(
     help="The MLflow model registry: versions, aliases (challenger / champion / previous), "
     "metrics and lineage.",
     no_args_is_help=True,
 )
-
-
-def _cli() -> Any:
-    from slothflow import cli  # late: cli imports this module
-
-    return cli
 
 
 def _store_missing(uri: str) -> bool:
@@ -37,8 +40,6 @@ def _store_missing(uri: str) -> bool:
 
 def _read_ref(path: Path, model: Any) -> Any:
     if not path.exists():
-        from tasks.core.config import ConfigError
-
         raise ConfigError(f"no stage reference at {path} (did that stage finish?)")
     return model.model_validate(json.loads(path.read_text(encoding="utf-8"))["ref"])
 
@@ -95,68 +96,102 @@ def evaluate_cmd(
     folder (rerunnable with `lm_eval --include_path`) to --out, prints the scores and the
     gate's decision, and records nothing in MLflow or the registry.
     """
-    cli = _cli()
-    with cli._friendly_errors():
+    with friendly_errors():
         from tasks.core import hardware
         from tasks.core import home as home_mod
-        from tasks.core.config import ConfigError
-        from tasks.core.refs import DataRef
-        from tasks.core.run import latest_run_id
         from tasks.evaluate import evaluate, scores_table
-        from tasks.export import ExportRef
         from tasks.gate import decide
 
+        # The option checks come first (run, export, recipe, rows): a wrong option fails
+        # before a registry download or a model load.
         home = home_mod.resolve_home()
-        run_dir: Path | None = None
-        if run is not None:
-            run_id = latest_run_id(home) if run == "last" else run
-            if run_id is None:
-                raise ConfigError(f"--run last: no runs in {home.runs}")
-            run_dir = home.run_dir(run_id)
-            if not run_dir.exists():
-                raise ConfigError(f"no run {run_id!r} in {home.runs}")
-        if export_dir is None and run_dir is None:
-            raise ConfigError("give --run ID (or 'last') or --export-dir DIR")
-        export = _read_ref((export_dir or run_dir / "export") / "ref.json", ExportRef)  # type: ignore[operator]
-        if recipe is None and run_dir is not None and (run_dir / "config.yaml").exists():
-            recipe = str(run_dir / "config.yaml")
-        cfg = cli._load(recipe or "default", set_)
-        if validation is not None:
-            data = DataRef(
-                stage="data",
-                path=str(validation.parent),
-                train_path="",
-                validation_path=str(validation),
-                fingerprint=f"file:{validation}",
-                train_rows=0,
-                validation_rows=0,
-                report_path="",
-            )
-        elif run_dir is not None:
-            data = _read_ref(run_dir / "data" / "ref.json", DataRef)
-        else:
-            raise ConfigError("--export-dir needs --validation FILE (the held-out rows)")
-        out = (
-            out_dir
-            or (run_dir or Path(export.path)) / f"evaluate-cli-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        champ_path = champ_label = None
-        if champion:
-            from tasks import registry
-            from tasks.core import tracking
-
-            uri = tracking.resolve_tracking_uri(cfg.tracking, home)
-            resolved = registry.resolve(champion, uri, registry.cache_dir(home, uri))
-            champ_path, champ_label = str(resolved.path), f"{resolved.name} v{resolved.version}"
+        run_dir = _run_dir(home, run)
+        export = _export_of(export_dir, run_dir)
+        cfg = load_recipe(_recipe_for(recipe, run_dir), set_)
+        data = _held_out(validation, run_dir)
+        results_dir = _results_dir(out_dir, run_dir, export)
+        champ_path, champ_label = _champion(champion, cfg, home) if champion else (None, None)
         hw = hardware.decide(cfg, hardware.probe())
         ref = evaluate(
-            cfg, data, export, out, hw, champion_path=champ_path, champion_label=champ_label
+            cfg, data, export, results_dir, hw, champion_path=champ_path, champion_label=champ_label
         )
         decision = decide(cfg.eval, ref)
-    cli.out.print(scores_table(ref.scores), soft_wrap=True, highlight=False)
-    cli.out.print(decision.summary(), soft_wrap=True, highlight=False)
-    cli.out.print(f"results: {ref.results_path}\ntable:   {ref.table_path}", soft_wrap=True)
+    out.print(scores_table(ref.scores), soft_wrap=True, highlight=False)
+    out.print(decision.summary(), soft_wrap=True, highlight=False)
+    out.print(f"results: {ref.results_path}\ntable:   {ref.table_path}", soft_wrap=True)
+
+
+def _run_dir(home: Home, run: str | None) -> Path | None:
+    """The folder of --run ID (or 'last'); None without --run."""
+    if run is None:
+        return None
+    from tasks.core.run import latest_run_id
+
+    run_id = latest_run_id(home) if run == "last" else run
+    if run_id is None:
+        raise ConfigError(f"--run last: no runs in {home.runs}")
+    run_dir = home.run_dir(run_id)
+    if not run_dir.exists():
+        raise ConfigError(f"no run {run_id!r} in {home.runs}")
+    return run_dir
+
+
+def _export_of(export_dir: Path | None, run_dir: Path | None) -> ExportRef:
+    """The export to score: --export-dir, else the run's export stage."""
+    from tasks.export import ExportRef
+
+    if export_dir is None:
+        if run_dir is None:
+            raise ConfigError("give --run ID (or 'last') or --export-dir DIR")
+        export_dir = run_dir / "export"
+    return _read_ref(export_dir / "ref.json", ExportRef)
+
+
+def _recipe_for(recipe: str | None, run_dir: Path | None) -> str:
+    """--recipe, else the config the run was made with, else the embedded default."""
+    if recipe is None and run_dir is not None and (run_dir / "config.yaml").exists():
+        return str(run_dir / "config.yaml")
+    return recipe or "default"
+
+
+def _held_out(validation: Path | None, run_dir: Path | None) -> DataRef:
+    """The rows to score: --validation as a data reference of its own, else the run's split."""
+    from tasks.core.refs import DataRef
+
+    if validation is not None:
+        return DataRef(
+            stage="data",
+            path=str(validation.parent),
+            train_path="",
+            validation_path=str(validation),
+            fingerprint=f"file:{validation}",
+            train_rows=0,
+            validation_rows=0,
+            report_path="",
+        )
+    if run_dir is not None:
+        return _read_ref(run_dir / "data" / "ref.json", DataRef)
+    raise ConfigError("--export-dir needs --validation FILE (the held-out rows)")
+
+
+def _results_dir(out_dir: Path | None, run_dir: Path | None, export: ExportRef) -> Path:
+    """--out, else a new timestamped folder in the run (or beside the export); created."""
+    path = (
+        out_dir or (run_dir or Path(export.path)) / f"evaluate-cli-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _champion(spec: str, cfg: PipelineConfig, home: Home) -> tuple[str, str]:
+    """A registered model (NAME@alias, NAME/version) fetched into the registry cache, to be
+    scored on the same rows: its local path and the label the table shows."""
+    from tasks import registry
+    from tasks.core import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking, home)
+    resolved = registry.resolve(spec, uri, registry.cache_dir(home, uri))
+    return str(resolved.path), f"{resolved.name} v{resolved.version}"
 
 
 @models_app.command("list")
@@ -178,12 +213,11 @@ def models_list(
     Aliases: challenger = passed the gate, awaits rollout; champion = serves now;
     previous = the champion before (rollback target).
     """
-    cli = _cli()
-    with cli._friendly_errors():
+    with friendly_errors():
         from tasks.core import home as home_mod
         from tasks.core import tracking
 
-        cfg = cli._load(recipe, set_)
+        cfg = load_recipe(recipe, set_)
         home = home_mod.resolve_home()
         uri = tracking.resolve_tracking_uri(cfg.tracking, home)
         model = name or cfg.tracking.registered_model
@@ -192,7 +226,7 @@ def models_list(
             if as_json:
                 print("[]")
             else:
-                cli.out.print(
+                out.print(
                     f"no registered models: {tracking.redact_uri(uri)} does not exist yet",
                     soft_wrap=True,
                     highlight=False,
@@ -209,7 +243,7 @@ def models_list(
         sys.stdout.write(json.dumps(versions, indent=2) + "\n")
         return
     if not versions:
-        cli.out.print(f"no versions of {model!r} in {tracking.redact_uri(uri)}")
+        out.print(f"no versions of {model!r} in {tracking.redact_uri(uri)}")
         return
     # Plain lines, never wrapped or truncated: run ids and hashes stay copy-pasteable.
     lines = [f"{model} ({tracking.redact_uri(uri)}): {len(versions)} version(s)"]
@@ -228,4 +262,4 @@ def models_list(
         )
     lines.append("aliases: " + "; ".join(f"{a} = {d}" for a, d in registry.ALIASES.items()))
     for line in lines:
-        cli.out.print(line, soft_wrap=True, highlight=False, markup=False)
+        out.print(line, soft_wrap=True, highlight=False, markup=False)

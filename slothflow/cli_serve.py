@@ -11,19 +11,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from slothflow.common import console, friendly_errors, load_recipe, out
 from tasks.core import home as home_mod
 from tasks.core.config import ConfigError
 
-console = Console(stderr=True)
-out = Console()
+if TYPE_CHECKING:
+    from tasks.core.config import PipelineConfig
+    from tasks.serve import DeployRef
 
 
 class _DefaultStart(TyperGroup):
@@ -51,15 +52,14 @@ PortOpt = Annotated[
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def serve_errors() -> Iterator[None]:
     """The CLI's known failures (config, busy home, unreachable tracking store: exit 2),
     plus a server that failed its start or checks (exit 1, its log tail included). Every
     message is printed as text: vLLM's log lines carry ``[file.py:71]``-style tags that
     Rich would read as markup."""
-    from slothflow.cli import _friendly_errors  # late: cli imports us
     from tasks.serve import ServeError
 
-    with _friendly_errors():
+    with friendly_errors():
         try:
             yield
         except ServeError as exc:
@@ -120,43 +120,70 @@ def start(
     """Start vLLM for MODEL in the background, check it and print the endpoint.
 
     The checks: health, warm-up, smoke test, load test with SLOs. A failed check stops the server again."""
-    with _errors():
-        from tasks.core.config import load_config
+    with serve_errors():
         from tasks.serve import deploy, summary_lines
 
-        if expected_score is not None and heldout is None:
-            raise ConfigError("--expected-score needs --heldout (the rows it was measured on)")
-        if heldout is not None and not heldout.is_file():
-            raise ConfigError(f"--heldout {heldout}: no such file")
-        cfg = load_config(recipe, set_ or [])
+        _check_heldout(heldout, expected_score)
+        cfg = load_recipe(recipe, set_)
         home = _home()
-        from tasks import registry
-        from tasks.core.tracking import resolve_tracking_uri
-        from tasks.serve import registry_resolver
-
-        uri = resolve_tracking_uri(cfg.tracking, home)
-        kwargs: dict[str, Any] = dict(
-            home=home,
-            heldout=heldout,
-            expected_score=expected_score,
-            host=host,
-            port=port,
-            resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
-        )
+        kwargs = _deploy_args(cfg, home, heldout, expected_score, host, port)
         if track:
-            from tasks.core.run import stage, tracked_run
-
-            with (
-                home_mod.exclusive(home, f"slothflow serve {model}"),
-                tracked_run(cfg, home) as (ctx, summary),
-                stage(ctx, "serve") as tracker,
-            ):
-                ref = deploy(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
-                summary["serve"] = ref.model_dump(mode="json")
+            ref = _deploy_tracked(cfg, home, model, kwargs)
         else:
             ref = deploy(cfg.deploy, model, **kwargs)
     for line in summary_lines(ref):
         out.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _check_heldout(heldout: Path | None, expected_score: float | None) -> None:
+    """Before the config and the model: a wrong option fails in an instant."""
+    if expected_score is not None and heldout is None:
+        raise ConfigError("--expected-score needs --heldout (the rows it was measured on)")
+    if heldout is not None and not heldout.is_file():
+        raise ConfigError(f"--heldout {heldout}: no such file")
+
+
+def _deploy_args(
+    cfg: PipelineConfig,
+    home: home_mod.Home,
+    heldout: Path | None,
+    expected_score: float | None,
+    host: str | None,
+    port: int | None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``deploy`` common to a tracked and an untracked start;
+    NAME@alias and NAME/version resolve through the recipe's tracking store."""
+    from tasks import registry
+    from tasks.core.tracking import resolve_tracking_uri
+    from tasks.serve import registry_resolver
+
+    uri = resolve_tracking_uri(cfg.tracking, home)
+    return dict(
+        home=home,
+        heldout=heldout,
+        expected_score=expected_score,
+        host=host,
+        port=port,
+        resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
+    )
+
+
+def _deploy_tracked(
+    cfg: PipelineConfig, home: home_mod.Home, model: str, kwargs: dict[str, Any]
+) -> DeployRef:
+    """``--track``: the serve stage as an MLflow run of its own, under the home's lock
+    like a pipeline run, its reference kept in the run's summary."""
+    from tasks.core.run import stage, tracked_run
+    from tasks.serve import deploy
+
+    with (
+        home_mod.exclusive(home, f"slothflow serve {model}"),
+        tracked_run(cfg, home) as (ctx, summary),
+        stage(ctx, "serve") as tracker,
+    ):
+        ref = deploy(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
+        summary["serve"] = ref.model_dump(mode="json")
+    return ref
 
 
 @serve_app.command("status")
@@ -166,7 +193,7 @@ def status(
     """What is running: model, version, port, pid, since when. Stops orphaned servers."""
     from tasks.serve import servers
 
-    with _errors():
+    with serve_errors():
         running = servers(_home())
     if as_json:
         rows = [{**s.model_dump(mode="json"), "endpoint": s.base_url} for s in running]
@@ -209,7 +236,7 @@ def stop(
     """Stop the managed servers (all, or the one on --port): SIGTERM, then SIGKILL."""
     from tasks.serve import stop_servers
 
-    with _errors():
+    with serve_errors():
         stopped = stop_servers(_home(), port)
     if not stopped:
         out.print("nothing to stop" + (f" on port {port}" if port else ""))
@@ -225,7 +252,7 @@ def logs(
     """Print the end of a server's log (also after it stopped or failed to start)."""
     from tasks.serve import LOG_FILE, log_tail, serve_root, server_dir, servers
 
-    with _errors():
+    with serve_errors():
         home = _home()
         if port is None:
             running = servers(home)

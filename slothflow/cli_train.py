@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from slothflow.common import console, friendly_errors, load_recipe, out
 from slothflow.options import RecipeOpt, SetOpt
 from tasks.core import home as home_mod
 
@@ -41,11 +42,10 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Fine-tune the recipe's base model on DATA (stages base + train), tracked in MLflow."""
-    from slothflow.cli import _friendly_errors, _load, console, out  # late: cli imports us
     from tasks.core.interrupt import signals_as_interrupt
 
     # A signal unwinds through tracked_run: the run is marked INTERRUPTED, resumable.
-    with _friendly_errors(), signals_as_interrupt():
+    with friendly_errors(), signals_as_interrupt():
         from tasks.core.config import ConfigError
         from tasks.data.clean import DataError, check_output
 
@@ -53,7 +53,7 @@ def train_cmd(
             check_output(data)
         except DataError as exc:
             raise ConfigError(f"--data: {exc}") from None
-        cfg = _load(recipe, set_)
+        cfg = load_recipe(recipe, set_)
         home = home_mod.resolve_home()
         with home_mod.exclusive(home, f"slothflow train --recipe {recipe}"):
             from flows.preflight import preflight

@@ -78,10 +78,10 @@ def test_serve_errors_are_one_clear_message_printed_as_text(
     with a password is the CLI's known config failure (exit 2), not a traceback."""
     import typer
 
-    from slothflow.cli_serve import _errors
+    from slothflow.cli_serve import serve_errors
     from tasks.serve import ServeError
 
-    with pytest.raises(typer.Exit) as exit_, _errors():
+    with pytest.raises(typer.Exit) as exit_, serve_errors():
         raise ServeError("vLLM exited: INFO [core.py:71] loading [/tmp/a] failed")
     assert exit_.value.exit_code == 1
     assert "INFO [core.py:71] loading [/tmp/a] failed" in capsys.readouterr().err
