@@ -17,7 +17,6 @@ chat rows and to find the answer tokens for the assistant-only loss).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,11 @@ from typing import Any
 from tasks.core import embedded
 from tasks.core.config import EMBEDDED_MODEL, REPO_ROOT, ConfigError, ModelConfig
 from tasks.core.home import Home
+from tasks.core.models import (
+    LOAD_KWARGS,
+    template_sha256,
+    template_text,
+)
 from tasks.core.orchestration import retry_transient, stage_task
 from tasks.core.refs import BaseModelRef, RunContext, load_done, mark_done, sha256_json
 from tasks.core.revision import is_hub_id, resolve_revision
@@ -38,37 +42,6 @@ from tasks.core.tracking import NullTracker, Tracker
 log = logging.getLogger(__name__)
 
 STAGE = "base"
-#: Passed to every ``from_pretrained`` in slothflow; a test asserts it never changes.
-LOAD_KWARGS: dict[str, Any] = {"trust_remote_code": False}
-
-
-def hub_load_revision(base: BaseModelRef) -> str | None:
-    """The ``revision=`` to pass to ``from_pretrained``: the commit for hub ids, nothing for
-    folders (whose recorded revision is a content hash, not something the Hub knows)."""
-    return base.revision if is_hub_id(base.name_or_path) else None
-
-
-def base_tokenizer_revision(base: BaseModelRef) -> str | None:
-    """The ``revision=`` for ``base.tokenizer_path``: the base's hub commit when the
-    tokenizer is the base's own (a hub id), nothing for a folder (the base's own, or the
-    copy that carries a configured chat template, which is keyed by content)."""
-    return hub_load_revision(base) if base.tokenizer_path == base.name_or_path else None
-
-
-def load_base_tokenizer(base: BaseModelRef) -> Any:
-    """The tokenizer the base stage recorded, loaded the one way every stage loads it:
-    ``base.tokenizer_path`` pinned to :func:`base_tokenizer_revision`, never remote code."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        base.tokenizer_path, revision=base_tokenizer_revision(base), **LOAD_KWARGS
-    )
-
-
-def template_sha256(text: str) -> str:
-    """The hash recorded as ``BaseModelRef.chat_template_sha256``: sha256 of the template's
-    UTF-8 text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _hub_snapshot(repo_id: str, commit: str) -> Path | None:
@@ -103,13 +76,6 @@ def _read_template_file(path_str: str) -> str:
         if c.is_file():
             return c.read_text(encoding="utf-8")
     raise ConfigError(f"model.chat_template: file not found: {path_str}")
-
-
-def template_text(template: str | dict[str, str] | None) -> str | None:
-    """The tokenizer's chat template as one string (some tokenizers carry several, by name)."""
-    if template is None or isinstance(template, str):
-        return template
-    return template.get("default") or json.dumps(template, sort_keys=True)
 
 
 def _license(folder: Path | None, name_or_path: str) -> str | None:

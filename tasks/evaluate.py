@@ -41,51 +41,38 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
 
-from tasks.base_model import LOAD_KWARGS, hub_load_revision
 from tasks.core import eval_metrics
+from tasks.core.artifacts import read_manifest
 from tasks.core.config import EvalConfig, PipelineConfig
 from tasks.core.hardware import HardwareDecision
-from tasks.core.orchestration import stage_task
-from tasks.core.refs import DataRef, RunContext, StageRef, load_done, mark_done, sha256_json
-from tasks.core.revision import is_hub_id
-from tasks.core.tracking import NullTracker, Tracker
-from tasks.export import (
-    ExportRef,
+from tasks.core.models import (
+    LOAD_KWARGS,
     chat_template_sha256,
+    hub_load_revision,
     load_tokenizer,
-    read_manifest,
     render_prompt,
 )
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import (
+    DataRef,
+    EvalRef,
+    ExportRef,
+    RunContext,
+    load_done,
+    mark_done,
+    sha256_json,
+)
+from tasks.core.revision import is_hub_id
+from tasks.core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
 TASK_PREFIX = "slothflow_heldout"
-#: Metrics whose values must be finite for the gate (losses and perplexities).
-FINITE_METRICS = ("answer_nll", "answer_perplexity")
 
 
 class EvalError(RuntimeError):
     """Evaluation could not produce trustworthy numbers (e.g. adapter and merged disagree)."""
-
-
-class EvalRef(StageRef):
-    """Scores per evaluated model on the held-out split, and where the details are."""
-
-    n_items: int
-    primary_metric: str
-    candidate: str  # key into ``scores`` of what gets deployed: "merged" or "adapter"
-    scores: dict[str, dict[str, float]]  # model label -> metric -> value
-    champion: str | None = None  # "NAME vN" of the champion re-evaluated, if any
-    agreement_max_diff: float | None = None  # adapter vs merged, worst metric
-    train_metrics: dict[str, float] = Field(default_factory=dict)
-    extra_tasks: dict[str, str] = Field(
-        default_factory=dict
-    )  # task name -> "ran" or why it was skipped
-    results_path: str
-    table_path: str
-    validation_fingerprint: str
 
 
 # --------------------------------------------------------------------------- held-out -> tasks

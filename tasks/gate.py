@@ -30,15 +30,16 @@ from pydantic import BaseModel
 from tasks.core.config import EvalConfig, PipelineConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.refs import (
+    FINITE_METRICS,
+    EvalRef,
+    GateRef,
     RunContext,
-    StageRef,
     load_done,
     mark_done,
     sha256_json,
     write_json_atomic,
 )
 from tasks.core.tracking import NullTracker, Tracker
-from tasks.evaluate import FINITE_METRICS, EvalRef
 
 log = logging.getLogger(__name__)
 
@@ -73,53 +74,6 @@ class GateDecision(BaseModel):
         ]
         lines += [f"  [{'ok' if c.passed else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
         return "\n".join(lines)
-
-
-class GateRef(StageRef):
-    passed: bool
-    reasons: list[str]
-    decision_path: str
-    primary_metric: str
-    candidate: float
-    base: float
-    champion: float | None
-
-
-class GateBar(BaseModel):
-    """How good the gate requires a candidate to be: the rules that compare two recipes'
-    gates (``min_items`` and ``champion_tolerance`` say how sure and how stable, not how
-    good). The registry records it on every version it registers."""
-
-    primary_metric: str
-    threshold: float
-    base_margin: float
-
-    @classmethod
-    def of(cls, cfg: EvalConfig) -> GateBar:
-        return cls(
-            primary_metric=cfg.primary_metric,
-            threshold=cfg.threshold,
-            base_margin=cfg.base_margin,
-        )
-
-    def looser_than(self, other: GateBar) -> list[str]:
-        """Where this bar is below ``other`` (empty: at least as strict). Thresholds on
-        different metrics cannot be ordered, so a different metric counts as looser."""
-        if self.primary_metric != other.primary_metric:
-            return [f"primary_metric {self.primary_metric} vs {other.primary_metric}"]
-        return [
-            f"{rule} {mine:g} vs {theirs:g}"
-            for rule, mine, theirs in (
-                ("threshold", self.threshold, other.threshold),
-                ("base_margin", self.base_margin, other.base_margin),
-            )
-            if mine < theirs
-        ]
-
-    def describe(self) -> str:
-        return (
-            f"{self.primary_metric} threshold {self.threshold:g} base_margin {self.base_margin:g}"
-        )
 
 
 def gate_tags(passed: bool, reasons: list[str]) -> dict[str, str]:

@@ -36,14 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.core.artifacts import MANIFEST, read_manifest, relocate_manifest
 from tasks.core.config import ConfigError, PipelineConfig
 from tasks.core.home import Home
 from tasks.core.orchestration import stage_task
-from tasks.core.refs import RunContext, StageRef, load_done, mark_done, sha256_json
+from tasks.core.refs import (
+    EvalRef,
+    ExportRef,
+    GateBar,
+    GateRef,
+    RegistryRef,
+    RunContext,
+    load_done,
+    mark_done,
+    sha256_json,
+)
 from tasks.core.tracking import NullTracker, Tracker
-from tasks.evaluate import EvalRef
-from tasks.export import MANIFEST, ExportRef, read_manifest, relocate_manifest
-from tasks.gate import GateBar, GateRef
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +104,6 @@ GUARDED_ALIASES = (CHAMPION, CHALLENGER)
 def _is_missing(exc: Exception) -> bool:
     """MLflow's answer for a registered model or version that does not exist."""
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-
-
-class RegistryRef(StageRef):
-    name: str
-    version: int
-    alias: str
-    model_uri: str  # models:/NAME/VERSION
-    source: str  # artifact URI of the version's folder (merged/ and adapter/ below it)
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ def test_the_data_stage_loads_and_keys_the_hub_tokenizer_at_the_pinned_commit(
     pinned to the earlier commit still loads, filters with and hashes that commit's."""
     from transformers import AutoTokenizer
 
-    from tasks.base_model import base_tokenizer_revision, load_base_tokenizer, template_sha256
+    from tasks.core.models import base_tokenizer_revision, load_base_tokenizer, template_sha256
     from tasks.data import clean, inputs_hash
     from tasks.data.clean import tokenizer_identity
     from tests.test_data import cfg_for, good_rows, report_of, write_jsonl
@@ -230,7 +230,7 @@ def test_the_data_stage_loads_and_keys_the_hub_tokenizer_at_the_pinned_commit(
 
 
 def test_template_sha256_is_the_recorded_hash() -> None:
-    from tasks.base_model import template_sha256
+    from tasks.core.models import template_sha256
 
     text = "{{ messages }} — é"
     assert template_sha256(text) == hashlib.sha256(text.encode("utf-8")).hexdigest()

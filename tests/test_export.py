@@ -41,7 +41,7 @@ def test_stop_token_ids_union_of_config_tokenizer_and_template() -> None:
 
 
 def test_relocate_manifest_rewrites_artifact_paths() -> None:
-    from tasks.export import relocate_manifest
+    from tasks.core.artifacts import relocate_manifest
 
     m = {
         "artifact_path": "/old/adapter",
@@ -61,7 +61,7 @@ def test_relocate_manifest_rewrites_artifact_paths() -> None:
     [(1, 8), (8, 8), (9, 16), (24, 32), (64, 64), (65, 128), (257, 320), (321, 512), (512, 512)],
 )
 def test_max_lora_rank_rounds_up_to_a_value_vllm_accepts(r: int, want: int) -> None:
-    from tasks.export import VLLM_LORA_RANKS, vllm_args, vllm_max_lora_rank
+    from tasks.core.artifacts import VLLM_LORA_RANKS, vllm_args, vllm_max_lora_rank
 
     assert vllm_max_lora_rank(r) == want
     args = vllm_args("adapter", "m", 256, "bfloat16", Path("/a"), r)
@@ -69,9 +69,9 @@ def test_max_lora_rank_rounds_up_to_a_value_vllm_accepts(r: int, want: int) -> N
 
 
 def test_max_lora_rank_above_what_vllm_serves_is_an_error() -> None:
-    from tasks.export import ExportError, vllm_max_lora_rank
+    from tasks.core.artifacts import ArtifactError, vllm_max_lora_rank
 
-    with pytest.raises(ExportError, match="could not be served"):
+    with pytest.raises(ArtifactError, match="could not be served"):
         vllm_max_lora_rank(513)
 
 

@@ -614,7 +614,8 @@ def test_export_stage_merges_an_unsloth_adapter_on_the_gpu(
     """The export stage itself on CUDA: bfloat16 goes through Unsloth's merged 16-bit save,
     float32 (the default recipe's) through PEFT's merge in float32; either way the merged
     folder passes the stage's parity check against base + adapter and its stop check."""
-    from tasks.export import MANIFEST, export, read_manifest
+    from tasks.core.artifacts import MANIFEST, read_manifest
+    from tasks.export import export
     from tasks.export.gpu_merge import saved_dtype
 
     ref, _rec, hw, _wall = tiny_run

@@ -16,10 +16,13 @@ import json
 import logging
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +168,158 @@ class TrainRef(StageRef):
     backend: str  # "peft" or "unsloth"
     best_step: int
     metrics: dict[str, float]
+
+
+class ExportRef(StageRef):
+    """What ``export`` produced: the adapter and merged artifacts and the check results."""
+
+    adapter_path: str  # adapter artifact folder (adapter + tokenizer + manifest.json)
+    merged_path: str | None  # merged artifact folder; None when export.merge is false
+    base: BaseModelRef
+    data_fingerprint: str
+    config_hash: str
+    dtype: str
+    eos_token_ids: list[int]
+    served_model_name: str
+    parity_max_abs_diff: float | None  # None when nothing was merged
+    parity_atol: float
+    stop_fraction: float  # share of probe prompts whose greedy generation ended on EOS
+    metrics: dict[str, float]  # train metrics carried over, plus the checks' numbers
+
+    @property
+    def candidate_path(self) -> str:
+        """The artifact that gets evaluated as the candidate and deployed."""
+        return self.merged_path or self.adapter_path
+
+
+#: Metrics whose values must be finite for the gate (losses and perplexities).
+FINITE_METRICS = ("answer_nll", "answer_perplexity")
+
+
+class EvalRef(StageRef):
+    """Scores per evaluated model on the held-out split, and where the details are."""
+
+    n_items: int
+    primary_metric: str
+    candidate: str  # key into ``scores`` of what gets deployed: "merged" or "adapter"
+    scores: dict[str, dict[str, float]]  # model label -> metric -> value
+    champion: str | None = None  # "NAME vN" of the champion re-evaluated, if any
+    agreement_max_diff: float | None = None  # adapter vs merged, worst metric
+    train_metrics: dict[str, float] = Field(default_factory=dict)
+    extra_tasks: dict[str, str] = Field(
+        default_factory=dict
+    )  # task name -> "ran" or why it was skipped
+    results_path: str
+    table_path: str
+    validation_fingerprint: str
+
+
+class GateRef(StageRef):
+    passed: bool
+    reasons: list[str]
+    decision_path: str
+    primary_metric: str
+    candidate: float
+    base: float
+    champion: float | None
+
+
+class GateBar(BaseModel):
+    """How good the gate requires a candidate to be: the rules that compare two recipes'
+    gates (``min_items`` and ``champion_tolerance`` say how sure and how stable, not how
+    good). The registry records it on every version it registers."""
+
+    primary_metric: str
+    threshold: float
+    base_margin: float
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> GateBar:
+        return cls(
+            primary_metric=cfg.primary_metric,
+            threshold=cfg.threshold,
+            base_margin=cfg.base_margin,
+        )
+
+    def looser_than(self, other: GateBar) -> list[str]:
+        """Where this bar is below ``other`` (empty: at least as strict). Thresholds on
+        different metrics cannot be ordered, so a different metric counts as looser."""
+        if self.primary_metric != other.primary_metric:
+            return [f"primary_metric {self.primary_metric} vs {other.primary_metric}"]
+        return [
+            f"{rule} {mine:g} vs {theirs:g}"
+            for rule, mine, theirs in (
+                ("threshold", self.threshold, other.threshold),
+                ("base_margin", self.base_margin, other.base_margin),
+            )
+            if mine < theirs
+        ]
+
+    def describe(self) -> str:
+        return (
+            f"{self.primary_metric} threshold {self.threshold:g} base_margin {self.base_margin:g}"
+        )
+
+
+class RegistryRef(StageRef):
+    name: str
+    version: int
+    alias: str
+    model_uri: str  # models:/NAME/VERSION
+    source: str  # artifact URI of the version's folder (merged/ and adapter/ below it)
+
+
+class DeployRef(StageRef):
+    """A model being served (stage ``serve``): where, what, and how it did."""
+
+    endpoint: str  # OpenAI base URL, e.g. http://127.0.0.1:8000/v1
+    served_model_name: str
+    host: str
+    port: int
+    pid: int
+    model_spec: str
+    model_path: str
+    version: str
+    api_key_source: str
+    log_path: str
+    startup_s: float
+    metrics: dict[str, float]
+    sample_prompt: str
+    sample_answer: str
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model artifact available on this machine: a local folder plus its manifest
+    (export's contract). What ``slothflow serve`` serves, and what the registry hands
+    back for ``NAME@alias`` / ``NAME/version`` (then ``name`` and ``number`` are set)."""
+
+    spec: str  # what was asked for: a path, NAME@alias or NAME/version
+    path: Path  # the servable artifact: merged/ when present, else adapter/
+    manifest: dict[str, Any]  # path's manifest, with paths rewritten to this machine
+    label: str  # "NAME/3 (champion)", the manifest's version, or "local:<folder>"
+    name: str | None = None  # registered model name
+    number: int | None = None  # registry version number
+    aliases: list[str] = field(default_factory=list)
+    adapter_path: Path | None = None
+    merged_path: Path | None = None
+
+    @property
+    def kind(self) -> Literal["merged", "adapter"]:
+        return "adapter" if self.manifest.get("kind") == "adapter" else "merged"
+
+    @property
+    def vllm_args(self) -> list[str]:
+        args = (self.manifest.get("serving") or {}).get("vllm_args") or []
+        return [str(a) for a in args]
+
+    @property
+    def base_model(self) -> str | None:
+        """An adapter's base (export's ``serving.model``); vLLM gets it as ``--model``."""
+        base = (self.manifest.get("serving") or {}).get("model")
+        return str(base) if base else None
+
+    @property
+    def served_model_name(self) -> str:
+        name = (self.manifest.get("serving") or {}).get("served_model_name")
+        return str(name) if name else self.path.name

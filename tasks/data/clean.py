@@ -33,8 +33,8 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from tasks.base_model import LOAD_KWARGS, base_tokenizer_revision, load_base_tokenizer
 from tasks.core.config import DataConfig
+from tasks.core.models import LOAD_KWARGS, base_tokenizer_revision, load_base_tokenizer
 from tasks.core.orchestration import retry_transient, stage_task
 from tasks.core.refs import (
     MARKER,

@@ -44,28 +44,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.base_model import LOAD_KWARGS, template_sha256, template_text
+from tasks.core.artifacts import (
+    MANIFEST,
+    ArtifactError,
+    ManifestInfo,
+    vllm_args,
+    vllm_max_lora_rank,
+    write_manifest,
+)
 from tasks.core.config import ConfigError, PipelineConfig
 from tasks.core.hardware import HardwareDecision
+from tasks.core.models import (
+    chat_template_sha256,
+    generate_greedy,
+    hub_load_revision,
+    load_causal_lm,
+    load_tokenizer,
+    render_prompt,
+    torch_dtype,
+)
 from tasks.core.orchestration import stage_task
 from tasks.core.refs import (
     BaseModelRef,
     DataRef,
+    ExportRef,
     RunContext,
-    StageRef,
     TrainRef,
     load_done,
     mark_done,
-    sha256_file,
     sha256_json,
-    write_json_atomic,
 )
 from tasks.core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-MANIFEST_SCHEMA = 1
 
 #: Default parity tolerance by dtype when ``export.parity_atol`` is unset. float32 on
 #: CPU matches to ~1e-6 (only summation order differs); half precision rounds the
@@ -73,14 +84,11 @@ MANIFEST_SCHEMA = 1
 #: weight, which accumulates through the layers.
 DEFAULT_PARITY_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
 
-#: The ``--max-lora-rank`` values vLLM accepts (its argument parser refuses others).
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
 #: Where the merge is written, and where a merge that failed a check is moved.
 MERGED, STAGING, REJECTED = "merged", "merged.staging", "merged.rejected"
 
 
-class ExportError(RuntimeError):
+class ExportError(ArtifactError):
     """The export is wrong (parity or stop check failed, or the merge cannot run here)."""
 
 
@@ -92,46 +100,11 @@ class StopCheckError(ExportError):
         self.fraction = fraction
 
 
-class ExportRef(StageRef):
-    """What ``export`` produced: the adapter and merged artifacts and the check results."""
-
-    adapter_path: str  # adapter artifact folder (adapter + tokenizer + manifest.json)
-    merged_path: str | None  # merged artifact folder; None when export.merge is false
-    base: BaseModelRef
-    data_fingerprint: str
-    config_hash: str
-    dtype: str
-    eos_token_ids: list[int]
-    served_model_name: str
-    parity_max_abs_diff: float | None  # None when nothing was merged
-    parity_atol: float
-    stop_fraction: float  # share of probe prompts whose greedy generation ended on EOS
-    metrics: dict[str, float]  # train metrics carried over, plus the checks' numbers
-
-    @property
-    def candidate_path(self) -> str:
-        """The artifact that gets evaluated as the candidate and deployed."""
-        return self.merged_path or self.adapter_path
-
-
 # --------------------------------------------------------------------------- small pure helpers
 
 
 def parity_tolerance(cfg: PipelineConfig) -> float:
     return cfg.export.parity_atol or DEFAULT_PARITY_ATOL[cfg.export.dtype]
-
-
-def chat_template_sha256(template: str | dict[str, str] | None) -> str:
-    """The hash the base stage records (a tokenizer with several named templates
-    hashes as the base stage reads it)."""
-    return template_sha256(template_text(template) or "")
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text a served model sees: every turn before the last answer, rendered
-    with the model's own chat template plus the generation prompt."""
-    history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
-    return str(tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True))
 
 
 def turn_end_token_id(tokenizer: Any) -> int | None:
@@ -168,163 +141,10 @@ def stop_token_ids(tokenizer: Any, configured: int | list[int] | None) -> list[i
     return ids
 
 
-def vllm_max_lora_rank(r: int) -> int:
-    """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of rank ``r``."""
-    for allowed in VLLM_LORA_RANKS:
-        if r <= allowed:
-            return allowed
-    raise ExportError(
-        f"LoRA rank {r} is above the largest --max-lora-rank vLLM accepts "
-        f"({VLLM_LORA_RANKS[-1]}): the adapter artifact could not be served; train with "
-        "a smaller train.lora.r"
-    )
-
-
-def vllm_args(
-    kind: str,
-    served_model_name: str,
-    max_model_len: int,
-    dtype: str,
-    adapter_dir: Path | None = None,
-    lora_rank: int | None = None,
-    base_revision: str | None = None,
-) -> list[str]:
-    """CLI flags vLLM needs for this artifact (``--model`` is added by whoever serves:
-    the artifact folder for ``merged``, ``serving.model`` (the base) for ``adapter``).
-
-    ``base_revision`` is the Hub commit of an adapter's base (None for a local base):
-    the adapter only matches the revision it was trained on, and vLLM would otherwise
-    load the branch head. vLLM's tokenizer revision follows ``--revision``."""
-    args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--generation-config", "auto"]
-    if kind == "merged":
-        return [*args, "--served-model-name", served_model_name]
-    assert adapter_dir is not None and lora_rank is not None
-    if base_revision:
-        args += ["--revision", base_revision]
-    # vLLM's default --max-lora-rank is 16; a larger adapter is refused without it.
-    return [
-        *args,
-        "--enable-lora",
-        "--max-lora-rank",
-        str(vllm_max_lora_rank(lora_rank)),
-        "--lora-modules",
-        f"{served_model_name}={adapter_dir}",
-    ]
-
-
-def relocate_manifest(manifest: dict[str, Any], new_dir: Path) -> dict[str, Any]:
-    """The manifest with paths inside the artifact rewritten to ``new_dir`` (after the
-    registry downloaded it elsewhere)."""
-    old = manifest.get("artifact_path")
-    out = dict(manifest)
-    out["artifact_path"] = str(new_dir)
-    serving = dict(out.get("serving", {}))
-    if old:
-        serving["vllm_args"] = [a.replace(old, str(new_dir)) for a in serving.get("vllm_args", [])]
-        if serving.get("model") == old:
-            serving["model"] = str(new_dir)
-    out["serving"] = serving
-    return out
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    import json
-
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a slothflow export")
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
-
-
-def _file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        p.name: sha256_file(p)
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja") and p.name != MANIFEST
-    }
-
-
-@dataclass(frozen=True)
-class ManifestInfo:
-    """The lineage every manifest of one export shares."""
-
-    base: BaseModelRef
-    chat_template_sha256: str
-    data_fingerprint: str
-    config_hash: str
-    code_version: str
-    run_id: str
-    dtype: str
-    eos_token_ids: list[int]
-
-
-def write_manifest(
-    folder: Path,
-    kind: str,
-    info: ManifestInfo,
-    metrics: dict[str, float],
-    serving: dict[str, Any],
-    artifact_path: Path | None = None,
-) -> dict[str, Any]:
-    """Write ``folder/manifest.json``. ``artifact_path``: where the folder will live
-    once renamed into place (default: where it is)."""
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "kind": kind,
-        "artifact_path": str(artifact_path or folder),
-        "base_model": {
-            "id": info.base.name_or_path,
-            "revision": info.base.revision,
-            "license": info.base.license,
-        },
-        "chat_template_sha256": info.chat_template_sha256,
-        "data_fingerprint": info.data_fingerprint,
-        "config_hash": info.config_hash,
-        "code_version": info.code_version,
-        "run_id": info.run_id,
-        "dtype": info.dtype,
-        "eos_token_ids": info.eos_token_ids,
-        "metrics": metrics,
-        "serving": serving,
-        "files": _file_hashes(folder),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    write_json_atomic(folder / MANIFEST, manifest)
-    return manifest
-
-
 # --------------------------------------------------------------------------- model work
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, **LOAD_KWARGS)
-
-
-def load_causal_lm(path: str, dtype: str, device: str, revision: str | None = None) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=revision,
-        dtype=_torch_dtype(dtype),
-        use_safetensors=True,
-        **LOAD_KWARGS,
-    )
-    return model.to(device).eval()
-
-
 def _base_revision(base: BaseModelRef) -> str | None:
-    from tasks.base_model import hub_load_revision  # the base stage owns this rule
-
     return hub_load_revision(base)
 
 
@@ -335,7 +155,7 @@ def merge_peft(train: TrainRef, dtype: str, device: str, out: Path) -> None:
 
     base = load_causal_lm(train.base.name_or_path, "float32", device, _base_revision(train.base))
     merged = PeftModel.from_pretrained(base, train.adapter_path).merge_and_unload()
-    merged = merged.to(_torch_dtype(dtype))
+    merged = merged.to(torch_dtype(dtype))
     merged.save_pretrained(out, safe_serialization=True)
 
 
@@ -394,26 +214,6 @@ def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
         for p in prompts:
             ids = tokenizer(p, add_special_tokens=False, return_tensors="pt").to(model.device)
             outs.append(model(**ids).logits[0].float().cpu())
-    return outs
-
-
-def generate_greedy(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
-) -> list[list[int]]:
-    """New token ids per prompt, greedy, stopping on the model's *saved* EOS ids."""
-    import torch
-
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt").to(model.device)
-            seq = model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            outs.append(seq[0, ids["input_ids"].shape[1] :].tolist())
     return outs
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.base_model import LOAD_KWARGS
+from tasks.core.models import LOAD_KWARGS
 from tasks.core.refs import BaseModelRef
 from tasks.train import import_unsloth
 

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tasks.core.artifacts import read_manifest
 from tasks.core.config import ConfigError, ExportConfig
-from tasks.export import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from tasks.core.eval_metrics import exact_match
 from tasks.core.home import Home, environment_for, resolve_home
 from tasks.core.interrupt import signals_as_interrupt
 from tasks.core.orchestration import stage_task
-from tasks.core.refs import RunContext, StageRef, write_json_atomic
+from tasks.core.refs import DeployRef, RunContext, write_json_atomic
 from tasks.core.revision import is_hub_id
 from tasks.core.tracking import NullTracker, Tracker
 from tasks.registry import is_spec
@@ -1200,25 +1200,6 @@ def slo_violations(report: LoadReport, lt: LoadTestConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-class DeployRef(StageRef):
-    """A model being served (stage ``serve``): where, what, and how it did."""
-
-    endpoint: str  # OpenAI base URL, e.g. http://127.0.0.1:8000/v1
-    served_model_name: str
-    host: str
-    port: int
-    pid: int
-    model_spec: str
-    model_path: str
-    version: str
-    api_key_source: str
-    log_path: str
-    startup_s: float
-    metrics: dict[str, float]
-    sample_prompt: str
-    sample_answer: str
 
 
 DEFAULT_PROMPTS: list[list[dict[str, str]]] = [

@@ -41,17 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.base_model import (
+from tasks.core.config import ConfigError, PipelineConfig, config_hash, dump_config
+from tasks.core.eval_metrics import exact_match
+from tasks.core.hardware import HardwareDecision, for_model
+from tasks.core.interrupt import deferred
+from tasks.core.models import (
     LOAD_KWARGS,
     hub_load_revision,
     load_base_tokenizer,
     template_sha256,
     template_text,
 )
-from tasks.core.config import ConfigError, PipelineConfig, config_hash, dump_config
-from tasks.core.eval_metrics import exact_match
-from tasks.core.hardware import HardwareDecision, for_model
-from tasks.core.interrupt import deferred
 from tasks.core.orchestration import retry_transient, stage_task
 from tasks.core.refs import (
     BaseModelRef,
