@@ -530,7 +530,7 @@ def register_task(
             ev,
             gate,
             tracking_uri=ctx.tracking["tracking_uri"],
-            mlflow_run_id=tracker.mlflow_run_id,  # type: ignore[attr-defined]
+            mlflow_run_id=tracker.mlflow_run_id or "",
             run_id=ctx.run_id,
             tracker=tracker,
         )

@@ -3,6 +3,7 @@ reports (our own interface, not a library mock)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ class RecordingTracker:
     """Keeps every call: metrics by step, params, artifacts, dicts, texts, tags, inputs."""
 
     def __init__(self) -> None:
+        self.system_metrics_intervals: list[float] = []
         self.metrics: list[tuple[int | None, dict[str, float]]] = []
         self.params: dict[str, Any] = {}
         self.artifacts: list[tuple[Path, str | None]] = []
@@ -61,6 +63,14 @@ class RecordingTracker:
     # ------------------------------------------------------------------ reading back
 
     @property
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return None
+
+    def system_metrics(self, interval_s: float) -> contextlib.AbstractContextManager[None]:
+        self.system_metrics_intervals.append(interval_s)
+        return contextlib.nullcontext()
+
     def inputs(self) -> list[str]:
         """Names of the logged inputs, in order."""
         return [i.name for i in self.logged_inputs]

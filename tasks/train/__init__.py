@@ -251,27 +251,11 @@ def _system_metrics(tracker: Tracker, hw: HardwareDecision, enabled: bool = True
     """MLflow system metrics (GPU utilisation and memory, CPU, disk) while training on
     CUDA, when ``enabled`` (``tracking.system_metrics``) and the tracker writes to MLflow.
     Never fails the stage."""
-    run_id = getattr(tracker, "mlflow_run_id", None)
-    monitor = None
-    if enabled and hw.device == "cuda" and run_id is not None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                resume_logging=True,
-                tracking_uri=getattr(tracker, "tracking_uri", None),
-            )
-            monitor.start()
-        except Exception:
-            log.warning("MLflow system metrics unavailable", exc_info=True)
-            monitor = None
-    try:
+    if not (enabled and hw.device == "cuda"):
         yield
-    finally:
-        if monitor is not None:
-            monitor.finish()
+        return
+    with tracker.system_metrics(SYSTEM_METRICS_INTERVAL_S):
+        yield
 
 
 # --------------------------------------------------------------------------- checkpointing

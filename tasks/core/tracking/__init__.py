@@ -13,6 +13,7 @@ re-attaches to its MLflow runs instead of starting new ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,16 @@ class Tracker(Protocol):
         self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
     ) -> None: ...
 
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run this tracker writes to (None: no MLflow). The registry attaches
+        a version's artifacts to it."""
+        ...
+
+    def system_metrics(self, interval_s: float) -> contextlib.AbstractContextManager[None]:
+        """Sample GPU/CPU/disk metrics into the run while the block runs; never fails."""
+        ...
+
 
 class NullTracker:
     """Records nothing. The default for stage functions run outside the pipeline."""
@@ -85,6 +96,13 @@ class NullTracker:
         self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
     ) -> None:
         pass
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return None
+
+    def system_metrics(self, interval_s: float) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 class TrackingRef(BaseModel):
@@ -215,8 +233,36 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.mlflow_run_id = mlflow_run_id
+        self._mlflow_run_id = mlflow_run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    @property
+    def mlflow_run_id(self) -> str:
+        return self._mlflow_run_id
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float) -> Iterator[None]:
+        """MLflow's own system-metrics monitor on this run; a monitor that cannot start
+        is logged and skipped (metrics are not worth failing a training run for)."""
+        monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self._mlflow_run_id,
+                sampling_interval=interval_s,
+                resume_logging=True,
+                tracking_uri=self.tracking_uri,
+            )
+            monitor.start()
+        except Exception:
+            log.warning("MLflow system metrics unavailable", exc_info=True)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
