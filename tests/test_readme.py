@@ -47,3 +47,17 @@ def test_every_slothflow_command_in_readme_parses() -> None:
         assert r.exit_code == 0, (cmd, r.output)
         for opt in (w.split("=")[0] for w in cmd.split() if w.startswith("--")):
             assert opt in r.output, (cmd, opt)
+
+
+def test_every_module_path_the_docs_name_exists() -> None:
+    """The README's layout table and ARCHITECTURE.md name modules by path; a move that
+    forgets the docs fails here."""
+    import re
+
+    missing = []
+    for doc in ("README.md", "ARCHITECTURE.md"):
+        text = (REPO / doc).read_text()
+        for path in sorted(set(re.findall(r"`((?:tasks|flows|slothflow|tests)/[\w/.]*)`", text))):
+            if not (REPO / path).exists():
+                missing.append(f"{doc}: {path}")
+    assert missing == []
