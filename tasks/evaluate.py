@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from tasks.core import eval_metrics
-from tasks.core.artifacts import read_manifest
+from tasks.core.artifacts import GENERATIONS_FILE, read_manifest
 from tasks.core.config import EvalConfig, PipelineConfig
 from tasks.core.hardware import HardwareDecision
 from tasks.core.models import (
@@ -490,7 +490,7 @@ def evaluate(
         },
     )
     # Per-item generations, for auditing a gate decision later.
-    with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
+    with open(out_dir / GENERATIONS_FILE, "w", encoding="utf-8") as f:
         gens = {k: generations(v, gen_t) for k, v in results.items()}
         for i, it in enumerate(items):
             f.write(
