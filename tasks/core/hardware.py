@@ -177,3 +177,28 @@ def for_model(cfg: PipelineConfig, hw: HardwareDecision, model_type: str) -> Har
     if cfg.train.backend == "unsloth":
         raise ConfigError(f"train.backend='unsloth' but {why}; use train.backend=auto or peft")
     return replace(hw, backend="peft", reason=f"{hw.reason}; then {why}: transformers + PEFT")
+
+
+# --------------------------------------------------------------------------- Unsloth import
+
+
+class BackendNotReadyError(ConfigError):
+    """The hardware decision chose a backend this machine cannot train with."""
+
+
+def import_unsloth() -> Any:
+    """Import Unsloth; call it before transformers, PEFT and TRL are used.
+
+    Unsloth patches those libraries when imported (its trainer and kernels); imported
+    after them it still works but warns that some optimisations are missing. GPU only:
+    on a CPU without AVX-512 the import kills the process (SIGILL), hence no module-level
+    import anywhere.
+    """
+    try:
+        import unsloth
+    except ImportError as err:
+        raise BackendNotReadyError(
+            f"the Unsloth backend needs the unsloth package ({err}); "
+            "pip install 'slothflow[gpu]' or set train.backend=peft"
+        ) from err
+    return unsloth

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.core.hardware import import_unsloth
 from tasks.core.models import LOAD_KWARGS
 from tasks.core.refs import BaseModelRef
-from tasks.train import import_unsloth
 
 log = logging.getLogger(__name__)
 

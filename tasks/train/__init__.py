@@ -43,7 +43,12 @@ from typing import Any
 
 from tasks.core.config import ConfigError, PipelineConfig, config_hash, dump_config
 from tasks.core.eval_metrics import exact_match
-from tasks.core.hardware import HardwareDecision, for_model
+from tasks.core.hardware import (
+    BackendNotReadyError,
+    HardwareDecision,
+    for_model,
+    import_unsloth,
+)
 from tasks.core.interrupt import deferred
 from tasks.core.models import (
     LOAD_KWARGS,
@@ -74,10 +79,6 @@ STAGE = "train"
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = ".slothflow-complete"
 _CKPT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-
-
-class BackendNotReadyError(ConfigError):
-    """The hardware decision chose a backend this machine cannot train with."""
 
 
 class TrainOutOfMemoryError(ConfigError):
@@ -751,24 +752,6 @@ def load_peft(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) -> 
         ),
     )
     return model, tokenizer
-
-
-def import_unsloth() -> Any:
-    """Import Unsloth; call it before transformers, PEFT and TRL are used.
-
-    Unsloth patches those libraries when imported (its trainer and kernels); imported
-    after them it still works but warns that some optimisations are missing. GPU only:
-    on a CPU without AVX-512 the import kills the process (SIGILL), hence no module-level
-    import anywhere.
-    """
-    try:
-        import unsloth
-    except ImportError as err:
-        raise BackendNotReadyError(
-            f"the Unsloth backend needs the unsloth package ({err}); "
-            "pip install 'slothflow[gpu]' or set train.backend=peft"
-        ) from err
-    return unsloth
 
 
 def load_unsloth(cfg: PipelineConfig, base: BaseModelRef, hw: HardwareDecision) -> tuple[Any, Any]:
