@@ -108,7 +108,9 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             }
 
         if config.deploy.enabled:
-            spec = f"{registered.name}/{registered.version}" if registered else exported
+            spec = (
+                f"{registered.name}/{registered.version}" if registered else exported.candidate_path
+            )
             served = deploy_task(
                 ctx,
                 config.deploy,

@@ -30,8 +30,11 @@ from typing import Any, TypeVar
 import pytest
 
 from tasks import serve as d
+from tasks.core.artifacts import GENERATIONS_FILE, heldout_rows, split_row
 from tasks.core.config import ConfigError, DeployConfig, LoadTestConfig, SmokeConfig
 from tasks.core.home import Home, environment_for
+from tasks.core.refs import EvalRef, ResolvedModel
+from tasks.serve import process
 from tests.conftest import free_port, run_slothflow
 from tests.digit_model import build_digit_model, digit_rows, offline_answers, write_rows
 from tests.recording import RecordingTracker
@@ -96,7 +99,7 @@ def spawned(monkeypatch: pytest.MonkeyPatch, alone: None) -> Iterator[list[int]]
         pids.append(proc.pid)
         return proc
 
-    monkeypatch.setattr(d.subprocess, "Popen", recording)
+    monkeypatch.setattr(process.subprocess, "Popen", recording)
     yield pids
     for pid in pids:  # never leave a server behind, even when the test failed
         if d.group_members(pid):
@@ -136,8 +139,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 # --------------------------------------------------------------------------- pure parts
 
 
-def _merged(path: Path, manifest: dict[str, Any] | None = None) -> d.ResolvedModel:
-    return d.ResolvedModel(str(path), path, manifest or {"kind": "merged"}, "local:x")
+def _merged(path: Path, manifest: dict[str, Any] | None = None) -> ResolvedModel:
+    return ResolvedModel(str(path), path, manifest or {"kind": "merged"}, "local:x")
 
 
 def test_command_for_a_bare_folder_serves_it_as_merged_without_secrets(tmp_path: Path) -> None:
@@ -199,13 +202,12 @@ def test_model_resolution(tmp_path: Path, models: dict[str, Path]) -> None:
         d.resolve_model("digit@champion")  # a registry spec, but no registry given
     seen: list[str] = []
 
-    def resolver(spec: str) -> tuple[Path, dict[str, Any], str]:
+    def resolver(spec: str) -> ResolvedModel:
         seen.append(spec)
-        return models["good"], {"kind": "merged"}, "digit/3"
+        return ResolvedModel(spec, models["good"], {"kind": "merged"}, "digit/3", "digit", 3)
 
     got = d.resolve_model("digit@champion", resolver)
-    assert seen == ["digit@champion"] and got.path == models["good"] and got.version == "digit/3"
-    assert d.model_spec_of({"merged_path": None, "adapter_path": "/a", "path": "/x"}) == "/a"
+    assert seen == ["digit@champion"] and got.path == models["good"] and got.label == "digit/3"
 
 
 def test_percentiles_and_slos() -> None:
@@ -278,19 +280,33 @@ def test_smoke_rows_pair_with_the_offline_evaluations_items(
     path = tmp_path / "validation.jsonl"
     path.write_text("\n".join(lines) + "\n")
     items = heldout_items(path, AutoTokenizer.from_pretrained(models["good"]))
-    ours = [i for i, r in d.load_rows_with_ids(path) if r["messages"][-1]["role"] == "assistant"]
+    ours = [i for i, r in heldout_rows(path) if r["messages"][-1]["role"] == "assistant"]
     assert ours == [it["id"] for it in items] == ["digit-0", "2", "digit-2", "5"]
 
-    (tmp_path / d.GENERATIONS_FILE).write_text(
+    (tmp_path / GENERATIONS_FILE).write_text(
         "".join(
             json.dumps({"id": it["id"], "answer": it["answer"], "base": "?", "merged": "m"}) + "\n"
             for it in items[:3]  # as if evaluated with eval.limit=3
         )
     )
-    evaluation = {"path": str(tmp_path), "candidate": "merged"}
+    evaluation = _eval_ref(tmp_path, "merged")
     assert d.offline_answers_of(evaluation) == {"digit-0": "m", "2": "m", "digit-2": "m"}
     with pytest.raises(ConfigError, match="no answers of 'adapter'"):
-        d.offline_answers_of({"path": str(tmp_path), "candidate": "adapter"})
+        d.offline_answers_of(_eval_ref(tmp_path, "adapter"))
+
+
+def _eval_ref(folder: Path, candidate: str) -> EvalRef:
+    return EvalRef(
+        stage="evaluate",
+        path=str(folder),
+        n_items=3,
+        primary_metric="exact_match",
+        candidate=candidate,
+        scores={},
+        results_path=str(folder / "results.json"),
+        table_path=str(folder / "side_by_side.md"),
+        validation_fingerprint="test",
+    )
 
 
 def test_child_environment_drops_secrets(tmp_path: Path) -> None:
@@ -514,7 +530,9 @@ def test_deploy_task_is_the_serve_stage() -> None:
     assert getattr(d.deploy_task, "name", "serve") == "serve"
     fn = getattr(d.deploy_task, "fn", d.deploy_task)
     ctx = RunContext(run_id="r", run_dir="/tmp/r", config_hash="h", code_version="c", hardware={})
-    assert fn(ctx, DeployConfig(enabled=False), "/nowhere") is None
+    assert (
+        fn(ctx, DeployConfig(enabled=False), "/nowhere", heldout_path=None, evaluation=None) is None
+    )
 
 
 # Offline answers exist for the first 20 of the 24 held-out rows (as with eval.limit=20):
@@ -532,10 +550,8 @@ class Shared:
 
 def _evaluation(folder: Path, rows: list[dict[str, Any]], answers: dict[str, str]) -> Any:
     """An evaluation stage's reference whose per-item results are ``answers``."""
-    from tasks.evaluate import EvalRef
-
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / d.GENERATIONS_FILE, "w") as f:
+    with open(folder / GENERATIONS_FILE, "w") as f:
         for row in rows[:_EVALUATED]:
             ref = row["messages"][-1]["content"]
             f.write(json.dumps({"id": row["id"], "answer": ref, "merged": answers[row["id"]]}))
@@ -585,7 +601,11 @@ def served(
         cfg = cfg.model_copy(update={"deploy": _cfg(port=port)})
         ctx = open_run(cfg, session_home)
         ref = d.deploy_task(
-            ctx, cfg.deploy, str(models["good"]), str(heldout_path), evaluation=evaluation
+            ctx,
+            cfg.deploy,
+            str(models["good"]),
+            heldout_path=str(heldout_path),
+            evaluation=evaluation,
         )
         assert ref is not None and ctx.tracking is not None
         return Shared(ref, ctx.run_id, uri, ctx.tracking["experiment_id"])
@@ -650,7 +670,7 @@ class TestSharedServer:
         client = _client(ref)
         rows, _ = heldout
         for row in rows[:8]:
-            prompt, reference = d.split_row(row)
+            prompt, reference = split_row(row)
             r = client.chat.completions.create(
                 model=ref.served_model_name, messages=prompt, max_tokens=8, temperature=0
             )
@@ -845,9 +865,9 @@ def test_interrupted_deploy_leaves_no_server(
 
 def test_heldout_file_round_trip(tmp_path: Path) -> None:
     rows = digit_rows(3)
-    assert d.load_rows(write_rows(rows, tmp_path / "h.jsonl")) == rows
+    assert [r for _, r in heldout_rows(write_rows(rows, tmp_path / "h.jsonl"))] == rows
     with pytest.raises(ValueError, match="assistant"):
-        d.split_row({"messages": [{"role": "user", "content": "x"}]})
+        split_row({"messages": [{"role": "user", "content": "x"}]})
 
 
 def test_command_line_overrides_are_validated_like_the_recipe() -> None:
