@@ -29,15 +29,6 @@ models_app = typer.Typer(
 )
 
 
-def _store_missing(uri: str) -> bool:
-    """``tasks.registry.store_missing`` without importing ``tasks.registry`` (it loads
-    Prefect, seconds): a local SQLite store that does not exist yet."""
-    if not uri.startswith("sqlite:///"):
-        return False
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return path not in ("", ":memory:") and not Path(path).exists()
-
-
 def _read_ref(path: Path, model: Any) -> Any:
     if not path.exists():
         raise ConfigError(f"no stage reference at {path} (did that stage finish?)")
@@ -186,12 +177,12 @@ def _results_dir(out_dir: Path | None, run_dir: Path | None, export: ExportRef) 
 def _champion(spec: str, cfg: PipelineConfig, home: Home) -> tuple[str, str]:
     """A registered model (NAME@alias, NAME/version) fetched into the registry cache, to be
     scored on the same rows: its local path and the label the table shows."""
-    from tasks import registry
     from tasks.core import tracking
+    from tasks.core.tracking import registry
 
     uri = tracking.resolve_tracking_uri(cfg.tracking, home)
     resolved = registry.resolve(spec, uri, registry.cache_dir(home, uri))
-    return str(resolved.path), f"{resolved.name} v{resolved.version}"
+    return str(resolved.path), f"{resolved.name} v{resolved.number}"
 
 
 @models_app.command("list")
@@ -216,12 +207,13 @@ def models_list(
     with friendly_errors():
         from tasks.core import home as home_mod
         from tasks.core import tracking
+        from tasks.core.tracking import registry
 
         cfg = load_recipe(recipe, set_)
         home = home_mod.resolve_home()
         uri = tracking.resolve_tracking_uri(cfg.tracking, home)
         model = name or cfg.tracking.registered_model
-        if _store_missing(uri):
+        if registry.store_missing(uri):
             # Asking MLflow would create and migrate the store (~20 s) to answer "none".
             if as_json:
                 print("[]")
@@ -233,8 +225,6 @@ def models_list(
                     markup=False,
                 )
             return
-        from tasks import registry
-
         tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
         versions = registry.list_versions(model, uri)
     if as_json:

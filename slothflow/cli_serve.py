@@ -153,8 +153,7 @@ def _deploy_args(
 ) -> dict[str, Any]:
     """The keyword arguments of ``deploy`` common to a tracked and an untracked start;
     NAME@alias and NAME/version resolve through the recipe's tracking store."""
-    from tasks import registry
-    from tasks.core.tracking import resolve_tracking_uri
+    from tasks.core.tracking import registry, resolve_tracking_uri
     from tasks.serve import registry_resolver
 
     uri = resolve_tracking_uri(cfg.tracking, home)

@@ -1,21 +1,12 @@
-"""The MLflow model registry: versions of the exported model, their lineage and aliases.
+"""The registry stage: register the gated candidate as a version of the exported model.
 
-This module's job *is* MLflow, so unlike the stage modules it calls MLflow directly
-(imported inside the functions, so the module imports without it).
+The policy around MLflow's model registry; the registry client itself (aliases,
+specs, downloads, ``resolve``) is :mod:`tasks.core.tracking.registry`.
 
-Every registered version holds two artifacts under its source folder: ``merged/``
-(what vLLM serves) and ``adapter/`` (the LoRA adapter it was merged from), each with
-its ``manifest.json`` — updated at registration with the evaluation metrics and the
-gate's decision.
-
-**Aliases** (each names exactly one version of the registered model):
-
-* ``challenger`` — passed the promotion gate and awaits rollout. Set by ``register``.
-* ``champion`` — the version that serves now. Moved by the rollout (see :func:`promote`).
-* ``previous`` — the champion before the current one, kept for a one-step rollback.
-
-Model specs, as the serving stage passes them to :func:`resolve`: ``NAME@alias`` or
-``NAME/version`` (an optional ``models:/`` prefix is accepted).
+Every registered version holds ``merged/`` and ``adapter/``, each with its
+``manifest.json`` — updated at registration with the evaluation metrics and the gate's
+decision — and lineage tags (run, data, config, base revision, the gate's numbers).
+``register`` aliases it ``challenger``; the rollout moves ``champion``.
 
 **Guard rail.** Every version records the bar its gate applied (:class:`GateBar`:
 primary metric, threshold, base margin) as version tags. A run whose bar is looser than
@@ -28,17 +19,11 @@ serves. A version without the tags has an unknown bar and counts as stricter.
 from __future__ import annotations
 
 import logging
-import re
-import shutil
-import tempfile
-import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.core.artifacts import MANIFEST, read_manifest, relocate_manifest
+from tasks.core.artifacts import read_manifest
 from tasks.core.config import ConfigError, PipelineConfig
-from tasks.core.home import Home
 from tasks.core.orchestration import stage_task
 from tasks.core.refs import (
     EvalRef,
@@ -52,25 +37,18 @@ from tasks.core.refs import (
     sha256_json,
 )
 from tasks.core.tracking import NullTracker, Tracker
+from tasks.core.tracking import registry as reg
+from tasks.core.tracking.registry import (
+    CHALLENGER,
+    GUARDED_ALIASES,
+    TAG_ARTIFACT,
+    TAG_GATE_MARGIN,
+    TAG_GATE_METRIC,
+    TAG_GATE_THRESHOLD,
+    TAG_RUN_ID,
+)
 
 log = logging.getLogger(__name__)
-
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-PREVIOUS = "previous"
-ALIASES = {
-    CHALLENGER: "passed the promotion gate; awaits rollout",
-    CHAMPION: "the version that serves now",
-    PREVIOUS: "the champion before the current one (rollback target)",
-}
-
-_SPEC = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
-
-
-def is_spec(text: str) -> bool:
-    """Whether ``text`` is a registry spec (``NAME@alias`` / ``NAME/version``), the form
-    :func:`parse_spec` accepts."""
-    return _SPEC.match(text.strip()) is not None
 
 
 class GateNotPassedError(RuntimeError):
@@ -80,61 +58,6 @@ class GateNotPassedError(RuntimeError):
 class WeakerGateError(ConfigError):
     """This run's gate is looser than the one that admitted the model's champion or
     challenger: registering would let a weaker candidate move an alias of that model."""
-
-
-class NotRegisteredError(ConfigError):
-    """The registry answered that the model, version or alias does not exist.
-
-    Only this means "no such model": an unreachable store or a refused request raises
-    MLflow's own exception, so a champion check never mistakes an outage for "none"."""
-
-
-#: Tags that make registration idempotent: one version per (run, exported artifact).
-TAG_RUN_ID = "slothflow.run_id"
-TAG_ARTIFACT = "slothflow.artifact_sha256"
-
-#: The bar of the gate that admitted a version (see :class:`tasks.gate.GateBar`).
-TAG_GATE_METRIC = "slothflow.gate.primary_metric"
-TAG_GATE_THRESHOLD = "slothflow.gate.threshold"
-TAG_GATE_MARGIN = "slothflow.gate.base_margin"
-#: The aliases a looser gate may not move: what serves and what awaits rollout.
-GUARDED_ALIASES = (CHAMPION, CHALLENGER)
-
-
-def _is_missing(exc: Exception) -> bool:
-    """MLflow's answer for a registered model or version that does not exist."""
-    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A registered version available on this machine."""
-
-    name: str
-    version: int
-    path: Path  # the servable artifact: merged/ when present, else adapter/
-    manifest: dict[str, Any]  # path's manifest, with paths rewritten to this machine
-    aliases: list[str] = field(default_factory=list)
-    adapter_path: Path | None = None
-    merged_path: Path | None = None
-
-
-def parse_spec(spec: str) -> tuple[str, str | None, int | None]:
-    """``NAME@alias`` -> (name, alias, None); ``NAME/3`` -> (name, None, 3)."""
-    m = _SPEC.match(spec.strip())
-    if not m:
-        raise ConfigError(
-            f"model spec {spec!r} must be NAME@alias (e.g. slothflow-embedded@champion) or "
-            "NAME/version (e.g. slothflow-embedded/3)"
-        )
-    version = m.group("version")
-    return m.group("name"), m.group("alias"), int(version) if version else None
-
-
-def _client(tracking_uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _flat_scores(ev: EvalRef) -> dict[str, float]:
@@ -179,32 +102,18 @@ def gate_bar_of(tags: dict[str, str]) -> GateBar | None:
         return None
 
 
-def store_missing(tracking_uri: str) -> bool:
-    """A local SQLite store whose file does not exist yet: nothing is registered there,
-    and any MLflow client pointed at it would create it (and migrate it, ~10 s)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return False
-    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return path not in ("", ":memory:") and not Path(path).exists()
-
-
 def _refuse_looser_gate(client: Any, name: str, bar: GateBar) -> None:
     """Raise :class:`WeakerGateError` when ``bar`` is looser than the bar of the version
     an alias in :data:`GUARDED_ALIASES` points at."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        aliases = client.get_registered_model(name).aliases or {}
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise
+    aliases = reg.model_aliases(client, name)
+    if aliases is None:
         return  # no such model yet: this run creates it
     problems = []
     for alias in GUARDED_ALIASES:
         if alias not in aliases:
             continue
-        version = int(aliases[alias])
-        theirs = gate_bar_of(dict(client.get_model_version(name, str(version)).tags or {}))
+        version = aliases[alias]
+        theirs = gate_bar_of(reg.version_tags(client, name, version))
         if theirs is None:
             problems.append(
                 f"its {alias} (version {version}) has no recorded gate (version tags "
@@ -233,24 +142,11 @@ def check_can_register(cfg: PipelineConfig, tracking_uri: str) -> None:
     (:class:`WeakerGateError`, a :class:`ConfigError`). Reads only; a local store that
     does not exist yet is not created. :func:`register` checks again, since the aliases
     may move while the run trains."""
-    if store_missing(tracking_uri):
+    if reg.store_missing(tracking_uri):
         return
-    _refuse_looser_gate(_client(tracking_uri), cfg.tracking.registered_model, GateBar.of(cfg.eval))
-
-
-def _ensure_registered_model(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise
-        client.create_registered_model(
-            name,
-            description="slothflow exports. Aliases: "
-            + "; ".join(f"{a} = {d}" for a, d in ALIASES.items()),
-        )
+    _refuse_looser_gate(
+        reg.client(tracking_uri), cfg.tracking.registered_model, GateBar.of(cfg.eval)
+    )
 
 
 def register(
@@ -273,7 +169,7 @@ def register(
             "refusing to register a candidate that failed the gate: " + "; ".join(gate.reasons)
         )
     tracker = tracker or NullTracker()
-    client = _client(tracking_uri)
+    client = reg.client(tracking_uri)
     name = cfg.tracking.registered_model
     bar = GateBar.of(cfg.eval)  # the rules `gate` decided with (its key includes them)
     _refuse_looser_gate(client, name, bar)
@@ -285,25 +181,23 @@ def register(
     }
     manifests = {kind: read_manifest(folder) for kind, folder in artifacts.items()}
     artifact_key = sha256_json({kind: m.get("files", {}) for kind, m in manifests.items()})
-    _ensure_registered_model(client, name)
+    reg.ensure_registered_model(client, name)
     # A retry after a failure between creating the version and aliasing it must not
     # register the same candidate twice.
-    mv = _version_of(client, name, run_id, artifact_key)
+    mv = reg.find_version(client, name, run_id, artifact_key)
     if mv is not None:
-        log.info("%s version %s already holds this run's candidate: reusing it", name, mv.version)
+        log.info("%s version %s already holds this run's candidate: reusing it", name, mv.number)
     else:
-        for kind, folder in artifacts.items():
-            client.log_artifacts(mlflow_run_id, str(folder), f"model/{kind}")
+        for manifest in manifests.values():
             # The registered copy's manifest also carries what evaluation and the gate found.
-            manifest = manifests[kind]
             manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
             manifest["gate"] = {"passed": gate.passed, "reasons": gate.reasons}
-            client.log_dict(mlflow_run_id, manifest, f"model/{kind}/{MANIFEST}")
-        source = client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/") + "/model"
-        mv = client.create_model_version(
+        mv = reg.create_version(
+            client,
             name,
-            source=source,
-            run_id=mlflow_run_id,
+            mlflow_run_id,
+            artifacts,
+            manifests,
             tags={
                 **lineage_tags(export, ev, gate, run_id),
                 **gate_bar_tags(bar),
@@ -312,9 +206,8 @@ def register(
             description=f"run {run_id}: {gate.primary_metric} {gate.candidate:.4f} "
             f"(base {gate.base:.4f}) on {ev.n_items} held-out items",
         )
-    version = int(mv.version)
-    source = str(mv.source)
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    version, source = mv.number, mv.source
+    reg.set_alias(client, name, CHALLENGER, version)
     tracker.set_tags({"slothflow.registered": f"{name}/{version}"})
     log.info("registered %s version %d as %r (%s)", name, version, CHALLENGER, source)
     return RegistryRef(
@@ -326,162 +219,6 @@ def register(
         model_uri=f"models:/{name}/{version}",
         source=source,
     )
-
-
-def _version_of(client: Any, name: str, run_id: str, artifact_key: str) -> Any | None:
-    """The version already registered for this run's candidate, if any."""
-    if "'" in run_id:
-        raise ValueError(f"run id {run_id!r} cannot contain a quote")
-    found = client.search_model_versions(f"name = '{name}' and tag.`{TAG_RUN_ID}` = '{run_id}'")
-    same = [mv for mv in found if (mv.tags or {}).get(TAG_ARTIFACT) == artifact_key]
-    return min(same, key=lambda mv: int(mv.version)) if same else None
-
-
-def promote(name: str, version: int, tracking_uri: str) -> None:
-    """Make ``version`` the champion; the old champion becomes ``previous``. For the
-    rollout stage (and tests); clears ``challenger`` when it pointed at ``version``."""
-    client = _client(tracking_uri)
-    aliases = {a: int(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
-    old = aliases.get(CHAMPION)
-    if old is not None and old != version:
-        client.set_registered_model_alias(name, PREVIOUS, old)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    if aliases.get(CHALLENGER) == version:
-        client.delete_registered_model_alias(name, CHALLENGER)
-
-
-def cache_dir(home: Home, tracking_uri: str) -> Path:
-    """Where downloads from the registry of ``tracking_uri`` land: under the home's
-    cache, one folder per tracking store (two stores both have a ``NAME/1``), named by a
-    short hash of the URI (which may carry credentials that do not belong in a path).
-    The evaluation stage (the champion), ``slothflow evaluate --champion`` and the
-    serving stage all download here, so a version is fetched once."""
-    import hashlib
-
-    store = hashlib.sha256(tracking_uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
-    return home.cache / "registry" / store
-
-
-def _local_path(uri: str) -> Path | None:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme == "file":
-        return Path(urllib.parse.unquote(parts.path))
-    if parts.scheme == "" and Path(uri).exists():
-        return Path(uri)
-    return None
-
-
-def _fetch(client: Any, source: str, cache_dir: Path | None, name: str, version: int) -> Path:
-    """The version's folder on this machine: the store's own folder when artifacts are
-    local files (no copy of a multi-GB model), else a download into ``cache_dir``."""
-    local = _local_path(source)
-    if local is not None and local.exists():
-        return local
-    import mlflow.artifacts
-
-    root = Path(cache_dir or tempfile.mkdtemp(prefix="slothflow-registry-"))
-    dst = root / name / str(version)
-    if (dst / "model").exists():
-        return dst / "model"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    try:
-        got = mlflow.artifacts.download_artifacts(
-            artifact_uri=source,
-            dst_path=str(tmp),
-            tracking_uri=client._tracking_client.tracking_uri,
-        )
-        dst.mkdir(parents=True, exist_ok=True)
-        Path(got).rename(dst / "model")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst / "model"
-
-
-def resolve(spec: str, tracking_uri: str, cache_dir: Path | None = None) -> ResolvedModel:
-    """``NAME@alias`` / ``NAME/version`` -> the artifact on this machine + its manifest.
-
-    ``path`` is the merged model when the version has one, else the adapter; the
-    manifest's ``serving.vllm_args`` point at the local copy."""
-    from mlflow.exceptions import MlflowException
-
-    name, alias, version = parse_spec(spec)
-    client = _client(tracking_uri)
-    try:
-        if alias:
-            # The model's alias map, not get_model_version_by_alias: a missing alias is
-            # answered there with INVALID_PARAMETER_VALUE, which a bad request also gets.
-            aliases = client.get_registered_model(name).aliases or {}
-            if alias not in aliases:
-                raise NotRegisteredError(
-                    f"model {spec!r} not found in the registry: {name} has no alias {alias!r}"
-                )
-            version = int(aliases[alias])
-        mv = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise  # unreachable store, permission denied: not "no such model"
-        raise NotRegisteredError(
-            f"model {spec!r} not found in the registry: {exc.message}"
-        ) from None
-    v = int(mv.version)
-    folder = _fetch(client, mv.source, cache_dir, name, v)
-    merged = folder / "merged" if (folder / "merged" / MANIFEST).exists() else None
-    adapter = folder / "adapter" if (folder / "adapter" / MANIFEST).exists() else None
-    path = merged or adapter
-    if path is None:
-        raise ConfigError(f"model {spec!r} (version {v}) has no merged/ or adapter/ artifact")
-    return ResolvedModel(
-        name=name,
-        version=v,
-        path=path,
-        manifest=relocate_manifest(read_manifest(path), path),
-        aliases=sorted(getattr(mv, "aliases", []) or []),
-        adapter_path=adapter,
-        merged_path=merged,
-    )
-
-
-def current_champion(
-    name: str, tracking_uri: str, cache_dir: Path | None = None
-) -> ResolvedModel | None:
-    """The ``champion`` version, or None when the registry says there is none (first
-    rollout). A registry that cannot be asked raises: the gate must not take an outage
-    for "no champion yet" and skip its champion rule."""
-    try:
-        return resolve(f"{name}@{CHAMPION}", tracking_uri, cache_dir)
-    except NotRegisteredError:
-        return None
-
-
-def list_versions(name: str, tracking_uri: str) -> list[dict[str, Any]]:
-    """Every version, newest first: aliases, metrics and lineage from its tags."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-        # search results leave `aliases` empty on some stores; the model's map is reliable.
-        by_version: dict[int, list[str]] = {}
-        for alias, v in (client.get_registered_model(name).aliases or {}).items():
-            by_version.setdefault(int(v), []).append(alias)
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise
-        return []
-    out = []
-    for mv in sorted(versions, key=lambda m: int(m.version), reverse=True):
-        out.append(
-            {
-                "version": int(mv.version),
-                "aliases": sorted(by_version.get(int(mv.version), [])),
-                "created": int(mv.creation_timestamp or 0),
-                "run_id": mv.run_id,
-                "source": mv.source,
-                "tags": dict(mv.tags or {}),
-            }
-        )
-    return out
 
 
 def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:

@@ -71,7 +71,7 @@ def _register(uri: str, run: str, name: str = "tiny-topics", run_id: str = "r-1"
 
 def test_parse_spec() -> None:
     from tasks.core.config import ConfigError
-    from tasks.registry import parse_spec
+    from tasks.core.tracking.registry import parse_spec
 
     assert parse_spec("m@champion") == ("m", "champion", None)
     assert parse_spec("models:/m-x/12") == ("m-x", None, 12)
@@ -83,7 +83,7 @@ def test_registry_downloads_land_in_one_cache_folder_per_tracking_store(tmp_path
     """The one place evaluation (champion), `slothflow evaluate --champion` and serving
     download registry versions to."""
     from tasks.core.home import Home
-    from tasks.registry import cache_dir
+    from tasks.core.tracking.registry import cache_dir
 
     home = Home(tmp_path / "home")
     a = cache_dir(home, "https://user:s3cret@mlflow-a.example:5000")
@@ -95,7 +95,7 @@ def test_registry_downloads_land_in_one_cache_folder_per_tracking_store(tmp_path
 
 
 def test_register_adds_a_challenger_version_with_lineage(tmp_path: Path) -> None:
-    from tasks.registry import CHALLENGER, list_versions, resolve
+    from tasks.core.tracking.registry import CHALLENGER, list_versions, resolve
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ref = _register(uri, _run(uri, tmp_path / "artifacts"))
@@ -112,7 +112,8 @@ def test_register_adds_a_challenger_version_with_lineage(tmp_path: Path) -> None
 
     for spec in ("tiny-topics@challenger", "tiny-topics/1"):
         got = resolve(spec, uri)
-        assert got.version == 1 and got.path == got.merged_path
+        assert got.number == 1 and got.path == got.merged_path
+        assert got.label == f"tiny-topics/1 ({CHALLENGER})"
         assert got.manifest["kind"] == "merged"
         assert (got.path / "model.safetensors").exists()
         assert (
@@ -128,7 +129,7 @@ def test_register_adds_a_challenger_version_with_lineage(tmp_path: Path) -> None
 def test_register_twice_for_one_run_makes_one_version(tmp_path: Path) -> None:
     """register_task retries: an attempt that created the version but failed before the
     alias was set must not leave a second version behind."""
-    from tasks.registry import CHALLENGER, list_versions
+    from tasks.core.tracking.registry import CHALLENGER, list_versions
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = _register(uri, _run(uri, tmp_path / "a1"))
@@ -150,7 +151,7 @@ def test_current_champion_is_none_only_when_the_registry_says_so(
 ) -> None:
     from mlflow.exceptions import MlflowException
 
-    from tasks.registry import NotRegisteredError, current_champion, resolve
+    from tasks.core.tracking.registry import NotRegisteredError, current_champion, resolve
     from tests.conftest import free_port
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -188,7 +189,7 @@ def test_register_refuses_a_failed_gate(tmp_path: Path) -> None:
 
 def test_promote_moves_champion_to_previous(tmp_path: Path) -> None:
     from tasks.core.config import ConfigError
-    from tasks.registry import current_champion, list_versions, promote, resolve
+    from tasks.core.tracking.registry import current_champion, list_versions, promote, resolve
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert current_champion("tiny-topics", uri) is None
@@ -202,13 +203,13 @@ def test_promote_moves_champion_to_previous(tmp_path: Path) -> None:
     aliases = {v["version"]: v["aliases"] for v in list_versions("tiny-topics", uri)}
     assert aliases == {2: ["champion"], 1: ["previous"]}
     champ = current_champion("tiny-topics", uri)
-    assert champ is not None and champ.version == 2
+    assert champ is not None and champ.number == 2
     with pytest.raises(ConfigError, match="not found"):
         resolve("tiny-topics@challenger", uri)
 
 
 def test_registry_against_an_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
-    from tasks.registry import current_champion, list_versions, resolve
+    from tasks.core.tracking.registry import current_champion, list_versions, resolve
 
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     assert current_champion(name, mlflow_server) is None  # the REST answer for "no model"
@@ -256,10 +257,11 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
 
     from tasks.core.home import Home
     from tasks.core.run import open_run
+    from tasks.core.tracking.registry import list_versions, promote
     from tasks.evaluate import evaluate_task
     from tasks.export import export_task
     from tasks.gate import gate_task
-    from tasks.registry import list_versions, promote, register_task
+    from tasks.registry import register_task
 
     home = Home(tmp_path / "home")
     data = fx.data_ref()
@@ -329,7 +331,8 @@ def test_a_weaker_gate_cannot_move_an_alias_of_a_stricter_model(tmp_path: Path) 
     """ci-smoke's gate (threshold 0, margin 0) into a model whose champion passed
     threshold 0.9: refused, naming both, and the aliases stay where they were."""
     from tasks.core.config import ConfigError
-    from tasks.registry import list_versions, promote, register
+    from tasks.core.tracking.registry import list_versions, promote
+    from tasks.registry import register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _register(uri, _run(uri, tmp_path / "a1"))  # the default gate: threshold 0.9
