@@ -4,7 +4,9 @@ deduplicate, split and report.
 - :func:`clean` -- the plain function (unit tests and ``slothflow data clean`` call it);
 - :func:`clean_task` -- the Prefect task the pipeline flow calls;
 - ``read`` (streaming readers), ``rows`` (per-row rules), ``dedup`` (near-duplicates),
-  ``clean`` (the three passes and the reports).
+  ``tokenizer`` (the length filter's tokenizer), ``quarantine`` (``rejected.jsonl``),
+  ``spool`` (pass 1), ``split`` (passes 2 and 3), ``report`` (the reports), ``layout``
+  (the output folder), ``clean`` (the entry points).
 """
 
 from tasks.data.clean import (
