@@ -20,11 +20,12 @@ from tasks.core import home as home_mod
 from tasks.core import run as run_mod
 from tasks.core import tracking
 from tasks.core.config import PipelineConfig
+from tasks.core.refs import GateBar
 from tasks.data import clean_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.gate import gate_task
-from tasks.registry import register_task
+from tasks.registry import champion_task, register_task
 from tasks.serve import deploy_task, summary_lines
 from tasks.train import train_task
 
@@ -78,7 +79,8 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             "parity_max_abs_diff": exported.parity_max_abs_diff,
         }
 
-        ev = evaluate_task(ctx, config, data, exported)
+        champion = champion_task(ctx, config.tracking.registered_model)
+        ev = evaluate_task(ctx, config, data, exported, champion)
         metric = ev.primary_metric
         results["evaluate"] = {
             label: round(scores[metric], 4)
@@ -86,7 +88,7 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             if metric in scores
         } | {"items": ev.n_items}
 
-        decision = gate_task(ctx, config, ev)
+        decision = gate_task(ctx, config.eval, ev)
         summary["gate"] = {
             "passed": decision.passed,
             "reasons": decision.reasons,
@@ -100,7 +102,14 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             run_mod.finish(ctx, "FINISHED", summary)
             return summary
 
-        registered = register_task(ctx, config, exported, ev, decision)
+        registered = register_task(
+            ctx,
+            config.tracking.registered_model,
+            GateBar.of(config.eval),
+            exported,
+            ev,
+            decision,
+        )
         if registered is not None:
             results["register"] = {
                 "model": f"{registered.name}/{registered.version}",

@@ -62,7 +62,8 @@ def preflight(
     uri = tracking.resolve_tracking_uri(cfg.tracking, home)
     tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
     if registering:
+        from tasks.core.refs import GateBar
         from tasks.registry import check_can_register
 
-        check_can_register(cfg, uri)
+        check_can_register(cfg.tracking.registered_model, GateBar.of(cfg.eval), uri)
     return Plan(config=cfg, resume_run_id=run_id, hardware=decision, notes=notes)

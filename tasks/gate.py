@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.core.config import EvalConfig, PipelineConfig
+from tasks.core.config import EvalConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.refs import (
     FINITE_METRICS,
@@ -148,12 +148,10 @@ def decide(cfg: EvalConfig, ev: EvalRef) -> GateDecision:
     )
 
 
-def gate(
-    cfg: PipelineConfig, ev: EvalRef, out_dir: Path, tracker: Tracker | None = None
-) -> GateRef:
+def gate(cfg: EvalConfig, ev: EvalRef, out_dir: Path, tracker: Tracker | None = None) -> GateRef:
     """Decide, log, write ``gate.json`` and tag the stage run."""
     tracker = tracker or NullTracker()
-    decision = decide(cfg.eval, ev)
+    decision = decide(cfg, ev)
     text = decision.summary()
     # Logged (terminal, Prefect UI, log files); `slothflow run` and `slothflow evaluate`
     # also print the decision with its reasons in their summaries.
@@ -177,16 +175,14 @@ def gate(
 
 
 @stage_task(name="gate", retries=0)
-def gate_task(ctx: RunContext, cfg: PipelineConfig, ev: EvalRef) -> GateRef:
+def gate_task(ctx: RunContext, cfg: EvalConfig, ev: EvalRef) -> GateRef:
     """Prefect task: the decision under ``<run>/gate``; also tags the pipeline's parent
     MLflow run, so a failed gate is visible in the run list."""
     from tasks.core import tracking
     from tasks.core.run import stage
 
     out = ctx.stage_dir("gate")
-    key = sha256_json(
-        {"eval_cfg": cfg.eval.model_dump(mode="json"), "ev": ev.model_dump(mode="json")}
-    )
+    key = sha256_json({"eval_cfg": cfg.model_dump(mode="json"), "ev": ev.model_dump(mode="json")})
     done = load_done(out, key, GateRef)
     if done is None:
         with stage(ctx, "gate") as tracker:

@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import read_manifest
-from tasks.core.config import ConfigError, PipelineConfig
-from tasks.core.orchestration import stage_task
+from tasks.core.config import ConfigError
+from tasks.core.orchestration import retry_transient, stage_task
 from tasks.core.refs import (
     EvalRef,
     ExportRef,
     GateBar,
     GateRef,
     RegistryRef,
+    ResolvedModel,
     RunContext,
     load_done,
     mark_done,
@@ -136,21 +137,20 @@ def _refuse_looser_gate(client: Any, name: str, bar: GateBar) -> None:
         )
 
 
-def check_can_register(cfg: PipelineConfig, tracking_uri: str) -> None:
-    """Refuse, before any stage runs, a run whose gate is looser than the one that
-    admitted the champion or challenger of ``tracking.registered_model``
+def check_can_register(registered_model: str, bar: GateBar, tracking_uri: str) -> None:
+    """Refuse, before any stage runs, a run whose gate ``bar`` is looser than the one
+    that admitted the champion or challenger of ``registered_model``
     (:class:`WeakerGateError`, a :class:`ConfigError`). Reads only; a local store that
     does not exist yet is not created. :func:`register` checks again, since the aliases
     may move while the run trains."""
     if reg.store_missing(tracking_uri):
         return
-    _refuse_looser_gate(
-        reg.client(tracking_uri), cfg.tracking.registered_model, GateBar.of(cfg.eval)
-    )
+    _refuse_looser_gate(reg.client(tracking_uri), registered_model, bar)
 
 
 def register(
-    cfg: PipelineConfig,
+    registered_model: str,
+    bar: GateBar,
     export: ExportRef,
     ev: EvalRef,
     gate: GateRef,
@@ -161,8 +161,8 @@ def register(
     tracker: Tracker | None = None,
 ) -> RegistryRef:
     """Upload merged + adapter to the MLflow run ``mlflow_run_id``, create a new version
-    of ``tracking.registered_model`` with lineage tags and the gate's bar, alias it
-    ``challenger``. Raises :class:`WeakerGateError` (before uploading anything) when
+    of ``registered_model`` with lineage tags and ``bar`` (the rules the gate decided
+    with), alias it ``challenger``. Raises :class:`WeakerGateError` (before uploading anything) when
     this run's gate is looser than the bar of the model's champion or challenger."""
     if not gate.passed:
         raise GateNotPassedError(
@@ -170,8 +170,7 @@ def register(
         )
     tracker = tracker or NullTracker()
     client = reg.client(tracking_uri)
-    name = cfg.tracking.registered_model
-    bar = GateBar.of(cfg.eval)  # the rules `gate` decided with (its key includes them)
+    name = registered_model
     _refuse_looser_gate(client, name, bar)
     metrics = _flat_scores(ev)
     artifacts = {
@@ -221,6 +220,21 @@ def register(
     )
 
 
+@stage_task(name="champion", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def champion_task(ctx: RunContext, registered_model: str) -> ResolvedModel | None:
+    """Prefect task: the registry's current ``champion`` of ``registered_model`` on this
+    machine, for the evaluate stage to re-score on this run's held-out split. None when
+    the run has no tracking or the registry has no champion. A registry that cannot be
+    asked raises: the gate must not take an outage for "no champion yet"."""
+    if ctx.tracking is None:
+        return None
+    from tasks.core.home import resolve_home
+
+    # A remote store's champion is downloaded once into the home's cache.
+    uri = ctx.tracking["tracking_uri"]
+    return reg.current_champion(registered_model, uri, reg.cache_dir(resolve_home(), uri))
+
+
 def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a failed registration unless it was refused: a refusal (a looser gate, a
     failed gate, a bad spec) answers the same every time, a store's hiccup may not."""
@@ -235,12 +249,18 @@ def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
     name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_refused
 )
 def register_task(
-    ctx: RunContext, cfg: PipelineConfig, export: ExportRef, ev: EvalRef, gate: GateRef
+    ctx: RunContext,
+    registered_model: str,
+    bar: GateBar,
+    export: ExportRef,
+    ev: EvalRef,
+    gate: GateRef,
 ) -> RegistryRef | None:
-    """Prefect task: register the gated candidate as ``challenger``. Returns None (and
-    registers nothing) when the gate failed or the run has no tracking. Retried: a
-    tracking server's hiccup should not lose a passed candidate; a refusal is not
-    retried."""
+    """Prefect task: register the gated candidate as ``challenger`` of
+    ``registered_model``; ``bar`` is the gate's (``GateBar.of(config.eval)``). Returns
+    None (and registers nothing) when the gate failed or the run has no tracking.
+    Retried: a tracking server's hiccup should not lose a passed candidate; a refusal is
+    not retried."""
     from tasks.core.run import stage
 
     if not gate.passed:
@@ -254,7 +274,7 @@ def register_task(
         {
             "export": export.model_dump(mode="json"),
             "gate": gate.model_dump(mode="json"),
-            "name": cfg.tracking.registered_model,
+            "name": registered_model,
         }
     )
     done = load_done(out, key, RegistryRef)
@@ -262,7 +282,8 @@ def register_task(
         return done
     with stage(ctx, "register") as tracker:
         ref = register(
-            cfg,
+            registered_model,
+            bar,
             export,
             ev,
             gate,

@@ -83,7 +83,7 @@ def test_failed_gate_is_logged_tagged_and_written(
     from tasks.gate import TAG_GATE, gate
 
     tracker = RecordingTracker()
-    ref = gate(fx.pipeline_cfg(), _ev(0.5, base=0.1), tmp_path, tracker)
+    ref = gate(fx.pipeline_cfg().eval, _ev(0.5, base=0.1), tmp_path, tracker)
     assert not ref.passed
     logged = caplog.text
     assert "gate FAILED: exact_match candidate 0.5000 vs base 0.1000" in logged
@@ -112,7 +112,7 @@ def test_gate_passes_for_the_trained_model(
 
     caplog.set_level("INFO", logger="tasks.gate")
     ev = fx.evaluated("strong")
-    ref = gate(fx.pipeline_cfg(), ev, tmp_path)  # default rules: >= 0.9 on >= 200, margin 0.2
+    ref = gate(fx.pipeline_cfg().eval, ev, tmp_path)  # default rules: >= 0.9 on >= 200, margin 0.2
     assert ref.passed, ref.reasons
     assert "gate PASSED" in caplog.text
 
@@ -123,6 +123,6 @@ def test_gate_fails_for_a_model_below_threshold(tmp_path: Path) -> None:
 
     ev = fx.evaluated("weak")
     assert ev.scores["merged"]["exact_match"] < 0.9
-    ref = gate(fx.pipeline_cfg(), ev, tmp_path)
+    ref = gate(fx.pipeline_cfg().eval, ev, tmp_path)
     assert not ref.passed
     assert any("need >= 0.9" in r for r in ref.reasons)

@@ -55,11 +55,12 @@ def _run(uri: str, artifacts: Path | None) -> str:
 
 
 def _register(uri: str, run: str, name: str = "tiny-topics", run_id: str = "r-1") -> Any:
+    from tasks.core.refs import GateBar
     from tasks.registry import register
 
-    cfg = fx.pipeline_cfg(tracking={"registered_model": name})
     return register(
-        cfg,
+        name,
+        GateBar.of(fx.pipeline_cfg().eval),
         fx.exported("random"),
         _ev(),
         _gate(),
@@ -171,13 +172,35 @@ def test_current_champion_is_none_only_when_the_registry_says_so(
     assert not isinstance(info.value, NotRegisteredError)
 
 
+def test_champion_task_finds_the_champion_of_a_tracked_run(tmp_path: Path) -> None:
+    """The flow's champion step: None without tracking or without a champion, else the
+    champion on this machine for the evaluate stage to re-score."""
+    from tasks.core.refs import RunContext
+    from tasks.core.tracking.registry import promote
+    from tasks.registry import champion_task
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    untracked = RunContext(
+        run_id="r", run_dir=str(tmp_path / "run"), config_hash="c", code_version="v", hardware={}
+    )
+    tracked = untracked.model_copy(update={"tracking": {"tracking_uri": uri}})
+    assert champion_task.fn(untracked, "tiny-topics") is None
+    _register(uri, _run(uri, tmp_path / "a1"))
+    assert champion_task.fn(tracked, "tiny-topics") is None  # a challenger only
+    promote("tiny-topics", 1, uri)
+    champ = champion_task.fn(tracked, "tiny-topics")
+    assert champ is not None and (champ.name, champ.number) == ("tiny-topics", 1)
+    assert champ.label == "tiny-topics/1 (champion)" and champ.path == champ.merged_path
+
+
 def test_register_refuses_a_failed_gate(tmp_path: Path) -> None:
     from tasks.registry import GateNotPassedError, register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(GateNotPassedError, match=r"need >= 0\.9"):
         register(
-            fx.pipeline_cfg(),
+            "tiny-topics",
+            _bar(),
             fx.exported("random"),
             _ev(),
             _gate(passed=False),
@@ -256,12 +279,13 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
     from mlflow.tracking import MlflowClient
 
     from tasks.core.home import Home
+    from tasks.core.refs import GateBar
     from tasks.core.run import open_run
     from tasks.core.tracking.registry import list_versions, promote
     from tasks.evaluate import evaluate_task
     from tasks.export import export_task
     from tasks.gate import gate_task
-    from tasks.registry import register_task
+    from tasks.registry import champion_task, register_task
 
     home = Home(tmp_path / "home")
     data = fx.data_ref()
@@ -269,9 +293,11 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
     def chain(cfg: Any, adapter: Path) -> tuple[Any, ...]:
         ctx = open_run(cfg, home)
         exp = export_task.fn(ctx, cfg, fx.train_ref(adapter), data)
-        ev = evaluate_task.fn(ctx, cfg, data, exp)
-        gate = gate_task.fn(ctx, cfg, ev)
-        reg = register_task.fn(ctx, cfg, exp, ev, gate)
+        champion = champion_task.fn(ctx, cfg.tracking.registered_model)
+        ev = evaluate_task.fn(ctx, cfg.eval, data, exp, champion)
+        gate = gate_task.fn(ctx, cfg.eval, ev)
+        name = cfg.tracking.registered_model
+        reg = register_task.fn(ctx, name, GateBar.of(cfg.eval), exp, ev, gate)
         return ctx, exp, ev, gate, reg
 
     adapters = fx.trained_adapters()
@@ -323,8 +349,14 @@ def test_each_recipe_registers_into_its_own_model_unless_configured() -> None:
     assert renamed.tracking.registered_model == "slothflow-other"
 
 
-def _weak_cfg(**eval_: float) -> Any:
-    return fx.pipeline_cfg(eval={"threshold": 0.0, "base_margin": 0.0, **eval_})
+def _bar(**eval_: float) -> Any:
+    from tasks.core.refs import GateBar
+
+    return GateBar.of(fx.pipeline_cfg(eval=eval_).eval)
+
+
+def _weak_bar(**eval_: float) -> Any:
+    return _bar(**{"threshold": 0.0, "base_margin": 0.0, **eval_})
 
 
 def test_a_weaker_gate_cannot_move_an_alias_of_a_stricter_model(tmp_path: Path) -> None:
@@ -339,7 +371,8 @@ def test_a_weaker_gate_cannot_move_an_alias_of_a_stricter_model(tmp_path: Path) 
     promote("tiny-topics", 1, uri)
     with pytest.raises(ConfigError) as info:
         register(
-            _weak_cfg(),
+            "tiny-topics",
+            _weak_bar(),
             fx.exported("random"),
             _ev(),
             _gate(),
@@ -362,19 +395,17 @@ def test_check_can_register_refuses_before_the_run_and_allows_an_equal_gate(
     from tasks.registry import WeakerGateError, check_can_register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    check_can_register(_weak_cfg(), uri)  # no such model yet: anything may register
+    name = "tiny-topics"
+    check_can_register(name, _weak_bar(), uri)  # no such model yet: anything may register
     _register(uri, _run(uri, tmp_path / "a1"))  # challenger, gated at 0.9 / margin 0.2
     with pytest.raises(WeakerGateError, match=r"challenger \(version 1\)"):
-        check_can_register(_weak_cfg(), uri)
+        check_can_register(name, _weak_bar(), uri)
     with pytest.raises(WeakerGateError, match="base_margin"):
-        check_can_register(_weak_cfg(threshold=0.9), uri)  # a lower margin is weaker too
-    check_can_register(fx.pipeline_cfg(), uri)  # the same bar
-    check_can_register(fx.pipeline_cfg(eval={"threshold": 0.95}), uri)  # a stricter one
+        check_can_register(name, _weak_bar(threshold=0.9), uri)  # a lower margin is weaker too
+    check_can_register(name, _bar(), uri)  # the same bar
+    check_can_register(name, _bar(threshold=0.95), uri)  # a stricter one
     # Another model name is another model: nothing to compare with.
-    other = fx.pipeline_cfg(
-        eval={"threshold": 0.0, "base_margin": 0.0}, tracking={"registered_model": "other"}
-    )
-    check_can_register(other, uri)
+    check_can_register("other", _weak_bar(), uri)
 
 
 def test_a_version_without_a_recorded_gate_counts_as_stricter(tmp_path: Path) -> None:
@@ -390,7 +421,7 @@ def test_a_version_without_a_recorded_gate_counts_as_stricter(tmp_path: Path) ->
     mv = client.create_model_version("tiny-topics", source=str(tmp_path), run_id=None)
     client.set_registered_model_alias("tiny-topics", "champion", mv.version)
     with pytest.raises(WeakerGateError, match="no recorded gate"):
-        check_can_register(fx.pipeline_cfg(eval={"threshold": 1.0, "base_margin": 1.0}), uri)
+        check_can_register("tiny-topics", _bar(threshold=1.0, base_margin=1.0), uri)
 
 
 def test_models_list_on_an_empty_home_answers_without_creating_a_store(tmp_path: Path) -> None:
