@@ -80,7 +80,7 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
         }
 
         champion = champion_task(ctx, config.tracking.registered_model)
-        ev = evaluate_task(ctx, config, data, exported, champion)
+        ev = evaluate_task(ctx, config.eval, data, exported, champion)
         metric = ev.primary_metric
         results["evaluate"] = {
             label: round(scores[metric], 4)

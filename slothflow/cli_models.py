@@ -19,7 +19,6 @@ from tasks.core.config import ConfigError
 if TYPE_CHECKING:
     from tasks.core.config import PipelineConfig
     from tasks.core.home import Home
-    from tasks.core.refs import DataRef
     from tasks.export import ExportRef
 
 models_app = typer.Typer(
@@ -99,12 +98,19 @@ def evaluate_cmd(
         run_dir = _run_dir(home, run)
         export = _export_of(export_dir, run_dir)
         cfg = load_recipe(_recipe_for(recipe, run_dir), set_)
-        data = _held_out(validation, run_dir)
+        validation_path, fingerprint = _held_out(validation, run_dir)
         results_dir = _results_dir(out_dir, run_dir, export)
         champ_path, champ_label = _champion(champion, cfg, home) if champion else (None, None)
         hw = hardware.decide(cfg, hardware.probe())
         ref = evaluate(
-            cfg, data, export, results_dir, hw, champion_path=champ_path, champion_label=champ_label
+            cfg.eval,
+            validation_path,
+            fingerprint,
+            export,
+            results_dir,
+            hw,
+            champion_path=champ_path,
+            champion_label=champ_label,
         )
         decision = decide(cfg.eval, ref)
     out.print(scores_table(ref.scores), soft_wrap=True, highlight=False)
@@ -145,23 +151,15 @@ def _recipe_for(recipe: str | None, run_dir: Path | None) -> str:
     return recipe or "default"
 
 
-def _held_out(validation: Path | None, run_dir: Path | None) -> DataRef:
-    """The rows to score: --validation as a data reference of its own, else the run's split."""
+def _held_out(validation: Path | None, run_dir: Path | None) -> tuple[str, str]:
+    """The rows to score and their fingerprint: --validation as given, else the run's split."""
     from tasks.core.refs import DataRef
 
     if validation is not None:
-        return DataRef(
-            stage="data",
-            path=str(validation.parent),
-            train_path="",
-            validation_path=str(validation),
-            fingerprint=f"file:{validation}",
-            train_rows=0,
-            validation_rows=0,
-            report_path="",
-        )
+        return str(validation), f"file:{validation}"
     if run_dir is not None:
-        return _read_ref(run_dir / "data" / "ref.json", DataRef)
+        data = _read_ref(run_dir / "data" / "ref.json", DataRef)
+        return data.validation_path, data.fingerprint
     raise ConfigError("--export-dir needs --validation FILE (the held-out rows)")
 
 

@@ -44,7 +44,7 @@ import yaml
 
 from tasks.core import eval_metrics
 from tasks.core.artifacts import GENERATIONS_FILE, read_manifest
-from tasks.core.config import EvalConfig, PipelineConfig
+from tasks.core.config import EvalConfig
 from tasks.core.hardware import HardwareDecision
 from tasks.core.models import (
     LOAD_KWARGS,
@@ -58,6 +58,7 @@ from tasks.core.refs import (
     DataRef,
     EvalRef,
     ExportRef,
+    ResolvedModel,
     RunContext,
     load_done,
     mark_done,
@@ -376,8 +377,9 @@ def _stop_strings(tokenizer: Any, eos_ids: list[int]) -> list[str]:
 
 
 def evaluate(
-    cfg: PipelineConfig,
-    data: DataRef,
+    cfg: EvalConfig,
+    validation_path: str,
+    validation_fingerprint: str,
     export: ExportRef,
     out_dir: Path,
     hw: HardwareDecision,
@@ -387,18 +389,19 @@ def evaluate(
     tracker: Tracker | None = None,
 ) -> EvalRef:
     """Score base, adapter, merged (and the champion artifact at ``champion_path``, a
-    registry download) on ``data.validation_path``; write results, table, tasks."""
+    registry download) on the held-out rows at ``validation_path`` (the data stage's
+    split, fingerprinted ``validation_fingerprint``); write results, table, tasks."""
     from peft import PeftModel
 
-    from tasks.export import load_causal_lm
+    from tasks.core.models import load_causal_lm
 
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    ecfg = cfg.eval
+    ecfg = cfg
     t0 = time.monotonic()
     cand_path = export.candidate_path
     tokenizer = load_tokenizer(cand_path)
-    items = heldout_items(data.validation_path, tokenizer, ecfg.limit)
+    items = heldout_items(validation_path, tokenizer, ecfg.limit)
     task_dir = out_dir / "lm_eval_tasks"
     if task_dir.exists():
         shutil.rmtree(task_dir)
@@ -456,7 +459,7 @@ def evaluate(
     if champion_path:
         champ_name = champion_label or "champion"
         scores["champion"] = _evaluate_champion(
-            Path(champion_path), data, ecfg, hw, task_dir / "champion", tokenizer, items
+            Path(champion_path), validation_path, ecfg, hw, task_dir / "champion", tokenizer, items
         )
 
     md, page = side_by_side(
@@ -517,7 +520,7 @@ def evaluate(
         extra_tasks=extra_status,
         results_path=str(results_path),
         table_path=str(table_md),
-        validation_fingerprint=data.fingerprint,
+        validation_fingerprint=validation_fingerprint,
     )
     for model, s in scores.items():
         tracker.log_metrics({f"{model}.{k}": v for k, v in s.items() if math.isfinite(v)})
@@ -537,7 +540,7 @@ def evaluate(
 
 def _evaluate_champion(
     folder: Path,
-    data: DataRef,
+    validation_path: str,
     ecfg: EvalConfig,
     hw: HardwareDecision,
     task_dir: Path,
@@ -550,7 +553,7 @@ def _evaluate_champion(
     same = chat_template_sha256(tokenizer.chat_template) == chat_template_sha256(
         cand_tokenizer.chat_template
     )
-    items = cand_items if same else heldout_items(data.validation_path, tokenizer, ecfg.limit)
+    items = cand_items if same else heldout_items(validation_path, tokenizer, ecfg.limit)
     gen_t, ll_t = write_task_folder(
         task_dir,
         items,
@@ -563,12 +566,12 @@ def _evaluate_champion(
 
 
 def evaluate_inputs_hash(
-    cfg: PipelineConfig, data: DataRef, export: ExportRef, champion: str | None
+    cfg: EvalConfig, data_fingerprint: str, export: ExportRef, champion: str | None
 ) -> str:
     return sha256_json(
         {
-            "eval": cfg.eval.model_dump(mode="json"),
-            "data": data.fingerprint,
+            "eval": cfg.model_dump(mode="json"),
+            "data": data_fingerprint,
             "export": export.model_dump(mode="json"),
             "champion": champion,
         }
@@ -577,25 +580,20 @@ def evaluate_inputs_hash(
 
 @stage_task(name="evaluate", retries=0)
 def evaluate_task(
-    ctx: RunContext, cfg: PipelineConfig, data: DataRef, export: ExportRef
+    ctx: RunContext,
+    cfg: EvalConfig,
+    data: DataRef,
+    export: ExportRef,
+    champion: ResolvedModel | None = None,
 ) -> EvalRef:
-    """Prefect task: lm-eval under ``<run>/evaluate``, with the registry's current
-    champion (if any) re-evaluated on this run's held-out split; resumable."""
+    """Prefect task: lm-eval under ``<run>/evaluate``, with ``champion`` (the registry's
+    current champion, looked up by the flow's champion step) re-evaluated on this run's
+    held-out split; resumable."""
     from tasks.core.run import stage
 
     out = ctx.stage_dir("evaluate")
-    champ = None
-    if ctx.tracking is not None:
-        from tasks import registry
-        from tasks.core.home import resolve_home
-
-        # A remote store's champion is downloaded once into the home's cache.
-        uri = ctx.tracking["tracking_uri"]
-        champ = registry.current_champion(
-            cfg.tracking.registered_model, uri, registry.cache_dir(resolve_home(), uri)
-        )
-    label = f"{champ.name} v{champ.version}" if champ else None
-    key = evaluate_inputs_hash(cfg, data, export, label)
+    label = f"{champion.name} v{champion.number}" if champion else None
+    key = evaluate_inputs_hash(cfg, data.fingerprint, export, label)
     done = load_done(out, key, EvalRef)
     if done is not None:
         log.info("evaluate: reusing %s", out)
@@ -603,11 +601,12 @@ def evaluate_task(
     with stage(ctx, "evaluate") as tracker:
         ref = evaluate(
             cfg,
-            data,
+            data.validation_path,
+            data.fingerprint,
             export,
             out,
             HardwareDecision.from_params(ctx.hardware),
-            champion_path=str(champ.path) if champ else None,
+            champion_path=str(champion.path) if champion else None,
             champion_label=label,
             tracker=tracker,
         )

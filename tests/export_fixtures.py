@@ -85,6 +85,12 @@ def data_ref() -> DataRef:
     )
 
 
+def heldout() -> tuple[str, str]:
+    """What evaluate takes of the data stage: the held-out path and its fingerprint."""
+    data = data_ref()
+    return data.validation_path, data.fingerprint
+
+
 def base_ref() -> BaseModelRef:
     from transformers import AutoTokenizer
 
@@ -261,4 +267,6 @@ def exported(which: str) -> Any:
 def evaluated(which: str) -> Any:
     from tasks.evaluate import evaluate
 
-    return evaluate(pipeline_cfg(), data_ref(), exported(which), root() / f"eval-{which}", cpu())
+    return evaluate(
+        pipeline_cfg().eval, *heldout(), exported(which), root() / f"eval-{which}", cpu()
+    )

@@ -52,7 +52,7 @@ def test_the_candidate_base_loads_at_the_revision_it_was_trained_on(
 ) -> None:
     """A hub base loads at the commit export pinned (the branch head may have moved); a
     local folder's revision is a content hash, so nothing is passed for it."""
-    from tasks import export as export_mod
+    from tasks.core import models as core_models
     from tasks.evaluate import evaluate
 
     calls: list[tuple[Any, ...]] = []
@@ -61,13 +61,13 @@ def test_the_candidate_base_loads_at_the_revision_it_was_trained_on(
         calls.append((path, revision))
         raise _Loaded
 
-    monkeypatch.setattr(export_mod, "load_causal_lm", recording_load)
+    monkeypatch.setattr(core_models, "load_causal_lm", recording_load)
     base = fx.base_ref()
     if hub:
         base = base.model_copy(update={"name_or_path": "acme/tiny", "revision": COMMIT})
     ref = _export_ref(tmp_path, base)
     with pytest.raises(_Loaded):
-        evaluate(fx.pipeline_cfg(), fx.data_ref(), ref, tmp_path / "eval", fx.cpu())
+        evaluate(fx.pipeline_cfg().eval, *fx.heldout(), ref, tmp_path / "eval", fx.cpu())
     assert calls == [(base.name_or_path, want)]
 
 
@@ -82,7 +82,7 @@ def test_extra_tasks_run_on_the_candidate_already_loaded(
     import peft
 
     from tasks import evaluate as ev
-    from tasks import export as export_mod
+    from tasks.core import models as core_models
 
     loads: list[Any] = []
     scored: dict[str, Any] = {}
@@ -114,14 +114,14 @@ def test_extra_tasks_run_on_the_candidate_already_loaded(
         def from_pretrained(base: Any, path: str) -> Any:
             return SimpleNamespace(eval=lambda: SimpleNamespace(base=base, adapter=path))
 
-    monkeypatch.setattr(export_mod, "load_causal_lm", lambda *a, **kw: SimpleNamespace(base=a))
+    monkeypatch.setattr(core_models, "load_causal_lm", lambda *a, **kw: SimpleNamespace(base=a))
     monkeypatch.setattr(peft, "PeftModel", FakePeft)
     monkeypatch.setattr(ev, "_hflm", fake_hflm)
     monkeypatch.setattr(ev, "run_tasks", fake_run_tasks)
     monkeypatch.setattr(ev, "run_extra_tasks", fake_extra)
     ref = _export_ref(tmp_path, fx.base_ref(), merged=merged)
     cfg = fx.pipeline_cfg(eval={"extra_tasks": ["arc_easy"]})
-    out = ev.evaluate(cfg, fx.data_ref(), ref, tmp_path / "eval", fx.cpu())
+    out = ev.evaluate(cfg.eval, *fx.heldout(), ref, tmp_path / "eval", fx.cpu())
 
     candidate = "merged" if merged else "adapter"
     assert out.candidate == candidate
@@ -264,7 +264,7 @@ def test_adapter_merged_mismatch_fails_the_stage(tmp_path: Path) -> None:
     # An export whose merged folder is not the merge of its adapter.
     swapped = strong.model_copy(update={"merged_path": weak.merged_path})
     with pytest.raises(EvalError, match="adapter and merged scores disagree"):
-        evaluate(fx.pipeline_cfg(), fx.data_ref(), swapped, tmp_path, fx.cpu())
+        evaluate(fx.pipeline_cfg().eval, *fx.heldout(), swapped, tmp_path, fx.cpu())
 
 
 @pytest.mark.slow  # lm-eval indexes its ~10k built-in task files (~10 s)
