@@ -60,9 +60,6 @@ class RecordingTracker:
     ) -> None:
         self.logged_inputs.append(LoggedInput(name, source, sha256, context, num_rows))
 
-    # ------------------------------------------------------------------ reading back
-
-    @property
     @property
     def mlflow_run_id(self) -> str | None:
         return None
@@ -71,6 +68,9 @@ class RecordingTracker:
         self.system_metrics_intervals.append(interval_s)
         return contextlib.nullcontext()
 
+    # ------------------------------------------------------------------ reading back
+
+    @property
     def inputs(self) -> list[str]:
         """Names of the logged inputs, in order."""
         return [i.name for i in self.logged_inputs]
