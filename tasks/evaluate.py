@@ -63,6 +63,7 @@ from tasks.core.refs import (
     load_done,
     mark_done,
     sha256_json,
+    write_json_atomic,
 )
 from tasks.core.revision import is_hub_id
 from tasks.core.tracking import NullTracker, Tracker
@@ -391,103 +392,160 @@ def evaluate(
     """Score base, adapter, merged (and the champion artifact at ``champion_path``, a
     registry download) on the held-out rows at ``validation_path`` (the data stage's
     split, fingerprinted ``validation_fingerprint``); write results, table, tasks."""
-    from peft import PeftModel
-
-    from tasks.core.models import load_causal_lm
-
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
-    ecfg = cfg
     t0 = time.monotonic()
-    cand_path = export.candidate_path
-    tokenizer = load_tokenizer(cand_path)
-    items = heldout_items(validation_path, tokenizer, ecfg.limit)
+    tokenizer = load_tokenizer(export.candidate_path)
+    items = heldout_items(validation_path, tokenizer, cfg.limit)
     task_dir = out_dir / "lm_eval_tasks"
-    if task_dir.exists():
-        shutil.rmtree(task_dir)
-    gen_t, ll_t = write_task_folder(
-        task_dir / "candidate",
-        items,
-        _stop_strings(tokenizer, export.eos_token_ids),
-        ecfg.max_new_tokens,
+    gen_t, ll_t = _write_candidate_tasks(task_dir, items, tokenizer, export, cfg)
+
+    results, cand_lm = _run_candidate(
+        cfg, export, hw, tokenizer, task_dir / "candidate", [gen_t, ll_t]
     )
-    tasks = [gen_t, ll_t]
-    results: dict[str, dict[str, Any]] = {}
-
-    # Base once, as an object: evaluated bare first, then wrapped by PEFT for the adapter
-    # (PEFT injects the LoRA layers into this same module tree; no second load).
-    dtype = export.dtype if hw.device == "cuda" else "float32"
-    # At the Hub commit the adapter was trained on (as export merged it), not the branch head.
-    base_revision = hub_load_revision(export.base)
-    base = load_causal_lm(export.base.name_or_path, dtype, hw.device, base_revision)
-    results["base"] = run_tasks(_hflm(base, tokenizer, ecfg, hw), task_dir / "candidate", tasks)
-    adapter = PeftModel.from_pretrained(base, export.adapter_path).eval()
-    # The candidate's lm-eval model is kept for the extra tasks (no second load of it).
-    cand_lm = _hflm(adapter, tokenizer, ecfg, hw)
-    results["adapter"] = run_tasks(cand_lm, task_dir / "candidate", tasks)
-    del adapter, base
-    if export.merged_path:
-        del cand_lm  # one model in memory at a time: the adapter goes before the merge loads
-        cand_lm = _hflm(export.merged_path, tokenizer, ecfg, hw, dtype=export.dtype)
-        results["merged"] = run_tasks(cand_lm, task_dir / "candidate", tasks)
     scores = {k: scores_from(v, gen_t, ll_t) for k, v in results.items()}
-
     candidate = "merged" if export.merged_path else "adapter"
-    agree = None
-    if export.merged_path:
-        agree = agreement(scores["adapter"], scores["merged"])
-        if not agree <= ecfg.agreement_tolerance:
-            raise EvalError(
-                f"adapter and merged scores disagree by {agree:.4g} (> eval.agreement_tolerance "
-                f"{ecfg.agreement_tolerance:g}): adapter {scores['adapter']}, merged "
-                f"{scores['merged']}. The merged artifact does not behave like what was trained."
-            )
-
+    agree = _check_agreement(scores, cfg) if export.merged_path else None
     # After the agreement check: no point running more on a broken export. The extra
     # tasks run on the candidate still in memory, which is freed before the champion loads.
-    extra_status: dict[str, str] = {}
-    extra_metrics: dict[str, float] = {}
-    if ecfg.extra_tasks:
-        extra_status, extra_metrics = run_extra_tasks(cand_lm, ecfg.extra_tasks)
-        scores[candidate] = {
-            **scores[candidate],
-            **{f"extra.{k}": v for k, v in extra_metrics.items()},
-        }
+    extra_status = _run_candidate_extras(cand_lm, cfg, scores, candidate)
     del cand_lm
 
     champ_name = None
     if champion_path:
         champ_name = champion_label or "champion"
         scores["champion"] = _evaluate_champion(
-            Path(champion_path), validation_path, ecfg, hw, task_dir / "champion", tokenizer, items
+            Path(champion_path), validation_path, cfg, hw, task_dir / "champion", tokenizer, items
         )
 
+    ref = EvalRef(
+        stage="evaluate",
+        path=str(out_dir),
+        n_items=len(items),
+        primary_metric=cfg.primary_metric,
+        candidate=candidate,
+        scores=scores,
+        champion=champ_name,
+        agreement_max_diff=agree,
+        train_metrics={k: v for k, v in export.metrics.items() if not k.startswith("export.")},
+        extra_tasks=extra_status,
+        results_path=str(out_dir / "results.json"),
+        table_path=str(out_dir / "side_by_side.md"),
+        validation_fingerprint=validation_fingerprint,
+    )
+    _write_outputs(ref, items, results, gen_t, cfg.table_rows, t0)
+    _log_evaluation(tracker, ref, task_dir, t0)
+    return ref
+
+
+def _write_candidate_tasks(
+    task_dir: Path, items: list[dict[str, Any]], tokenizer: Any, export: ExportRef, cfg: EvalConfig
+) -> tuple[str, str]:
+    """A fresh ``task_dir`` with the candidate's task folder; its (gen, ll) task names."""
+    if task_dir.exists():
+        shutil.rmtree(task_dir)
+    return write_task_folder(
+        task_dir / "candidate",
+        items,
+        _stop_strings(tokenizer, export.eos_token_ids),
+        cfg.max_new_tokens,
+    )
+
+
+def _run_candidate(
+    cfg: EvalConfig,
+    export: ExportRef,
+    hw: HardwareDecision,
+    tokenizer: Any,
+    task_dir: Path,
+    tasks: list[str],
+) -> tuple[dict[str, dict[str, Any]], Any]:
+    """lm-eval results of base, adapter and (if exported) merged, and the candidate's
+    lm-eval model (the merged one, else the adapter), still loaded for the extra tasks."""
+    from peft import PeftModel
+
+    from tasks.core.models import load_causal_lm
+
+    results: dict[str, dict[str, Any]] = {}
+    # Base once, as an object: evaluated bare first, then wrapped by PEFT for the adapter
+    # (PEFT injects the LoRA layers into this same module tree; no second load).
+    dtype = export.dtype if hw.device == "cuda" else "float32"
+    # At the Hub commit the adapter was trained on (as export merged it), not the branch head.
+    base_revision = hub_load_revision(export.base)
+    base = load_causal_lm(export.base.name_or_path, dtype, hw.device, base_revision)
+    results["base"] = run_tasks(_hflm(base, tokenizer, cfg, hw), task_dir, tasks)
+    adapter = PeftModel.from_pretrained(base, export.adapter_path).eval()
+    # The candidate's lm-eval model is kept for the extra tasks (no second load of it).
+    cand_lm = _hflm(adapter, tokenizer, cfg, hw)
+    results["adapter"] = run_tasks(cand_lm, task_dir, tasks)
+    del adapter, base
+    if export.merged_path:
+        del cand_lm  # one model in memory at a time: the adapter goes before the merge loads
+        cand_lm = _hflm(export.merged_path, tokenizer, cfg, hw, dtype=export.dtype)
+        results["merged"] = run_tasks(cand_lm, task_dir, tasks)
+    return results, cand_lm
+
+
+def _check_agreement(scores: dict[str, dict[str, float]], cfg: EvalConfig) -> float:
+    """The adapter/merged disagreement; :class:`EvalError` past ``eval.agreement_tolerance``."""
+    agree = agreement(scores["adapter"], scores["merged"])
+    if not agree <= cfg.agreement_tolerance:
+        raise EvalError(
+            f"adapter and merged scores disagree by {agree:.4g} (> eval.agreement_tolerance "
+            f"{cfg.agreement_tolerance:g}): adapter {scores['adapter']}, merged "
+            f"{scores['merged']}. The merged artifact does not behave like what was trained."
+        )
+    return agree
+
+
+def _run_candidate_extras(
+    cand_lm: Any, cfg: EvalConfig, scores: dict[str, dict[str, float]], candidate: str
+) -> dict[str, str]:
+    """``eval.extra_tasks`` on the candidate's lm-eval model; their metrics join the
+    candidate's scores as ``extra.<task>.<metric>``. Returns each task's status."""
+    if not cfg.extra_tasks:
+        return {}
+    extra_status, extra_metrics = run_extra_tasks(cand_lm, cfg.extra_tasks)
+    scores[candidate] = {
+        **scores[candidate],
+        **{f"extra.{k}": v for k, v in extra_metrics.items()},
+    }
+    return extra_status
+
+
+def _write_outputs(
+    ref: EvalRef,
+    items: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    gen_t: str,
+    table_rows: int,
+    t0: float,
+) -> None:
+    """What ``ref`` points at: the side-by-side tables (Markdown and HTML) and
+    ``results.json``; and the per-item generations next to them."""
+    out_dir = Path(ref.path)
     md, page = side_by_side(
         items,
         generations(results["base"], gen_t),
-        generations(results[candidate], gen_t),
-        ecfg.table_rows,
-        candidate,
+        generations(results[ref.candidate], gen_t),
+        table_rows,
+        ref.candidate,
     )
-    table_md = out_dir / "side_by_side.md"
-    table_md.write_text(
-        f"# Held-out side by side ({len(items)} items, first {min(ecfg.table_rows, len(items))} shown)\n\n"
-        + scores_table(scores)
+    Path(ref.table_path).write_text(
+        f"# Held-out side by side ({len(items)} items, first {min(table_rows, len(items))} shown)\n\n"
+        + scores_table(ref.scores)
         + "\n"
         + md,
         encoding="utf-8",
     )
     (out_dir / "side_by_side.html").write_text(page, encoding="utf-8")
-    results_path = out_dir / "results.json"
-    from tasks.core.refs import write_json_atomic
-
     write_json_atomic(
-        results_path,
+        Path(ref.results_path),
         {
-            "scores": scores,
-            "agreement_max_diff": agree,
-            "extra_tasks": extra_status,
-            "champion": champ_name,
+            "scores": ref.scores,
+            "agreement_max_diff": ref.agreement_max_diff,
+            "extra_tasks": ref.extra_tasks,
+            "champion": ref.champion,
             "lm_eval": {k: v["results"] for k, v in results.items()},
             "seconds": time.monotonic() - t0,
         },
@@ -507,35 +565,23 @@ def evaluate(
                 + "\n"
             )
 
-    ref = EvalRef(
-        stage="evaluate",
-        path=str(out_dir),
-        n_items=len(items),
-        primary_metric=ecfg.primary_metric,
-        candidate=candidate,
-        scores=scores,
-        champion=champ_name,
-        agreement_max_diff=agree,
-        train_metrics={k: v for k, v in export.metrics.items() if not k.startswith("export.")},
-        extra_tasks=extra_status,
-        results_path=str(results_path),
-        table_path=str(table_md),
-        validation_fingerprint=validation_fingerprint,
-    )
-    for model, s in scores.items():
+
+def _log_evaluation(tracker: Tracker, ref: EvalRef, task_dir: Path, t0: float) -> None:
+    """Scores, params and the written files to the tracker; the scores table to the log."""
+    out_dir = Path(ref.path)
+    for model, s in ref.scores.items():
         tracker.log_metrics({f"{model}.{k}": v for k, v in s.items() if math.isfinite(v)})
-    tracker.log_params({"eval.n_items": len(items), "eval.candidate": candidate})
-    tracker.log_artifact(table_md, "eval")
+    tracker.log_params({"eval.n_items": ref.n_items, "eval.candidate": ref.candidate})
+    tracker.log_artifact(Path(ref.table_path), "eval")
     tracker.log_artifact(out_dir / "side_by_side.html", "eval")
-    tracker.log_artifact(results_path, "eval")
+    tracker.log_artifact(Path(ref.results_path), "eval")
     tracker.log_artifact(task_dir, "eval/lm_eval_tasks")
     log.info(
         "evaluation (%d items, %.0f s):\n%s",
-        len(items),
+        ref.n_items,
         time.monotonic() - t0,
-        scores_table(scores),
+        scores_table(ref.scores),
     )
-    return ref
 
 
 def _evaluate_champion(
