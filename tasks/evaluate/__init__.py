@@ -27,11 +27,15 @@ and the merged model's scores must agree within ``eval.agreement_tolerance``;
 otherwise the stage fails. ``eval.extra_tasks`` run on the candidate's lm-eval model
 as it is (no reload). The champion, a registry download, is loaded by lm-eval from its
 folder: a merged model, or an adapter with its own base at its recorded revision.
+
+**Modules.** This one is the stage (:func:`evaluate`, :func:`evaluate_task`, the
+reuse hash) and loads the models; :mod:`~tasks.evaluate.heldout` turns the held-out
+split into task folders, :mod:`~tasks.evaluate.harness` runs lm-eval and reads its
+results, :mod:`~tasks.evaluate.report` renders the tables.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -40,9 +44,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tasks.core import eval_metrics
 from tasks.core.artifacts import GENERATIONS_FILE, read_manifest
 from tasks.core.config import EvalConfig
 from tasks.core.hardware import HardwareDecision
@@ -51,7 +52,6 @@ from tasks.core.models import (
     chat_template_sha256,
     hub_load_revision,
     load_tokenizer,
-    render_prompt,
 )
 from tasks.core.orchestration import stage_task
 from tasks.core.refs import (
@@ -65,132 +65,48 @@ from tasks.core.refs import (
     sha256_json,
     write_json_atomic,
 )
-from tasks.core.revision import is_hub_id
 from tasks.core.tracking import NullTracker, Tracker
+from tasks.evaluate.errors import EvalError
+from tasks.evaluate.harness import (
+    agreement,
+    champion_lm_args,
+    generations,
+    revision_kwargs,
+    run_extra_tasks,
+    run_tasks,
+    scores_from,
+)
+from tasks.evaluate.heldout import TASK_PREFIX, heldout_items, task_configs, write_task_folder
+from tasks.evaluate.report import scores_table, side_by_side
+
+__all__ = [
+    "TASK_PREFIX",
+    "EvalError",
+    "EvalRef",
+    "agreement",
+    "champion_lm_args",
+    "evaluate",
+    "evaluate_inputs_hash",
+    "evaluate_task",
+    "generations",
+    "heldout_items",
+    "revision_kwargs",
+    "run_extra_tasks",
+    "run_tasks",
+    "scores_from",
+    "scores_table",
+    "side_by_side",
+    "task_configs",
+    "write_task_folder",
+]
 
 log = logging.getLogger(__name__)
 
-TASK_PREFIX = "slothflow_heldout"
+
+# --------------------------------------------------------------------------- the stage
 
 
-class EvalError(RuntimeError):
-    """Evaluation could not produce trustworthy numbers (e.g. adapter and merged disagree)."""
-
-
-# --------------------------------------------------------------------------- held-out -> tasks
-
-
-def heldout_items(
-    validation_path: str | Path, tokenizer: Any, limit: int | None = None
-) -> list[dict[str, Any]]:
-    """Held-out rows as task documents: rendered prompt, reference answer, and the
-    loglikelihood target (answer + end-of-turn text). Rows whose last turn is not an
-    assistant answer cannot be scored and are skipped."""
-    items: list[dict[str, Any]] = []
-    eos = tokenizer.eos_token or ""
-    with open(validation_path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            messages = row["messages"]
-            if not messages or messages[-1]["role"] != "assistant":
-                continue
-            answer = messages[-1]["content"]
-            user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            items.append(
-                {
-                    "id": str(row.get("id", n)),
-                    "prompt": render_prompt(tokenizer, messages),
-                    "question": user,
-                    "answer": answer,
-                    "target": answer + eos,
-                }
-            )
-            if limit is not None and len(items) >= limit:
-                break
-    if not items:
-        raise EvalError(f"no scorable held-out rows in {validation_path}")
-    return items
-
-
-def task_configs(
-    name: str, data_file: Path, stop: list[str], max_new_tokens: int
-) -> dict[str, dict[str, Any]]:
-    """The two lm-eval task configs (YAML-ready dicts) over ``data_file``."""
-    common = {
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-        "num_fewshot": 0,
-        "doc_to_text": "prompt",
-        "metadata": {"version": 1.0},
-    }
-    gen = {
-        "task": f"{name}_gen",
-        **common,
-        "output_type": "generate_until",
-        "doc_to_target": "answer",
-        "generation_kwargs": {
-            "until": stop,
-            "max_gen_toks": max_new_tokens,
-            "do_sample": False,
-            "temperature": 0.0,
-        },
-        # lm-eval decodes without special tokens; whitespace at the start is not an answer.
-        "filter_list": [
-            {
-                "name": "none",
-                "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}],
-            }
-        ],
-        "process_results": "!function utils.process_results",
-        "metric_list": [
-            {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "f1", "aggregation": "mean", "higher_is_better": True},
-        ],
-    }
-    ll = {
-        "task": f"{name}_ll",
-        **common,
-        "output_type": "loglikelihood",
-        "doc_to_target": "target",
-        # The prompt ends with the generation prompt; the answer follows with no space.
-        "target_delimiter": "",
-        "metric_list": [
-            {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-        ],
-    }
-    return {"gen": gen, "ll": ll}
-
-
-def write_task_folder(
-    folder: Path, items: list[dict[str, Any]], stop: list[str], max_new_tokens: int
-) -> tuple[str, str]:
-    """Write data + YAMLs + utils.py; returns the (generate, loglikelihood) task names.
-
-    Task names carry the folder name so that two folders (candidate and champion
-    templates) never register the same task twice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data_file = folder / "heldout.jsonl"
-    with open(data_file, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it, ensure_ascii=False) + "\n")
-    name = f"{TASK_PREFIX}_{folder.name}".replace("-", "_")
-    configs = task_configs(name, data_file, stop, max_new_tokens)
-    for key, conf in configs.items():
-        text = yaml.safe_dump(conf, sort_keys=False, allow_unicode=True)
-        # `!function` is a YAML tag lm-eval resolves; safe_dump would quote it.
-        text = text.replace("'!function utils.process_results'", "!function utils.process_results")
-        (folder / f"{name}_{key}.yaml").write_text(text, encoding="utf-8")
-    shutil.copyfile(eval_metrics.__file__, folder / "utils.py")
-    return configs["gen"]["task"], configs["ll"]["task"]
-
-
-# --------------------------------------------------------------------------- running lm-eval
-
-
+# lm-eval models are made here, by the stage; the harness is handed them ready-made.
 def _hflm(pretrained: Any, tokenizer: Any, cfg: EvalConfig, hw: HardwareDecision, **kw: Any) -> Any:
     from lm_eval.models.huggingface import HFLM
 
@@ -202,175 +118,6 @@ def _hflm(pretrained: Any, tokenizer: Any, cfg: EvalConfig, hw: HardwareDecision
         **LOAD_KWARGS,  # HFLM hands them to each of its from_pretrained calls
         **kw,
     )
-
-
-def revision_kwargs(revision: str | None) -> dict[str, str]:
-    """``revision=`` for an lm-eval model whose base is a Hub id pinned to a commit;
-    nothing otherwise (HFLM turns ``None`` into the string ``"None"``)."""
-    return {"revision": revision} if revision else {}
-
-
-def champion_lm_args(folder: Path, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """What lm-eval loads for a champion artifact: ``(pretrained, HFLM keyword arguments)``.
-
-    A merged champion is its own folder. An adapter champion is its base (the manifest's
-    ``serving.model``) plus ``peft=`` the adapter, the base pinned to the Hub commit the
-    adapter was trained on (``base_model.revision``) when the base is a hub id: the
-    branch head may have moved since. A local base's recorded revision is a content
-    hash, not something to load by."""
-    if manifest["kind"] == "merged":
-        return str(folder), {"dtype": manifest["dtype"]}
-    base = str(manifest["serving"]["model"])
-    revision = manifest.get("base_model", {}).get("revision") if is_hub_id(base) else None
-    return base, {"peft": str(folder), **revision_kwargs(revision)}
-
-
-def run_tasks(lm: Any, task_dir: Path, task_names: list[str]) -> dict[str, Any]:
-    """One lm-eval ``simple_evaluate`` over our generated tasks (built-ins not indexed)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
-    out = simple_evaluate(
-        model=lm,
-        tasks=task_names,
-        task_manager=tm,
-        log_samples=True,
-        bootstrap_iters=0,  # stderr by bootstrap costs minutes; the gate uses point values
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-    )
-    if out is None:  # only on non-zero ranks of a distributed run
-        raise EvalError("lm-eval returned no results")
-    return dict(out)
-
-
-def scores_from(results: dict[str, Any], gen_task: str, ll_task: str) -> dict[str, float]:
-    """Flat metric dict from lm-eval's results (keys ``metric,filter``)."""
-    gen = results["results"][gen_task]
-    ll = results["results"][ll_task]
-    ppl = float(ll["perplexity,none"])
-    return {
-        "exact_match": float(gen["exact_match,none"]),
-        "f1": float(gen["f1,none"]),
-        "answer_perplexity": ppl,
-        "answer_nll": math.log(ppl) if ppl > 0 and math.isfinite(ppl) else float("inf"),
-        "answer_greedy_acc": float(ll["acc,none"]),
-        "n_items": float(len(results["samples"][gen_task])),
-    }
-
-
-def generations(results: dict[str, Any], gen_task: str) -> dict[int, str]:
-    """doc_id -> filtered generation."""
-    out = {}
-    for s in results["samples"][gen_task]:
-        resp = s["filtered_resps"][0]
-        out[int(s["doc_id"])] = resp if isinstance(resp, str) else str(resp)
-    return out
-
-
-def agreement(a: dict[str, float], b: dict[str, float]) -> float:
-    """Worst disagreement between two models' scores: absolute for rates, relative for
-    perplexity (its scale depends on the vocabulary)."""
-    diffs = [abs(a[k] - b[k]) for k in ("exact_match", "f1", "answer_greedy_acc")]
-    pa, pb = a["answer_perplexity"], b["answer_perplexity"]
-    diffs.append(abs(pa - pb) / max(abs(pb), 1e-12) if math.isfinite(pa + pb) else float("inf"))
-    return max(diffs)
-
-
-# --------------------------------------------------------------------------- the side-by-side table
-
-
-def _cell(text: str, width: int = 120) -> str:
-    text = text.replace("\n", " ⏎ ").replace("|", "\\|")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def side_by_side(
-    items: list[dict[str, Any]],
-    base: dict[int, str],
-    candidate: dict[int, str],
-    rows: int,
-    candidate_label: str,
-) -> tuple[str, str]:
-    """Markdown and HTML tables of ``rows`` held-out prompts: expected, base, candidate."""
-    md = [
-        f"| # | prompt (last user turn) | expected | base | {candidate_label} | ok |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    body = []
-    for i, it in enumerate(items[:rows]):
-        got = candidate.get(i, "")
-        ok = "✅" if eval_metrics.exact_match(got, it["answer"]) else "❌"
-        md.append(
-            f"| {i} | {_cell(it['question'])} | {_cell(it['answer'])} | "
-            f"{_cell(base.get(i, ''))} | {_cell(got)} | {ok} |"
-        )
-        cells = (str(i), it["question"], it["answer"], base.get(i, ""), got, ok)
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("#", "prompt (last user turn)", "expected", "base", candidate_label, "ok")
-    )
-    page = (
-        "<!doctype html><meta charset='utf-8'><style>td,th{border:1px solid #ccc;padding:4px;"
-        "vertical-align:top;white-space:pre-wrap}table{border-collapse:collapse}</style>"
-        f"<table><tr>{head}</tr>{''.join(body)}</table>"
-    )
-    return "\n".join(md) + "\n", page
-
-
-def scores_table(scores: dict[str, dict[str, float]]) -> str:
-    keys = ["exact_match", "f1", "answer_perplexity", "answer_greedy_acc", "n_items"]
-    lines = ["| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
-    for model, s in scores.items():
-        lines.append(
-            f"| {model} | " + " | ".join(f"{s.get(k, float('nan')):.4g}" for k in keys) + " |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- extra tasks
-
-
-def run_extra_tasks(lm: Any, names: list[str]) -> tuple[dict[str, str], dict[str, float]]:
-    """Standard lm-eval tasks by name, each only if it is known and its data loads
-    offline; otherwise the reason is reported and evaluation goes on. Failures while
-    *running* a task that did load are real errors and propagate."""
-    if not names:
-        return {}, {}
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    status: dict[str, str] = {}
-    metrics: dict[str, float] = {}
-    tm = TaskManager()  # indexes lm-eval's built-in task YAMLs (~10 s here)
-    for name in names:
-        if name not in tm.all_tasks:
-            status[name] = "skipped: no such lm-eval task"
-            log.warning("extra task %s %s", name, status[name])
-            continue
-        try:
-            tm.load([name])  # builds the dataset: fails offline without a local copy
-        except Exception as exc:
-            status[name] = (
-                f"skipped: data not available offline ({type(exc).__name__}: {str(exc)[:200]})"
-            )
-            log.warning("extra task %s %s", name, status[name])
-            continue
-        out = simple_evaluate(
-            model=lm, tasks=[name], task_manager=tm, bootstrap_iters=0, log_samples=False
-        )
-        status[name] = "ran"
-        for task, res in (out or {}).get("results", {}).items():
-            for k, v in res.items():
-                if isinstance(v, int | float) and "_stderr" not in k:
-                    metrics[f"{task}.{k.replace(',none', '')}"] = float(v)
-    return status, metrics
-
-
-# --------------------------------------------------------------------------- the stage
 
 
 def _stop_strings(tokenizer: Any, eos_ids: list[int]) -> list[str]:
