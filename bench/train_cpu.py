@@ -92,7 +92,7 @@ def main() -> None:
     from bench.sample_data import write_split
     from tasks.base_model import prepare_base
     from tasks.core import hardware
-    from tasks.core.config import load_config
+    from tasks.core.config import config_hash, dump_config, load_config
     from tasks.train import read_chat_rows, train
 
     cfg = load_config(args.recipe, args.sets)
@@ -104,7 +104,17 @@ def main() -> None:
     # CPU seconds as well as wall time: on a shared machine the wall time measures the
     # neighbours as much as the training; the CPU time does not.
     cpu0 = _cpu_s()
-    ref = train(cfg, base, data, tmp / "train", hw)
+    ref = train(
+        cfg.train,
+        cfg.model,
+        base,
+        data,
+        tmp / "train",
+        hw,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        config_hash=config_hash(cfg),
+        resolved_config=dump_config(cfg),
+    )
     train_cpu_s = _cpu_s() - cpu0
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -135,14 +135,14 @@ def _write_split(folder: Path, n_train: int, n_val: int) -> None:
 
 
 def cmd_project(a: argparse.Namespace) -> None:
-    from tasks.train import import_unsloth
+    from tasks.core.hardware import import_unsloth
 
     import_unsloth()  # before transformers, as the stage does on CUDA
     import torch
 
     from tasks.base_model import prepare_base
     from tasks.core import home as home_mod
-    from tasks.core.config import load_config
+    from tasks.core.config import config_hash, dump_config, load_config
     from tasks.core.hardware import decide, probe
     from tasks.train import activation_bytes, data_ref_from_folder, flops_per_token, train
 
@@ -179,7 +179,19 @@ def cmd_project(a: argparse.Namespace) -> None:
     rec = TimedTracker()
     if a.profile:
         _profile_one_step(a.profile, step=a.skip + 1)
-    ref = train(cfg, base, data, work / "train", hw, rec)
+    ref = train(
+        cfg.train,
+        cfg.model,
+        base,
+        data,
+        work / "train",
+        hw,
+        rec,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        config_hash=config_hash(cfg),
+        resolved_config=dump_config(cfg),
+        system_metrics=cfg.tracking.system_metrics,
+    )
 
     steps = rec.train_steps()
     tokens_step = t.micro_batch_size * t.grad_accum * SEQ

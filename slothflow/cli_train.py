@@ -46,7 +46,7 @@ def train_cmd(
 
     # A signal unwinds through tracked_run: the run is marked INTERRUPTED, resumable.
     with friendly_errors(), signals_as_interrupt():
-        from tasks.core.config import ConfigError
+        from tasks.core.config import ConfigError, dump_config
         from tasks.data.clean import DataError, check_output
 
         try:  # first: an empty or failed data folder must not wait for a model to load
@@ -69,7 +69,16 @@ def train_cmd(
                 )
                 try:
                     base = prepare_base_in_run(ctx, cfg.model)
-                    ref = train_in_run(ctx, cfg, base, data_ref)
+                    ref = train_in_run(
+                        ctx,
+                        cfg.train,
+                        cfg.model,
+                        base,
+                        data_ref,
+                        max_new_tokens=cfg.eval.max_new_tokens,
+                        resolved_config=dump_config(cfg),
+                        system_metrics=cfg.tracking.system_metrics,
+                    )
                 except BaseException:
                     console.print(
                         f"Resume with: [bold]slothflow train --data {data} -r {recipe} "

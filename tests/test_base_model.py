@@ -67,7 +67,7 @@ def test_hub_id_offline_through_the_cache_layout(
 
     pipeline_cfg = load_config("ci-smoke", [f"model.name_or_path={repo_id}"])
     hw = HardwareDecision("cpu", "peft", "float32", False, "test")
-    model, tok = load_peft(pipeline_cfg, ref, hw)
+    model, tok = load_peft(pipeline_cfg.train, pipeline_cfg.model, ref, hw)
     from safetensors.torch import load_file
 
     on_disk = load_file(str(snap / "model.safetensors"))

@@ -13,14 +13,13 @@ import pytest
 from bench.sample_data import write_split
 from tasks.base_model import prepare_base
 from tasks.core.config import ConfigError, PipelineConfig, load_config
-from tasks.core.hardware import HardwareDecision, Probe, decide
+from tasks.core.hardware import BackendNotReadyError, HardwareDecision, Probe, decide
 from tasks.core.home import Home
 from tasks.core.orchestration import is_transient
 from tasks.core.refs import BaseModelRef, DataRef
 from tasks.train import (
     COMPLETE_MARKER,
-    BackendNotReadyError,
-    _StepJournal,
+    StepJournal,
     build_trainer,
     check_settings,
     data_ref_from_folder,
@@ -31,9 +30,9 @@ from tasks.train import (
     read_chat_rows,
     rotate,
     select_backend,
-    train,
 )
 from tests.recording import RecordingTracker
+from tests.train_fixtures import run_train
 
 CPU = HardwareDecision("cpu", "peft", "float32", False, "test: cpu")
 GPU_UNSLOTH = HardwareDecision("cuda", "unsloth", "bfloat16", True, "test: cuda + unsloth")
@@ -60,15 +59,16 @@ def base(smoke: PipelineConfig, session_home: Home) -> BaseModelRef:
 def test_backend_dispatch_and_unsloth_is_a_clear_error() -> None:
     assert select_backend(CPU) is load_peft
     assert select_backend(GPU_UNSLOTH) is load_unsloth
+    smoke_cfg = load_config("ci-smoke")
     with pytest.raises(BackendNotReadyError, match=r"train\.backend=peft"):
-        load_unsloth(load_config("ci-smoke"), None, GPU_UNSLOTH)  # type: ignore[arg-type]
+        load_unsloth(smoke_cfg.train, smoke_cfg.model, None, GPU_UNSLOTH)  # type: ignore[arg-type]
 
 
 def test_settings_checks_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"train\.save_steps=5 .* train\.eval_steps=3"):
-        check_settings(load_config("ci-smoke", ["train.save_steps=5"]), CPU)
+        check_settings(load_config("ci-smoke", ["train.save_steps=5"]).train, CPU)
     with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing='unsloth'"):
-        check_settings(load_config("ci-smoke", ["train.gradient_checkpointing=unsloth"]), CPU)
+        check_settings(load_config("ci-smoke", ["train.gradient_checkpointing=unsloth"]).train, CPU)
 
 
 def test_hardware_decision_round_trips_through_the_run_context() -> None:
@@ -137,12 +137,12 @@ def test_rotation_keeps_last_k_plus_best(tmp_path: Path) -> None:
 
 
 def test_step_journal_survives_a_torn_line(tmp_path: Path) -> None:
-    j = _StepJournal(tmp_path / "j.jsonl")
+    j = StepJournal(tmp_path / "j.jsonl")
     j.record("train", 1)
     j.record("eval", 3)
     with open(tmp_path / "j.jsonl", "a") as f:
         f.write('{"kind": "train", "st')  # killed mid-write
-    again = _StepJournal(tmp_path / "j.jsonl")
+    again = StepJournal(tmp_path / "j.jsonl")
     assert again.seen("train", 1) and again.seen("eval", 3) and not again.seen("train", 3)
 
 
@@ -174,8 +174,8 @@ def test_assistant_only_loss_masks_everything_but_the_answer(
     smoke: PipelineConfig, base: BaseModelRef, data: DataRef, tmp_path: Path
 ) -> None:
     rows = read_chat_rows(data.train_path)[:8]
-    model, tok = load_peft(smoke, base, CPU)
-    trainer = build_trainer(smoke, CPU, model, tok, rows, rows[:2], tmp_path)
+    model, tok = load_peft(smoke.train, smoke.model, base, CPU)
+    trainer = build_trainer(smoke.train, smoke.model, CPU, model, tok, rows, rows[:2], tmp_path)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     for ids, labels, row in zip(batch["input_ids"], batch["labels"], rows, strict=True):
         kept = [int(i) for i, lab in zip(ids, labels, strict=True) if lab != -100]
@@ -199,17 +199,17 @@ def test_rows_over_max_seq_length_are_counted_truncated_and_dropped(
     }
     long_prompt = {"messages": [{"role": "user", "content": "9 " * 60}, rows[1]["messages"][-1]]}
     rows = [*rows, long_answer, long_prompt]
-    model, tok = load_peft(cfg, base, CPU)
+    model, tok = load_peft(cfg.train, cfg.model, base, CPU)
     lengths = chat_token_lengths(tok, [r["messages"] for r in rows])
     # the count is exactly what apply_chat_template(tokenize=True) gives the trainer
     assert lengths == [
         len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows
     ]
     assert sum(n > 64 for n in lengths) == 2, lengths
-    trainer = build_trainer(cfg, CPU, model, tok, rows, rows[:2], tmp_path)
+    trainer = build_trainer(cfg.train, cfg.model, CPU, model, tok, rows, rows[:2], tmp_path)
     assert len(trainer.train_dataset) == len(rows) - 1  # the prompt-only row is gone
     with caplog.at_level("WARNING", logger="tasks.train"):
-        fit = length_fit(cfg, tok, rows, len(trainer.train_dataset))
+        fit = length_fit(cfg.train, cfg.model.max_seq_length, tok, rows, len(trainer.train_dataset))
     assert fit == {"train_rows_truncated": 1, "train_rows_dropped": 1}
     assert "2 of 8 training rows are longer than model.max_seq_length=64" in caplog.text
 
@@ -219,8 +219,8 @@ def test_full_sequence_loss_when_configured(
 ) -> None:
     cfg = load_config("ci-smoke", ["train.assistant_only_loss=false"])
     rows = read_chat_rows(data.train_path)[:2]
-    model, tok = load_peft(cfg, base, CPU)
-    trainer = build_trainer(cfg, CPU, model, tok, rows, rows, tmp_path)
+    model, tok = load_peft(cfg.train, cfg.model, base, CPU)
+    trainer = build_trainer(cfg.train, cfg.model, CPU, model, tok, rows, rows, tmp_path)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     assert (batch["labels"] != -100).sum() == batch["attention_mask"].sum()
 
@@ -232,18 +232,18 @@ def test_trained_tokens_are_counted_once_per_step_without_padding(
     to "how many real tokens were trained on": one epoch of rows of different lengths,
     padded in each micro-batch, counts every row's own length exactly once. The loss
     sum behind the final train_loss is the trainer's own, gradient accumulation and all."""
-    from tasks.train import LossSum, TokenCounter, _train_callback_cls
+    from tasks.train import LossSum, TokenCounter, train_callback_cls
 
     cfg = load_config(
         "ci-smoke",
         ["train.micro_batch_size=3", "train.grad_accum=2", "train.max_steps=2"],
     )
     rows = read_chat_rows(data.train_path)[:12]
-    model, tok = load_peft(cfg, base, CPU)
+    model, tok = load_peft(cfg.train, cfg.model, base, CPU)
     tokens, loss_sum = TokenCounter(), LossSum()
-    cb = _train_callback_cls()(
+    cb = train_callback_cls()(
         tracker=RecordingTracker(),
-        journal=_StepJournal(tmp_path / "j.jsonl"),
+        journal=StepJournal(tmp_path / "j.jsonl"),
         ckpt_dir=tmp_path / "ckpt",
         keep=1,
         samples=[],
@@ -253,7 +253,17 @@ def test_trained_tokens_are_counted_once_per_step_without_padding(
         loss_sum=loss_sum,
     )
     trainer = build_trainer(
-        cfg, CPU, model, tok, rows, rows[:2], tmp_path / "ckpt", [cb], tokens, loss_sum
+        cfg.train,
+        cfg.model,
+        CPU,
+        model,
+        tok,
+        rows,
+        rows[:2],
+        tmp_path / "ckpt",
+        [cb],
+        tokens,
+        loss_sum,
     )
     lengths = [len(r["input_ids"]) for r in trainer.train_dataset]
     assert len(set(lengths)) > 1  # micro-batches carry padding
@@ -278,24 +288,25 @@ def test_padding_free_off_pads_and_auto_leaves_the_choice_to_the_backend(
 
     off = load_config("ci-smoke", ["train.padding_free=off"])  # YAML's bare off: a boolean
     assert off.train.padding_free == "off"
-    assert sft_config(off, CPU, tmp_path).padding_free is False
+    assert sft_config(off.train, off.model, CPU, tmp_path).padding_free is False
     with pytest.raises(ConfigError, match=r"train\.packing=true .* train\.padding_free=off"):
         check_settings(
-            load_config("ci-smoke", ["train.packing=true", "train.padding_free=off"]), CPU
+            load_config("ci-smoke", ["train.packing=true", "train.padding_free=off"]).train, CPU
         )
     with pytest.raises(ConfigError, match=r"train\.padding_free"):
         load_config("ci-smoke", ["train.padding_free=on"])  # TRL alone cannot honour it
     # what 'auto' hands SFTConfig: no padding_free at all (recorded, not built)
     seen: dict[str, Any] = {}
     monkeypatch.setattr(trl, "SFTConfig", lambda **kwargs: seen.update(kwargs))
-    sft_config(load_config("ci-smoke"), CPU, tmp_path)
+    smoke_cfg = load_config("ci-smoke")
+    sft_config(smoke_cfg.train, smoke_cfg.model, CPU, tmp_path)
     assert seen and "padding_free" not in seen
 
 
 def test_token_metrics_need_cuda() -> None:
     cfg = load_config("ci-smoke", ["train.token_metrics=true"])
     with pytest.raises(ConfigError, match=r"train\.token_metrics=true needs CUDA"):
-        check_settings(cfg, CPU)
+        check_settings(cfg.train, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +321,7 @@ def short_run(
     )
     out = tmp_path_factory.mktemp("train")
     tracker = RecordingTracker()
-    return train(cfg, base, data, out, CPU, tracker), tracker, out
+    return run_train(cfg, base, data, out, CPU, tracker), tracker, out
 
 
 def test_short_run_loss_falls_and_exports_the_best_adapter(
@@ -373,8 +384,8 @@ def test_packed_batches_keep_documents_apart_on_cpu(
 
     cfg = load_config("ci-smoke", ["train.packing=true", "train.early_stopping_patience=2"])
     rows = read_chat_rows(data.train_path)[:6]
-    model, tok = load_peft(cfg, base, CPU)
-    trainer = build_trainer(cfg, CPU, model, tok, rows, rows[:2], tmp_path)
+    model, tok = load_peft(cfg.train, cfg.model, base, CPU)
+    trainer = build_trainer(cfg.train, cfg.model, CPU, model, tok, rows, rows[:2], tmp_path)
     from transformers import EarlyStoppingCallback
 
     assert any(isinstance(c, EarlyStoppingCallback) for c in trainer.callback_handler.callbacks)
@@ -431,12 +442,12 @@ def test_unsloth_falls_back_to_peft_for_other_architectures_only_under_auto() ->
     from tasks.core.hardware import for_model
 
     auto = load_config("llama3-8b-qlora", ["train.backend=auto"])
-    assert for_model(auto, H200, "llama") is H200
-    fallback = for_model(auto, H200, "phi3")
+    assert for_model(auto.train.backend, H200, "llama") is H200
+    fallback = for_model(auto.train.backend, H200, "phi3")
     assert fallback.backend == "peft" and fallback.load_in_4bit and fallback.dtype == "bfloat16"
     assert "no kernels for model_type 'phi3'" in fallback.reason
     with pytest.raises(ConfigError, match=r"train\.backend='unsloth' but Unsloth has no kernels"):
-        for_model(load_config("llama3-8b-qlora"), H200, "phi3")
+        for_model(load_config("llama3-8b-qlora").train.backend, H200, "phi3")
 
 
 def test_auto_checkpointing_is_off_when_the_activations_fit() -> None:
@@ -448,19 +459,36 @@ def test_auto_checkpointing_is_off_when_the_activations_fit() -> None:
     # 8B, micro-batch 4 x 2048: 27.5 GiB of layer activations + 7.8 GiB of fp32 logits
     # (measured on the H200: 35.7 GiB peak, 4-bit weights included)
     assert 34 * 2**30 < need < 37 * 2**30
-    roomy = choose_gradient_checkpointing(cfg, H200, shape, 130 * 2**30)  # an H200 after load
+    roomy = choose_gradient_checkpointing(
+        cfg.train, cfg.model.max_seq_length, H200, shape, 130 * 2**30
+    )  # an H200 after load
     assert roomy.mode is False and roomy.label == "off"
     assert roomy.reason.endswith("off, no recompute") and "GiB free" in roomy.reason
-    tight = choose_gradient_checkpointing(cfg, H200, shape, 40 * 2**30)  # a 48 GB card
+    tight = choose_gradient_checkpointing(
+        cfg.train, cfg.model.max_seq_length, H200, shape, 40 * 2**30
+    )  # a 48 GB card
     assert tight.mode == "unsloth" and "unsloth (offloaded)" in tight.reason
     # explicit settings are honoured as they are, on every backend
     for mode, want in (("on", True), ("off", False), ("unsloth", "unsloth")):
         c = load_config("llama3-8b-qlora", [f"train.gradient_checkpointing={mode}"])
-        assert choose_gradient_checkpointing(c, H200, shape, 130 * 2**30).mode == want
+        assert (
+            choose_gradient_checkpointing(
+                c.train, c.model.max_seq_length, H200, shape, 130 * 2**30
+            ).mode
+            == want
+        )
     # PEFT keeps its rule: on with CUDA, off on CPU; the trainer's flag is Unsloth's to set
     peft_gpu = HardwareDecision("cuda", "peft", "bfloat16", True, "test")
-    assert choose_gradient_checkpointing(cfg, peft_gpu, shape, None).mode is True
-    assert choose_gradient_checkpointing(load_config("default"), CPU, None, None).mode is False
+    assert (
+        choose_gradient_checkpointing(
+            cfg.train, cfg.model.max_seq_length, peft_gpu, shape, None
+        ).mode
+        is True
+    )
+    assert (
+        choose_gradient_checkpointing(load_config("default").train, 2048, CPU, None, None).mode
+        is False
+    )
 
 
 def test_the_trainers_checkpointing_flag_is_for_peft_only(
@@ -476,11 +504,14 @@ def test_the_trainers_checkpointing_flag_is_for_peft_only(
     seen: dict[str, Any] = {}
     monkeypatch.setattr(trl, "SFTConfig", lambda **kwargs: seen.update(kwargs))
     cfg = load_config("llama3-8b-qlora", ["train.gradient_checkpointing=auto"])
-    sft_config(cfg, H200, tmp_path)
+    sft_config(cfg.train, cfg.model, H200, tmp_path)
     assert seen["gradient_checkpointing"] is False
-    sft_config(cfg, HardwareDecision("cuda", "peft", "bfloat16", True, "test"), tmp_path)
+    sft_config(
+        cfg.train, cfg.model, HardwareDecision("cuda", "peft", "bfloat16", True, "test"), tmp_path
+    )
     assert seen["gradient_checkpointing"] is True
-    sft_config(load_config("default"), CPU, tmp_path)
+    default = load_config("default")
+    sft_config(default.train, default.model, CPU, tmp_path)
     assert seen["gradient_checkpointing"] is False
 
 
@@ -506,7 +537,12 @@ def test_out_of_memory_is_recognised_and_the_message_names_the_knobs() -> None:
     assert is_cuda_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
     assert not is_cuda_oom(RuntimeError("shape mismatch")) and not is_cuda_oom(OSError("x"))
     cfg = load_config("llama3-8b-qlora")
-    msg = oom_message(cfg, H200, torch.OutOfMemoryError("CUDA out of memory. Tried 9 GiB\nmore"))
+    msg = oom_message(
+        cfg.train,
+        cfg.model.max_seq_length,
+        H200,
+        torch.OutOfMemoryError("CUDA out of memory. Tried 9 GiB\nmore"),
+    )
     for knob in (
         "train.micro_batch_size=4",
         "train.grad_accum=4",

@@ -32,9 +32,9 @@ from tasks.core.config import PipelineConfig, load_config
 from tasks.core.hardware import HardwareDecision, decide, probe
 from tasks.core.home import Home
 from tasks.core.refs import BaseModelRef, DataRef, TrainRef
-from tasks.train import train
 from tests.conftest import REPO
 from tests.recording import RecordingTracker
+from tests.train_fixtures import run_train
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +89,7 @@ QLORA_1B_SETS = [
 @pytest.fixture(scope="module", autouse=True)
 def unsloth_first() -> None:
     """Unsloth patches transformers/PEFT/TRL when imported: import it before they are."""
-    from tasks.train import import_unsloth
+    from tasks.core.hardware import import_unsloth
 
     import_unsloth()
 
@@ -125,7 +125,7 @@ def tiny_run(
     base = prepare_base(cfg.model, session_home)
     rec = RecordingTracker()
     t0 = time.perf_counter()
-    ref = train(cfg, base, data, tmp_path_factory.mktemp("tiny"), hw, rec)
+    ref = run_train(cfg, base, data, tmp_path_factory.mktemp("tiny"), hw, rec)
     return ref, rec, hw, time.perf_counter() - t0
 
 
@@ -204,7 +204,7 @@ def run_1b(
 ) -> tuple[TrainRef, RecordingTracker, PipelineConfig]:
     cfg = load_config("default", [f"model.name_or_path={base_1b.name_or_path}", *QLORA_1B_SETS])
     rec = RecordingTracker()
-    ref = train(cfg, base_1b, data, tmp_path_factory.mktemp("qlora-1b"), _hw(cfg), rec)
+    ref = run_train(cfg, base_1b, data, tmp_path_factory.mktemp("qlora-1b"), _hw(cfg), rec)
     return ref, rec, cfg
 
 
@@ -333,7 +333,8 @@ def _child(argv: list[str]) -> None:
     from outside."""
     import threading
 
-    from tasks.train import COMPLETE_MARKER, import_unsloth, train
+    from tasks.core.hardware import import_unsloth
+    from tasks.train import COMPLETE_MARKER
 
     import_unsloth()
     base = BaseModelRef.model_validate_json(Path(argv[0]).read_text())
@@ -350,7 +351,7 @@ def _child(argv: list[str]) -> None:
             time.sleep(0.001)
 
     threading.Thread(target=killer, daemon=True).start()
-    train(cfg, base, data, out, decide(cfg, probe()))
+    run_train(cfg, base, data, out, decide(cfg, probe()))
     raise SystemExit(3)  # finished without being killed: the test fails on this code
 
 
@@ -381,9 +382,9 @@ def test_kill_and_resume_on_gpu(session_home: Home, data: DataRef, tmp_path: Pat
     assert not (out / "adapter").exists()
 
     resumed_rec = RecordingTracker()
-    resumed = train(cfg, base, data, out, _hw(cfg), resumed_rec)
+    resumed = run_train(cfg, base, data, out, _hw(cfg), resumed_rec)
     whole_rec = RecordingTracker()
-    whole = train(cfg, base, data, tmp_path / "whole", _hw(cfg), whole_rec)
+    whole = run_train(cfg, base, data, tmp_path / "whole", _hw(cfg), whole_rec)
 
     a = load_file(str(Path(resumed.adapter_path) / "adapter_model.safetensors"))
     b = load_file(str(Path(whole.adapter_path) / "adapter_model.safetensors"))
@@ -453,7 +454,7 @@ def test_cuda_oom_retries_once_then_names_the_knobs(
             caplog.at_level(logging.WARNING, logger="tasks.train"),
             pytest.raises(TrainOutOfMemoryError) as err,
         ):
-            train(cfg, base_1b, data, tmp_path / "oom", _hw(cfg))
+            run_train(cfg, base_1b, data, tmp_path / "oom", _hw(cfg))
     finally:
         del hog
         torch.cuda.empty_cache()
@@ -515,7 +516,7 @@ def test_cuda_oom_retry_with_half_the_micro_batch_finishes_the_run(
         "train.assistant_only_loss=false",
     ]
     probe_cfg = load_config("default", [*sets, "train.micro_batch_size=16"])
-    sized = train(probe_cfg, base_1b, data, tmp_path / "sizing", _hw(probe_cfg))
+    sized = run_train(probe_cfg, base_1b, data, tmp_path / "sizing", _hw(probe_cfg))
     peak16 = sized.metrics["gpu_peak_mem_gb"] * 2**30
     del sized
     gc.collect()  # the sizing run's model and trainer, before measuring what is free
@@ -528,7 +529,7 @@ def test_cuda_oom_retry_with_half_the_micro_batch_finishes_the_run(
     rec = RecordingTracker()
     try:
         with caplog.at_level(logging.WARNING, logger="tasks.train"):
-            ref = train(cfg, base_1b, data, tmp_path / "retried", _hw(cfg), rec)
+            ref = run_train(cfg, base_1b, data, tmp_path / "retried", _hw(cfg), rec)
     finally:
         del hog
         torch.cuda.empty_cache()
@@ -582,7 +583,7 @@ def test_auto_falls_back_to_peft_for_an_architecture_unsloth_lacks(
     hw = _hw(cfg)  # before the architecture is known: Unsloth
     base = prepare_base(cfg.model, session_home)
     rec = RecordingTracker()
-    ref = train(cfg, base, data, tmp_path / "train", hw, rec)
+    ref = run_train(cfg, base, data, tmp_path / "train", hw, rec)
     losses = [v for _, v in rec.series("train_loss")]
     _report(
         "peft-fallback",
@@ -620,7 +621,18 @@ def test_export_stage_merges_an_unsloth_adapter_on_the_gpu(
 
     ref, _rec, hw, _wall = tiny_run
     cfg = load_config("default", [*TINY_SETS, f"export.dtype={dtype}", "export.stop_check=warn"])
-    out = export(cfg, ref, data, tmp_path / "export", hw, run_id="gpu-test", code_version="test")
+    out = export(
+        cfg.export,
+        ref,
+        data,
+        tmp_path / "export",
+        hw,
+        served_model_name=cfg.tracking.registered_model,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        max_seq_length=cfg.model.max_seq_length,
+        run_id="gpu-test",
+        code_version="test",
+    )
     merged = Path(out.merged_path or "")
     manifest = read_manifest(merged)
     _report(
@@ -663,7 +675,7 @@ def test_mlflow_records_gpu_system_metrics_while_training(
     cfg = load_config("default", TINY_SETS)
     base = prepare_base(cfg.model, session_home)
     t0 = time.perf_counter()
-    train(cfg, base, data, tmp_path / "train", _hw(cfg), MlflowTracker(uri, run_id))
+    run_train(cfg, base, data, tmp_path / "train", _hw(cfg), MlflowTracker(uri, run_id))
     wall = time.perf_counter() - t0
     keys = set(client.get_run(run_id).data.metrics)
     util = client.get_metric_history(run_id, "system/gpu_0_utilization_percentage")

@@ -21,9 +21,10 @@ from tasks.core.config import load_config
 from tasks.core.hardware import HardwareDecision
 from tasks.core.home import Home
 from tasks.core.refs import TrainRef
-from tasks.train import COMPLETE_MARKER, train
+from tasks.train import COMPLETE_MARKER
 from tests.conftest import BIN, REPO, clean_env
 from tests.recording import RecordingTracker
+from tests.train_fixtures import run_train
 
 #: Long enough that the kill (after step 7) lands far from the end even when a loaded
 #: machine makes the 20 ms poller late by many steps; short enough for a quick test.
@@ -115,7 +116,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     cfg = load_config("ci-smoke", SETS)
     base = prepare_base(cfg.model, Home(home))
     rec = RecordingTracker()
-    whole = train(cfg, base, data, tmp_path / "whole", CPU, rec)
+    whole = run_train(cfg, base, data, tmp_path / "whole", CPU, rec)
     assert whole.best_step == resumed.best_step
     # the run's train_loss covers every step, the killed attempt's too (exact resume:
     # the per-step losses are the same, so their mean is too)

@@ -161,12 +161,12 @@ def decide(cfg: PipelineConfig, hw: Probe) -> HardwareDecision:
 UNSLOTH_MODEL_TYPES = frozenset({"llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3"})
 
 
-def for_model(cfg: PipelineConfig, hw: HardwareDecision, model_type: str) -> HardwareDecision:
+def for_model(requested: str, hw: HardwareDecision, model_type: str) -> HardwareDecision:
     """Refine the run's decision once the base model's architecture is known.
 
     Unsloth was chosen before the base stage resolved the model; an architecture it has
     no kernels for falls back to PEFT under ``train.backend=auto`` (reason recorded), and
-    is an error when Unsloth was asked for explicitly.
+    is an error when Unsloth was asked for explicitly. ``requested`` is ``train.backend``.
     """
     if hw.backend != "unsloth" or model_type in UNSLOTH_MODEL_TYPES:
         return hw
@@ -174,7 +174,7 @@ def for_model(cfg: PipelineConfig, hw: HardwareDecision, model_type: str) -> Har
         f"Unsloth has no kernels for model_type {model_type!r} "
         f"(supported: {', '.join(sorted(UNSLOTH_MODEL_TYPES))})"
     )
-    if cfg.train.backend == "unsloth":
+    if requested == "unsloth":
         raise ConfigError(f"train.backend='unsloth' but {why}; use train.backend=auto or peft")
     return replace(hw, backend="peft", reason=f"{hw.reason}; then {why}: transformers + PEFT")
 
