@@ -73,7 +73,15 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             **_rounded(trained.metrics, "best_eval_loss", "train_loss"),
         }
 
-        exported = export_task(ctx, config, trained, data)
+        exported = export_task(
+            ctx,
+            config.export,
+            trained,
+            data,
+            served_model_name=config.tracking.registered_model,
+            max_new_tokens=config.eval.max_new_tokens,
+            max_seq_length=config.model.max_seq_length,
+        )
         results["export"] = {
             "merged": exported.merged_path,
             "parity_max_abs_diff": exported.parity_max_abs_diff,

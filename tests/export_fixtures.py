@@ -133,6 +133,15 @@ def pipeline_cfg(**sections: Any) -> PipelineConfig:
     return build_config(raw)
 
 
+def export_values(cfg: PipelineConfig) -> dict[str, Any]:
+    """What ``export`` takes from outside ``cfg.export``, as the flow passes it."""
+    return {
+        "served_model_name": cfg.tracking.registered_model,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "max_seq_length": cfg.model.max_seq_length,
+    }
+
+
 @lru_cache(maxsize=1)
 def random_adapter() -> Path:
     """A LoRA adapter with random A *and* B (PEFT's init leaves B zero)."""
@@ -253,11 +262,12 @@ def exported(which: str) -> Any:
     adapter = random_adapter() if which == "random" else trained_adapters()[which]
     cfg = pipeline_cfg(export={"stop_check": "fail" if which == "strong" else "warn"})
     return export(
-        cfg,
+        cfg.export,
         train_ref(adapter),
         data_ref(),
         root() / f"export-{which}",
         cpu(),
+        **export_values(cfg),
         run_id=f"test-{which}",
         code_version="test",
     )

@@ -157,12 +157,14 @@ def test_export_loads_the_merge_once_and_reads_the_base_generation_config_once(
     monkeypatch.setattr(GenerationConfig, "from_pretrained", classmethod(counting_read))
     out = tmp_path / "export"
     train = fx.train_ref(fx.random_adapter())
+    cfg = fx.pipeline_cfg(export={"stop_check": "warn"})
     ref = export_mod.export(
-        fx.pipeline_cfg(export={"stop_check": "warn"}),
+        cfg.export,
         train,
         fx.data_ref(),
         out,
         fx.cpu(),
+        **fx.export_values(cfg),
         run_id="t",
         code_version="test",
     )
@@ -190,13 +192,15 @@ def test_export_stage_fails_when_the_merge_is_corrupted(
     # An earlier attempt's merge must not stay servable either.
     (out / "merged").mkdir(parents=True)
     (out / "merged" / "model.safetensors").write_bytes(b"stale")
+    cfg = fx.pipeline_cfg()
     with pytest.raises(export_mod.ExportError, match="parity check failed"):
         export_mod.export(
-            fx.pipeline_cfg(),
+            cfg.export,
             fx.train_ref(fx.random_adapter()),
             fx.data_ref(),
             out,
             fx.cpu(),
+            **fx.export_values(cfg),
             run_id="t",
             code_version="test",
         )
@@ -212,14 +216,16 @@ def test_export_stage_rejects_a_merge_that_does_not_stop(tmp_path: Path) -> None
     from tasks.export import StopCheckError, export
 
     out = tmp_path / "export"
+    cfg = fx.pipeline_cfg(export={"stop_check": "fail"})
     # The random adapter never learned to end its answer.
     with pytest.raises(StopCheckError, match="did not end on an EOS token"):
         export(
-            fx.pipeline_cfg(export={"stop_check": "fail"}),
+            cfg.export,
             fx.train_ref(fx.random_adapter()),
             fx.data_ref(),
             out,
             fx.cpu(),
+            **fx.export_values(cfg),
             run_id="t",
             code_version="test",
         )
@@ -234,13 +240,15 @@ def test_export_refuses_a_chat_template_the_base_did_not_record(tmp_path: Path) 
     train = train.model_copy(
         update={"base": train.base.model_copy(update={"chat_template_sha256": "0" * 64})}
     )
+    cfg = fx.pipeline_cfg()
     with pytest.raises(ExportError, match="chat template mismatch"):
         export(
-            fx.pipeline_cfg(),
+            cfg.export,
             train,
             fx.data_ref(),
             tmp_path / "export",
             fx.cpu(),
+            **fx.export_values(cfg),
             run_id="t",
             code_version="test",
         )
@@ -290,13 +298,15 @@ def test_unsloth_adapter_exported_in_float32_is_merged_by_peft(
     train = fx.train_ref(fx.random_adapter()).model_copy(update={"backend": "unsloth"})
     out = tmp_path / "export"
     tracker = RecordingTracker()
+    cfg = fx.pipeline_cfg(export={"dtype": "float32", "stop_check": "warn"})
     with caplog.at_level(logging.INFO, logger="tasks.export"):
         ref = export_mod.export(
-            fx.pipeline_cfg(export={"dtype": "float32", "stop_check": "warn"}),
+            cfg.export,
             train,
             fx.data_ref(),
             out,
             fx.cpu(),
+            **fx.export_values(cfg),
             run_id="t",
             code_version="test",
             tracker=tracker,
@@ -346,7 +356,15 @@ def test_unsloth_branch_hands_gpu_merge_the_stage_arguments(
     out = tmp_path / "export"
     tracker = RecordingTracker()
     ref = export_mod.export(
-        cfg, train, fx.data_ref(), out, fx.cpu(), run_id="t", code_version="test", tracker=tracker
+        cfg.export,
+        train,
+        fx.data_ref(),
+        out,
+        fx.cpu(),
+        **fx.export_values(cfg),
+        run_id="t",
+        code_version="test",
+        tracker=tracker,
     )
     [call] = calls
     assert call["base"] == train.base  # merge_16bit rewrites the adapter's base path to it
@@ -558,20 +576,22 @@ def test_export_publishes_the_artifact_publish_kind_names(
     monkeypatch.setenv("SLOTHFLOW_TEST_HF_TOKEN", "hf_x")
     out = tmp_path / "export"
     tracker = RecordingTracker()
+    cfg = fx.pipeline_cfg(
+        export={
+            "stop_check": "warn",
+            "publish": True,
+            "publish_kind": "adapter",
+            "hub_repo": "acme/tiny-adapter",
+            "hub_token": {"env": "SLOTHFLOW_TEST_HF_TOKEN"},
+        }
+    )
     ref = export(
-        fx.pipeline_cfg(
-            export={
-                "stop_check": "warn",
-                "publish": True,
-                "publish_kind": "adapter",
-                "hub_repo": "acme/tiny-adapter",
-                "hub_token": {"env": "SLOTHFLOW_TEST_HF_TOKEN"},
-            }
-        ),
+        cfg.export,
         fx.train_ref(fx.random_adapter()),
         fx.data_ref(),
         out,
         fx.cpu(),
+        **fx.export_values(cfg),
         run_id="t",
         code_version="test",
         tracker=tracker,
@@ -594,11 +614,12 @@ def test_publishing_a_merged_model_that_is_not_merged_is_refused_up_front(
     )
     with pytest.raises(ConfigError, match=r"publish_kind=merged but export\.merge is false"):
         export(
-            cfg,
+            cfg.export,
             fx.train_ref(fx.random_adapter()),
             fx.data_ref(),
             tmp_path / "export",
             fx.cpu(),
+            **fx.export_values(cfg),
             run_id="t",
             code_version="test",
         )

@@ -37,6 +37,7 @@ stage: keep them stable.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 import time
@@ -48,11 +49,12 @@ from tasks.core.artifacts import (
     MANIFEST,
     ArtifactError,
     ManifestInfo,
+    heldout_rows,
     vllm_args,
     vllm_max_lora_rank,
     write_manifest,
 )
-from tasks.core.config import ConfigError, PipelineConfig
+from tasks.core.config import ConfigError, ExportConfig
 from tasks.core.hardware import HardwareDecision
 from tasks.core.models import (
     chat_template_sha256,
@@ -103,8 +105,8 @@ class StopCheckError(ExportError):
 # --------------------------------------------------------------------------- small pure helpers
 
 
-def parity_tolerance(cfg: PipelineConfig) -> float:
-    return cfg.export.parity_atol or DEFAULT_PARITY_ATOL[cfg.export.dtype]
+def parity_tolerance(cfg: ExportConfig) -> float:
+    return cfg.parity_atol or DEFAULT_PARITY_ATOL[cfg.dtype]
 
 
 def turn_end_token_id(tokenizer: Any) -> int | None:
@@ -183,7 +185,7 @@ def merge_method(backend: str, dtype: str) -> tuple[MergeMethod, str]:
     return "peft", "PEFT merge_and_unload in float32, then cast"
 
 
-def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
+def merge_unsloth(train: TrainRef, dtype: str, max_seq_length: int, out: Path) -> None:
     """Unsloth's merged 16-bit save (GPU), through :func:`tasks.export.gpu_merge.merge_16bit`:
     the adapter's base path rewritten to ``train.base``, Unsloth's buffers kept beside
     ``out`` (not in the cwd), ``out`` written atomically.
@@ -192,7 +194,7 @@ def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
     on the device by ``tests/test_train_gpu.py`` (merge_16bit on a real Unsloth adapter);
     the CPU tests cover the argument plumbing.
     """
-    from tasks.export import gpu_merge  # imports tasks.train; GPU packages only inside the call
+    from tasks.export import gpu_merge  # core imports only; unsloth and torch load inside the call
 
     # A non-16-bit dtype is a ValueError; without unsloth installed this raises
     # BackendNotReadyError (a ConfigError) saying so.
@@ -201,8 +203,8 @@ def merge_unsloth(train: TrainRef, cfg: PipelineConfig, out: Path) -> None:
         train.adapter_path,
         train.tokenizer_path,
         out,
-        dtype=cfg.export.dtype,
-        max_seq_length=cfg.model.max_seq_length,
+        dtype=dtype,
+        max_seq_length=max_seq_length,
     )
 
 
@@ -302,17 +304,12 @@ def check_stop(probe: MergedProbe) -> float:
 
 
 def probe_prompts(tokenizer: Any, validation_path: str, n: int) -> list[str]:
-    """The first ``n`` held-out conversations rendered as prompts (in-distribution, so
-    a model that learned to stop is expected to stop on every one)."""
-    import json
-
-    prompts: list[str] = []
-    with open(validation_path, encoding="utf-8") as f:
-        for line in f:
-            if len(prompts) >= n:
-                break
-            if line.strip():
-                prompts.append(render_prompt(tokenizer, json.loads(line)["messages"]))
+    """The first ``n`` held-out conversations (read by :func:`heldout_rows`, as every
+    stage reads the split) rendered as prompts (in-distribution, so a model that learned
+    to stop is expected to stop on every one)."""
+    prompts = [
+        render_prompt(tokenizer, row["messages"]) for _, row in heldout_rows(validation_path)[:n]
+    ]
     if not prompts:
         raise ExportError(f"no probe prompts: {validation_path} has no rows")
     return prompts
@@ -349,8 +346,6 @@ def _save_tokenizer(tokenizer: Any, dst: Path) -> None:
 
 
 def _max_model_len(path: Path) -> int:
-    import json
-
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return int(cfg.get("max_position_embeddings") or 2048)
 
@@ -358,12 +353,12 @@ def _max_model_len(path: Path) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
-def check_export_config(cfg: PipelineConfig) -> None:
+def check_export_config(cfg: ExportConfig) -> None:
     """Refuse, before any work, an export this config cannot finish."""
-    if cfg.export.publish:
-        if not cfg.export.hub_repo:
+    if cfg.publish:
+        if not cfg.hub_repo:
             raise ConfigError("export.publish needs export.hub_repo (org/name)")
-        if cfg.export.publish_kind == "merged" and not cfg.export.merge:
+        if cfg.publish_kind == "merged" and not cfg.merge:
             raise ConfigError(
                 "export.publish_kind=merged but export.merge is false: nothing merged to "
                 "publish; set export.publish_kind=adapter or export.merge=true"
@@ -393,29 +388,41 @@ def _reject(staging: Path, rejected: Path) -> None:
     log.error("the rejected merge is kept at %s (not servable under that name)", rejected)
 
 
-def export(
-    cfg: PipelineConfig,
-    train: TrainRef,
-    data: DataRef,
-    out_dir: Path,
-    hw: HardwareDecision,
-    *,
-    run_id: str,
-    code_version: str,
-    tracker: Tracker | None = None,
-) -> ExportRef:
-    """Write ``out_dir/adapter`` and (when ``export.merge``) ``out_dir/merged``, check
-    parity and stopping, write the manifests. Raises :class:`ExportError` on a bad merge
-    (the merge is then left in ``out_dir/merged.rejected``, never in ``merged``)."""
-    tracker = tracker or NullTracker()
-    out_dir = Path(out_dir)
+@dataclass(frozen=True)
+class Prepared:
+    """What the phases of :func:`export` share, read before anything is written."""
+
+    tokenizer: Any  # the trained adapter's tokenizer
+    base_revision: str | None
+    base_gen: Any  # the base's GenerationConfig (its EOS ids and sampling defaults)
+    eos_ids: list[int]
+    info: ManifestInfo  # the lineage both manifests carry
+    prompts: list[str]  # the probe prompts of the parity and stop checks
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What the merge phase leaves: the checked merge and its check results."""
+
+    path: Path | None  # out_dir/merged; None when export.merge is false
+    parity_max_abs_diff: float | None  # None when nothing was merged
+    stop_fraction: float
+    method: str  # the merge method, "none" when nothing was merged
+
+
+NOT_MERGED = Merged(path=None, parity_max_abs_diff=None, stop_fraction=1.0, method="none")
+
+
+def prepare_export(
+    cfg: ExportConfig, train: TrainRef, data: DataRef, *, run_id: str, code_version: str
+) -> Prepared:
+    """Every check and read that can refuse the export before anything is written: the
+    config, the chat template, the stop ids, the probe prompts."""
     check_export_config(cfg)
     tokenizer = load_tokenizer(train.tokenizer_path)
     template_hash = check_chat_template(tokenizer, train.base)
-    base_revision = _base_revision(train.base)
     base_gen = base_generation_config(train.base)  # read once: EOS ids here, then written
     eos_ids = stop_token_ids(tokenizer, base_gen.eos_token_id)
-    served = cfg.tracking.registered_model
     info = ManifestInfo(
         base=train.base,
         chat_template_sha256=template_hash,
@@ -423,12 +430,22 @@ def export(
         config_hash=train.config_hash,
         code_version=code_version,
         run_id=run_id,
-        dtype=cfg.export.dtype,
+        dtype=cfg.dtype,
         eos_token_ids=eos_ids,
     )
-    prompts = probe_prompts(tokenizer, data.validation_path, cfg.export.probe_prompts)
-    metrics: dict[str, float] = dict(train.metrics)
+    return Prepared(
+        tokenizer=tokenizer,
+        base_revision=_base_revision(train.base),
+        base_gen=base_gen,
+        eos_ids=eos_ids,
+        info=info,
+        prompts=probe_prompts(tokenizer, data.validation_path, cfg.probe_prompts),
+    )
 
+
+def write_adapter(train: TrainRef, tokenizer: Any, out_dir: Path) -> tuple[Path, int]:
+    """``out_dir/adapter``: the trained adapter and its tokenizer. Returns the folder and
+    the LoRA rank, refused here when vLLM could not serve it."""
     # The adapter artifact: a copy, so the run's train folder can be cleaned up
     # without breaking what was registered.
     adapter_dir = out_dir / "adapter"
@@ -436,135 +453,236 @@ def export(
         shutil.rmtree(adapter_dir)
     shutil.copytree(train.adapter_path, adapter_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
     _save_tokenizer(tokenizer, adapter_dir)
-    import json
-
     lora_rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
     vllm_max_lora_rank(lora_rank)  # refuse an unservable rank before the merge
+    return adapter_dir, lora_rank
 
-    merged_dir: Path | None = None
-    atol = parity_tolerance(cfg)
-    diff: float | None = None
-    stop_fraction = 1.0
-    # An earlier attempt's merge (checked or rejected) is not this export's.
-    for name in (MERGED, STAGING, REJECTED):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    method, why = merge_method(train.backend, cfg.export.dtype)
-    if cfg.export.merge:
-        final, staging = out_dir / MERGED, out_dir / STAGING
-        log.info(
-            "export: %s merge (train.backend=%s, export.dtype=%s, device %s): %s",
-            method,
-            train.backend,
-            cfg.export.dtype,
-            hw.device,
-            why,
-        )
-        t0 = time.monotonic()
-        try:
-            if method == "unsloth":
-                merge_unsloth(train, cfg, staging)
-            else:
-                merge_peft(train, cfg.export.dtype, hw.device, staging)
-            _save_tokenizer(tokenizer, staging)
-            _write_generation_config(base_gen, staging, tokenizer, eos_ids)
-            metrics["export.merge_seconds"] = time.monotonic() - t0
-            # One load of the merge, with the generation config it will be served with.
-            probe = probe_merged(
-                str(staging), prompts, cfg.eval.max_new_tokens, cfg.export.dtype, hw.device
-            )
-            diff = check_parity(
-                probe,
-                train.base.name_or_path,
-                train.adapter_path,
-                cfg.export.dtype,
-                hw.device,
-                atol,
-                base_revision,
-            )
-            metrics["export.parity_max_abs_diff"] = diff
-            try:
-                stop_fraction = check_stop(probe)
-            except StopCheckError as exc:
-                if cfg.export.stop_check == "fail":
-                    raise
-                log.warning("%s (export.stop_check=warn: going on)", exc)
-                stop_fraction = exc.fraction
-            metrics["export.stop_fraction"] = stop_fraction
-            write_manifest(
-                staging,
-                "merged",
-                info,
-                metrics,
-                {
-                    "model": str(final),
-                    "served_model_name": served,
-                    "vllm_args": vllm_args(
-                        "merged", served, _max_model_len(staging), cfg.export.dtype
-                    ),
-                },
-                artifact_path=final,
-            )
-        except Exception:
-            _reject(staging, out_dir / REJECTED)
-            raise
-        # Only a checked merge with its manifest ever appears under the servable name.
-        staging.rename(final)
-        merged_dir = final
 
-    write_manifest(
-        adapter_dir,
-        "adapter",
-        info,
-        metrics,
-        {
-            "model": train.base.name_or_path,
-            "served_model_name": served,
-            "vllm_args": vllm_args(
-                "adapter",
-                served,
-                _max_model_len(Path(train.base.name_or_path))
-                if Path(train.base.name_or_path, "config.json").exists()
-                else cfg.model.max_seq_length,
-                cfg.export.dtype,
-                adapter_dir,
-                lora_rank,
-                base_revision,
-            ),
-        },
+def merge_and_check(
+    cfg: ExportConfig,
+    train: TrainRef,
+    prep: Prepared,
+    out_dir: Path,
+    hw: HardwareDecision,
+    metrics: dict[str, float],
+    *,
+    served_model_name: str,
+    max_new_tokens: int,
+    max_seq_length: int,
+) -> Merged:
+    """Merge into ``merged.staging``, check it, write its manifest, then rename it to
+    ``merged``. A merge that fails any of it is moved to ``merged.rejected`` and the
+    error raised. Adds the merge's numbers to ``metrics`` (both manifests carry them)."""
+    final, staging = out_dir / MERGED, out_dir / STAGING
+    method, why = merge_method(train.backend, cfg.dtype)
+    log.info(
+        "export: %s merge (train.backend=%s, export.dtype=%s, device %s): %s",
+        method,
+        train.backend,
+        cfg.dtype,
+        hw.device,
+        why,
     )
-    ref = ExportRef(
+    t0 = time.monotonic()
+    try:
+        if method == "unsloth":
+            merge_unsloth(train, cfg.dtype, max_seq_length, staging)
+        else:
+            merge_peft(train, cfg.dtype, hw.device, staging)
+        _save_tokenizer(prep.tokenizer, staging)
+        _write_generation_config(prep.base_gen, staging, prep.tokenizer, prep.eos_ids)
+        metrics["export.merge_seconds"] = time.monotonic() - t0
+        diff, stop_fraction = _check_merge(staging, cfg, train, prep, hw.device, max_new_tokens)
+        metrics["export.parity_max_abs_diff"] = diff
+        metrics["export.stop_fraction"] = stop_fraction
+        serving = {
+            "model": str(final),
+            "served_model_name": served_model_name,
+            "vllm_args": vllm_args("merged", served_model_name, _max_model_len(staging), cfg.dtype),
+        }
+        write_manifest(staging, "merged", prep.info, metrics, serving, artifact_path=final)
+    except Exception:
+        _reject(staging, out_dir / REJECTED)
+        raise
+    # Only a checked merge with its manifest ever appears under the servable name.
+    staging.rename(final)
+    return Merged(path=final, parity_max_abs_diff=diff, stop_fraction=stop_fraction, method=method)
+
+
+def _check_merge(
+    staging: Path,
+    cfg: ExportConfig,
+    train: TrainRef,
+    prep: Prepared,
+    device: str,
+    max_new_tokens: int,
+) -> tuple[float, float]:
+    """The parity and stop checks on the merge as saved: (max |Δlogit|, share of probe
+    prompts that stopped). Raises on a failure (a stop failure only warns under
+    ``export.stop_check: warn``)."""
+    # One load of the merge, with the generation config it will be served with.
+    probe = probe_merged(str(staging), prep.prompts, max_new_tokens, cfg.dtype, device)
+    diff = check_parity(
+        probe,
+        train.base.name_or_path,
+        train.adapter_path,
+        cfg.dtype,
+        device,
+        parity_tolerance(cfg),
+        prep.base_revision,
+    )
+    try:
+        stop_fraction = check_stop(probe)
+    except StopCheckError as exc:
+        if cfg.stop_check == "fail":
+            raise
+        log.warning("%s (export.stop_check=warn: going on)", exc)
+        stop_fraction = exc.fraction
+    return diff, stop_fraction
+
+
+def write_adapter_manifest(
+    adapter_dir: Path,
+    lora_rank: int,
+    train: TrainRef,
+    prep: Prepared,
+    metrics: dict[str, float],
+    *,
+    dtype: str,
+    served_model_name: str,
+    max_seq_length: int,
+) -> None:
+    """``adapter/manifest.json``: vLLM serves the adapter on the base, with the base's
+    context length when its config is on this disk, else the training length."""
+    base = Path(train.base.name_or_path)
+    max_len = _max_model_len(base) if (base / "config.json").exists() else max_seq_length
+    serving = {
+        "model": train.base.name_or_path,
+        "served_model_name": served_model_name,
+        "vllm_args": vllm_args(
+            "adapter",
+            served_model_name,
+            max_len,
+            dtype,
+            adapter_dir,
+            lora_rank,
+            prep.base_revision,
+        ),
+    }
+    write_manifest(adapter_dir, "adapter", prep.info, metrics, serving)
+
+
+def export_ref(
+    cfg: ExportConfig,
+    train: TrainRef,
+    prep: Prepared,
+    out_dir: Path,
+    adapter_dir: Path,
+    merged: Merged,
+    metrics: dict[str, float],
+    served_model_name: str,
+) -> ExportRef:
+    return ExportRef(
         stage="export",
         path=str(out_dir),
         adapter_path=str(adapter_dir),
-        merged_path=str(merged_dir) if merged_dir else None,
+        merged_path=str(merged.path) if merged.path else None,
         base=train.base,
         data_fingerprint=train.data_fingerprint,
         config_hash=train.config_hash,
-        dtype=cfg.export.dtype,
-        eos_token_ids=eos_ids,
-        served_model_name=served,
-        parity_max_abs_diff=diff,
-        parity_atol=atol,
-        stop_fraction=stop_fraction,
+        dtype=cfg.dtype,
+        eos_token_ids=prep.eos_ids,
+        served_model_name=served_model_name,
+        parity_max_abs_diff=merged.parity_max_abs_diff,
+        parity_atol=parity_tolerance(cfg),
+        stop_fraction=merged.stop_fraction,
         metrics=metrics,
     )
+
+
+def track_export(tracker: Tracker, cfg: ExportConfig, ref: ExportRef, merged: Merged) -> None:
+    """The stage's params, metrics and manifests on its MLflow run."""
     tracker.log_params(
         {
-            "export.dtype": cfg.export.dtype,
-            "export.parity_atol": atol,
-            "export.eos_ids": eos_ids,
-            "export.merge_method": method if cfg.export.merge else "none",
+            "export.dtype": cfg.dtype,
+            "export.parity_atol": ref.parity_atol,
+            "export.eos_ids": ref.eos_token_ids,
+            "export.merge_method": merged.method,
         }
     )
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("export.")})
-    tracker.log_artifact(adapter_dir / MANIFEST, "adapter")
-    if merged_dir:
-        tracker.log_artifact(merged_dir / MANIFEST, "merged")
-    if cfg.export.publish:
-        from tasks.export.publish import publish
+    tracker.log_metrics({k: v for k, v in ref.metrics.items() if k.startswith("export.")})
+    tracker.log_artifact(Path(ref.adapter_path) / MANIFEST, "adapter")
+    if merged.path:
+        tracker.log_artifact(merged.path / MANIFEST, "merged")
 
-        url = publish(published_artifact(ref, cfg.export.publish_kind), cfg.export)
-        tracker.set_tags({"slothflow.hub_repo": url})
+
+def publish_export(cfg: ExportConfig, ref: ExportRef, tracker: Tracker) -> None:
+    """Push the artifact ``export.publish_kind`` names, when ``export.publish``."""
+    if not cfg.publish:
+        return
+    from tasks.export.publish import publish
+
+    url = publish(published_artifact(ref, cfg.publish_kind), cfg)
+    tracker.set_tags({"slothflow.hub_repo": url})
+
+
+def export(
+    cfg: ExportConfig,
+    train: TrainRef,
+    data: DataRef,
+    out_dir: Path,
+    hw: HardwareDecision,
+    *,
+    served_model_name: str,
+    max_new_tokens: int,
+    max_seq_length: int,
+    run_id: str,
+    code_version: str,
+    tracker: Tracker | None = None,
+) -> ExportRef:
+    """Write ``out_dir/adapter`` and (when ``export.merge``) ``out_dir/merged``, check
+    parity and stopping, write the manifests. Raises :class:`ExportError` on a bad merge
+    (the merge is then left in ``out_dir/merged.rejected``, never in ``merged``).
+
+    ``served_model_name`` is the name the manifests serve under (the registered
+    model's), ``max_new_tokens`` the stop check's budget (evaluation's), and
+    ``max_seq_length`` the training length: Unsloth's merge loads with it, and the
+    adapter's vLLM context falls back to it when the base's config is not on this disk.
+    """
+    tracker = tracker or NullTracker()
+    out_dir = Path(out_dir)
+    prep = prepare_export(cfg, train, data, run_id=run_id, code_version=code_version)
+    metrics: dict[str, float] = dict(train.metrics)
+    adapter_dir, lora_rank = write_adapter(train, prep.tokenizer, out_dir)
+    # An earlier attempt's merge (checked or rejected) is not this export's.
+    for name in (MERGED, STAGING, REJECTED):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    merged = NOT_MERGED
+    if cfg.merge:
+        merged = merge_and_check(
+            cfg,
+            train,
+            prep,
+            out_dir,
+            hw,
+            metrics,
+            served_model_name=served_model_name,
+            max_new_tokens=max_new_tokens,
+            max_seq_length=max_seq_length,
+        )
+    write_adapter_manifest(
+        adapter_dir,
+        lora_rank,
+        train,
+        prep,
+        metrics,
+        dtype=cfg.dtype,
+        served_model_name=served_model_name,
+        max_seq_length=max_seq_length,
+    )
+    ref = export_ref(cfg, train, prep, out_dir, adapter_dir, merged, metrics, served_model_name)
+    track_export(tracker, cfg, ref, merged)
+    publish_export(cfg, ref, tracker)
     return ref
 
 
@@ -577,12 +695,20 @@ def published_artifact(ref: ExportRef, kind: str) -> Path:
     return Path(ref.merged_path)
 
 
-def export_inputs_hash(cfg: PipelineConfig, train: TrainRef, data: DataRef) -> str:
+def export_inputs_hash(
+    cfg: ExportConfig,
+    train: TrainRef,
+    data: DataRef,
+    *,
+    served_model_name: str,
+    max_new_tokens: int,
+) -> str:
+    # The reuse key: keep its keys and values, or every finished export is redone.
     return sha256_json(
         {
-            "export": cfg.export.model_dump(mode="json"),
-            "max_new_tokens": cfg.eval.max_new_tokens,
-            "served": cfg.tracking.registered_model,
+            "export": cfg.model_dump(mode="json"),
+            "max_new_tokens": max_new_tokens,
+            "served": served_model_name,
             "train": train.model_dump(mode="json"),
             "validation": data.fingerprint,
         }
@@ -590,12 +716,26 @@ def export_inputs_hash(cfg: PipelineConfig, train: TrainRef, data: DataRef) -> s
 
 
 @stage_task(name="export", retries=0)
-def export_task(ctx: RunContext, cfg: PipelineConfig, train: TrainRef, data: DataRef) -> ExportRef:
-    """Prefect task: merge + checks + manifests under ``<run>/export``; resumable."""
+def export_task(
+    ctx: RunContext,
+    cfg: ExportConfig,
+    train: TrainRef,
+    data: DataRef,
+    *,
+    served_model_name: str,
+    max_new_tokens: int,
+    max_seq_length: int,
+) -> ExportRef:
+    """Prefect task: merge + checks + manifests under ``<run>/export``; resumable.
+
+    ``max_seq_length`` is not in the reuse key: the training length is in the run's
+    config hash, which ``train`` carries."""
     from tasks.core.run import stage
 
     out = ctx.stage_dir("export")
-    key = export_inputs_hash(cfg, train, data)
+    key = export_inputs_hash(
+        cfg, train, data, served_model_name=served_model_name, max_new_tokens=max_new_tokens
+    )
     done = load_done(out, key, ExportRef)
     if done is not None:
         log.info("export: reusing %s", out)
@@ -608,6 +748,9 @@ def export_task(ctx: RunContext, cfg: PipelineConfig, train: TrainRef, data: Dat
             data,
             out,
             hw,
+            served_model_name=served_model_name,
+            max_new_tokens=max_new_tokens,
+            max_seq_length=max_seq_length,
             run_id=ctx.run_id,
             code_version=ctx.code_version,
             tracker=tracker,
