@@ -19,7 +19,7 @@ from tasks.base_model import prepare_base_task
 from tasks.core import home as home_mod
 from tasks.core import run as run_mod
 from tasks.core import tracking
-from tasks.core.config import PipelineConfig
+from tasks.core.config import PipelineConfig, dump_config
 from tasks.core.refs import GateBar
 from tasks.data import clean_task
 from tasks.evaluate import evaluate_task
@@ -67,7 +67,16 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
             "fingerprint": data.fingerprint[:12],
         }
 
-        trained = train_task(ctx, config, base, data)
+        trained = train_task(
+            ctx,
+            config.train,
+            config.model,
+            base,
+            data,
+            max_new_tokens=config.eval.max_new_tokens,
+            resolved_config=dump_config(config),
+            system_metrics=config.tracking.system_metrics,
+        )
         results["train"] = {
             "best_step": trained.best_step,
             **_rounded(trained.metrics, "best_eval_loss", "train_loss"),
