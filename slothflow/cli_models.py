@@ -34,49 +34,60 @@ def _read_ref(path: Path, model: Any) -> Any:
     return model.model_validate(json.loads(path.read_text(encoding="utf-8"))["ref"])
 
 
+# The options as types: the command's signature stays readable, and typer reads the
+# help from them all the same.
+RunOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run",
+        help="A pipeline run id (or 'last'): its export, held-out split and config are used.",
+    ),
+]
+ExportDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--export-dir",
+        help="An export stage folder (with ref.json, adapter/ and merged/); overrides the run's.",
+    ),
+]
+ValidationOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--validation",
+        help="Held-out chat rows (JSONL of {id, messages}); default: the run's validation split.",
+    ),
+]
+ChampionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--champion",
+        help="Also score a registered model on the same rows, e.g. slothflow-embedded@champion.",
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder (default: <run>/evaluate-cli-<time>)."),
+]
+RecipeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe", "-r", help="Recipe for the eval.* settings (default: the run's own config)."
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field, e.g. --set eval.limit=50."),
+]
+
+
 def evaluate_cmd(
-    run: Annotated[
-        str | None,
-        typer.Option(
-            "--run",
-            help="A pipeline run id (or 'last'): its export, held-out split and config are used.",
-        ),
-    ] = None,
-    export_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--export-dir",
-            help="An export stage folder (with ref.json, adapter/ and merged/); overrides the run's.",
-        ),
-    ] = None,
-    validation: Annotated[
-        Path | None,
-        typer.Option(
-            "--validation",
-            help="Held-out chat rows (JSONL of {id, messages}); default: the run's validation split.",
-        ),
-    ] = None,
-    champion: Annotated[
-        str | None,
-        typer.Option(
-            "--champion",
-            help="Also score a registered model on the same rows, e.g. slothflow-embedded@champion.",
-        ),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: <run>/evaluate-cli-<time>)."),
-    ] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            "--recipe", "-r", help="Recipe for the eval.* settings (default: the run's own config)."
-        ),
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-s", help="Override a field, e.g. --set eval.limit=50."),
-    ] = None,
+    run: RunOption = None,
+    export_dir: ExportDirOption = None,
+    validation: ValidationOption = None,
+    champion: ChampionOption = None,
+    out_dir: OutOption = None,
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
 ) -> None:
     """Run evaluation alone: lm-eval on base, adapter and merged model of an export.
 

@@ -28,7 +28,8 @@ def _corrupt(merged: Path, scale: float = 0.05, suffix: str = "q_proj.weight") -
 
 
 def test_stop_token_ids_union_of_config_tokenizer_and_template() -> None:
-    from tasks.export import load_tokenizer, stop_token_ids, turn_end_token_id
+    from tasks.core.models import load_tokenizer
+    from tasks.export.checks import stop_token_ids, turn_end_token_id
 
     tok = load_tokenizer(str(fx.base_dir()))
     eos = tok.eos_token_id
@@ -116,7 +117,8 @@ def test_parity_matches_for_a_real_merge_and_catches_a_corrupted_one(tmp_path: P
 
     # The adapter really changes the logits, so parity is not trivially satisfied by a
     # merge that silently dropped it: the bare base is far from the merged model.
-    from tasks.export import load_causal_lm, probe_logits
+    from tasks.core.models import load_causal_lm
+    from tasks.export.checks import probe_logits
 
     bare = probe_logits(load_causal_lm(base, "float32", "cpu"), tok, prompts)
     assert max(float((a - b).abs().max()) for a, b in zip(bare, probe.logits, strict=True)) > 1e-2
@@ -137,9 +139,11 @@ def test_export_loads_the_merge_once_and_reads_the_base_generation_config_once(
     from transformers import GenerationConfig
 
     from tasks import export as export_mod
+    from tasks.core import models
+    from tasks.export import checks, merge
 
     loads: list[str] = []
-    real_load = export_mod.load_causal_lm
+    real_load = models.load_causal_lm
 
     def counting_load(path: str, *args: Any) -> Any:
         loads.append(path)
@@ -149,11 +153,14 @@ def test_export_loads_the_merge_once_and_reads_the_base_generation_config_once(
     real_read = GenerationConfig.from_pretrained.__func__
 
     def counting_read(cls: Any, path: Any, *args: Any, **kw: Any) -> Any:
-        if sys._getframe(1).f_globals["__name__"] == "tasks.export":  # not transformers' own
+        if (
+            sys._getframe(1).f_globals["__name__"].startswith("tasks.export")
+        ):  # not transformers' own
             gen_reads.append(str(path))
         return real_read(cls, path, *args, **kw)
 
-    monkeypatch.setattr(export_mod, "load_causal_lm", counting_load)
+    for module in (merge, checks):  # the merge's own load; the probe's and parity's loads
+        monkeypatch.setattr(module, "load_causal_lm", counting_load)
     monkeypatch.setattr(GenerationConfig, "from_pretrained", classmethod(counting_read))
     out = tmp_path / "export"
     train = fx.train_ref(fx.random_adapter())
@@ -648,7 +655,6 @@ def test_publish_without_token_is_a_clear_error(
 def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path) -> None:
     """On the GPU the export is 16-bit: merged bf16 weights vs bf16 base + adapter."""
     from tasks.export import (
-        DEFAULT_PARITY_ATOL,
         ExportError,
         check_parity,
         load_tokenizer,
@@ -656,6 +662,7 @@ def test_parity_on_cuda_in_bfloat16_within_the_default_tolerance(tmp_path: Path)
         probe_merged,
         probe_prompts,
     )
+    from tasks.export.checks import DEFAULT_PARITY_ATOL
 
     adapter = fx.random_adapter()
     merged = tmp_path / "merged"

@@ -292,7 +292,7 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
 
     def chain(cfg: Any, adapter: Path) -> tuple[Any, ...]:
         ctx = open_run(cfg, home)
-        exp = export_task.fn(ctx, cfg, fx.train_ref(adapter), data)
+        exp = export_task.fn(ctx, cfg.export, fx.train_ref(adapter), data, **fx.export_values(cfg))
         champion = champion_task.fn(ctx, cfg.tracking.registered_model)
         ev = evaluate_task.fn(ctx, cfg.eval, data, exp, champion)
         gate = gate_task.fn(ctx, cfg.eval, ev)
@@ -305,7 +305,10 @@ def test_stage_tasks_chain_and_a_weaker_challenger_loses_to_the_champion(tmp_pat
     ctx_a, exp_a, _, gate_a, reg_a = chain(cfg_a, adapters["strong"])
     assert gate_a.passed and reg_a is not None and reg_a.version == 1
     # Resume: a finished stage returns its reference without redoing the work.
-    assert export_task.fn(ctx_a, cfg_a, fx.train_ref(adapters["strong"]), data) == exp_a
+    resumed = export_task.fn(
+        ctx_a, cfg_a.export, fx.train_ref(adapters["strong"]), data, **fx.export_values(cfg_a)
+    )
+    assert resumed == exp_a
     uri = home.mlflow_db_uri
     promote("tiny-topics", 1, uri)
 

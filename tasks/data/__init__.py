@@ -3,7 +3,8 @@ deduplicate, split and report.
 
 - :func:`clean` -- the plain function (unit tests and ``slothflow data clean`` call it);
 - :func:`clean_task` -- the Prefect task the pipeline flow calls;
-- ``read`` (streaming readers), ``rows`` (per-row rules), ``dedup`` (near-duplicates),
+- ``read`` (the readers' entry), ``sources`` (resolving a source, its filesystem and content
+  hash), ``formats`` (one streaming reader per format), ``rows`` (per-row rules), ``dedup`` (near-duplicates),
   ``tokenizer`` (the length filter's tokenizer), ``quarantine`` (``rejected.jsonl``),
   ``spool`` (pass 1), ``split`` (passes 2 and 3), ``report`` (the reports), ``layout``
   (the output folder), ``clean`` (the entry points).

@@ -43,13 +43,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tasks.core.artifacts import (
     MANIFEST,
-    ArtifactError,
     ManifestInfo,
-    heldout_rows,
     vllm_args,
     vllm_max_lora_rank,
     write_manifest,
@@ -58,12 +56,8 @@ from tasks.core.config import ConfigError, ExportConfig
 from tasks.core.hardware import HardwareDecision
 from tasks.core.models import (
     chat_template_sha256,
-    generate_greedy,
     hub_load_revision,
-    load_causal_lm,
     load_tokenizer,
-    render_prompt,
-    torch_dtype,
 )
 from tasks.core.orchestration import stage_task
 from tasks.core.refs import (
@@ -77,70 +71,22 @@ from tasks.core.refs import (
     sha256_json,
 )
 from tasks.core.tracking import NullTracker, Tracker
+from tasks.export.checks import (
+    check_parity,
+    check_stop,
+    parity_tolerance,
+    probe_merged,
+    probe_prompts,
+    stop_token_ids,
+)
+from tasks.export.errors import ExportError, StopCheckError
+from tasks.export.merge import merge_method, merge_peft, merge_unsloth
 
 log = logging.getLogger(__name__)
 
-#: Default parity tolerance by dtype when ``export.parity_atol`` is unset. float32 on
-#: CPU matches to ~1e-6 (only summation order differs); half precision rounds the
-#: merged weights (W + BA) once more than the unmerged path, ~2^-8 relative per
-#: weight, which accumulates through the layers.
-DEFAULT_PARITY_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
 
 #: Where the merge is written, and where a merge that failed a check is moved.
 MERGED, STAGING, REJECTED = "merged", "merged.staging", "merged.rejected"
-
-
-class ExportError(ArtifactError):
-    """The export is wrong (parity or stop check failed, or the merge cannot run here)."""
-
-
-class StopCheckError(ExportError):
-    """Greedy generation did not end on EOS on every probe prompt."""
-
-    def __init__(self, fraction: float, message: str) -> None:
-        super().__init__(message)
-        self.fraction = fraction
-
-
-# --------------------------------------------------------------------------- small pure helpers
-
-
-def parity_tolerance(cfg: ExportConfig) -> float:
-    return cfg.parity_atol or DEFAULT_PARITY_ATOL[cfg.dtype]
-
-
-def turn_end_token_id(tokenizer: Any) -> int | None:
-    """The token the chat template puts right after an assistant answer (``<|eot_id|>``
-    for Llama 3, ``<|im_end|>`` for ChatML), found by rendering a sentinel answer."""
-    sentinel = "SLOTHFLOWSENTINEL"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}],
-            tokenize=False,
-        )
-    except Exception:  # a template that cannot render this pair has no answer turn
-        return None
-    tail = str(text).split(sentinel, 1)[-1]
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    if ids and ids[0] in set(tokenizer.all_special_ids):
-        return int(ids[0])
-    return None
-
-
-def stop_token_ids(tokenizer: Any, configured: int | list[int] | None) -> list[int]:
-    """Every id that must end generation: the base's configured EOS ids, the
-    tokenizer's EOS and the chat template's end-of-turn token, in that order."""
-    ids: list[int] = []
-    if isinstance(configured, int):
-        ids.append(configured)
-    elif configured:
-        ids.extend(int(i) for i in configured)
-    for extra in (tokenizer.eos_token_id, turn_end_token_id(tokenizer)):
-        if extra is not None and int(extra) not in ids:
-            ids.append(int(extra))
-    if not ids:
-        raise ExportError("the tokenizer defines no EOS token and the base config lists none")
-    return ids
 
 
 # --------------------------------------------------------------------------- model work
@@ -148,171 +94,6 @@ def stop_token_ids(tokenizer: Any, configured: int | list[int] | None) -> list[i
 
 def _base_revision(base: BaseModelRef) -> str | None:
     return hub_load_revision(base)
-
-
-def merge_peft(train: TrainRef, dtype: str, device: str, out: Path) -> None:
-    """PEFT ``merge_and_unload``. The merge itself runs in float32 (W + s·BA rounded
-    once), then the weights are cast to the export dtype."""
-    from peft import PeftModel
-
-    base = load_causal_lm(train.base.name_or_path, "float32", device, _base_revision(train.base))
-    merged = PeftModel.from_pretrained(base, train.adapter_path).merge_and_unload()
-    merged = merged.to(torch_dtype(dtype))
-    merged.save_pretrained(out, safe_serialization=True)
-
-
-MergeMethod = Literal["unsloth", "peft"]
-
-
-def merge_method(backend: str, dtype: str) -> tuple[MergeMethod, str]:
-    """Which merge writes the merged model, and why (for the log): ``"unsloth"``
-    (:func:`merge_unsloth`, the GPU 16-bit save) for an Unsloth-trained adapter exported
-    in bfloat16/float16, else ``"peft"`` (:func:`merge_peft`).
-
-    Unsloth's merged save writes 16-bit weights only, but the adapter Unsloth saves is an
-    ordinary PEFT LoRA adapter, so PEFT's merge (float32 on the stage's device, then cast)
-    handles any backend's adapter in any dtype. Refusing float32 for Unsloth instead
-    would fail the default recipe (``export.dtype: float32``, ``train.backend: auto``) on
-    every CUDA machine after training had already run.
-    """
-    if backend == "unsloth" and dtype in ("bfloat16", "float16"):
-        return "unsloth", "an Unsloth adapter exported in 16-bit: Unsloth's merged 16-bit save"
-    if backend == "unsloth":
-        return "peft", (
-            "Unsloth's merged save writes 16-bit only, and the Unsloth adapter is a plain "
-            f"PEFT adapter: PEFT merge_and_unload in float32, saved as {dtype}"
-        )
-    return "peft", "PEFT merge_and_unload in float32, then cast"
-
-
-def merge_unsloth(train: TrainRef, dtype: str, max_seq_length: int, out: Path) -> None:
-    """Unsloth's merged 16-bit save (GPU), through :func:`tasks.export.gpu_merge.merge_16bit`:
-    the adapter's base path rewritten to ``train.base``, Unsloth's buffers kept beside
-    ``out`` (not in the cwd), ``out`` written atomically.
-
-    Only for a 16-bit ``export.dtype`` (see :func:`merge_method`). This path is exercised
-    on the device by ``tests/test_train_gpu.py`` (merge_16bit on a real Unsloth adapter);
-    the CPU tests cover the argument plumbing.
-    """
-    from tasks.export import gpu_merge  # core imports only; unsloth and torch load inside the call
-
-    # A non-16-bit dtype is a ValueError; without unsloth installed this raises
-    # BackendNotReadyError (a ConfigError) saying so.
-    gpu_merge.merge_16bit(
-        train.base,
-        train.adapter_path,
-        train.tokenizer_path,
-        out,
-        dtype=dtype,
-        max_seq_length=max_seq_length,
-    )
-
-
-def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
-    import torch
-
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt").to(model.device)
-            outs.append(model(**ids).logits[0].float().cpu())
-    return outs
-
-
-@dataclass(frozen=True)
-class MergedProbe:
-    """What the parity and stop checks need from the merged model, from one load of it."""
-
-    tokenizer: Any  # the artifact's own saved tokenizer
-    prompts: list[str]
-    max_new_tokens: int
-    logits: list[Any]  # per probe prompt: logits at every position (float32, on the CPU)
-    generations: list[list[int]]  # per probe prompt: the greedy new token ids
-    eos_ids: set[int]  # the eos_token_id of the artifact's saved generation_config.json
-
-
-def probe_merged(
-    model_path: str, prompts: list[str], max_new_tokens: int, dtype: str, device: str
-) -> MergedProbe:
-    """Load the merged folder once, as saved (weights, tokenizer, generation config), and
-    run what both checks need on the probe prompts: their logits (:func:`check_parity`)
-    and greedy generations (:func:`check_stop`). The model is freed on return."""
-    from transformers import GenerationConfig
-
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, dtype, device)
-    logits = probe_logits(model, tokenizer, prompts)
-    generations = generate_greedy(model, tokenizer, prompts, max_new_tokens)
-    del model
-    eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    return MergedProbe(
-        tokenizer=tokenizer,
-        prompts=prompts,
-        max_new_tokens=max_new_tokens,
-        logits=logits,
-        generations=generations,
-        eos_ids={eos} if isinstance(eos, int) else set(eos or []),
-    )
-
-
-def check_parity(
-    probe: MergedProbe,
-    base_path: str,
-    adapter_path: str,
-    dtype: str,
-    device: str,
-    atol: float,
-    base_revision: str | None = None,
-) -> float:
-    """Max |logit(merged) − logit(base + adapter)| over the probe prompts; raises
-    :class:`ExportError` above ``atol``. Base + adapter are loaded here, once the
-    merged model of ``probe`` is gone."""
-    from peft import PeftModel
-
-    base = load_causal_lm(base_path, dtype, device, base_revision)
-    ref_model = PeftModel.from_pretrained(base, adapter_path).eval()
-    want = probe_logits(ref_model, probe.tokenizer, probe.prompts)
-    diff = max(float((g - w).abs().max()) for g, w in zip(probe.logits, want, strict=True))
-    n = len(probe.prompts)
-    log.info("parity: max |Δlogit| = %.3g over %d probe prompts (atol %.3g)", diff, n, atol)
-    if not diff <= atol:  # also catches NaN
-        raise ExportError(
-            f"parity check failed: merged logits differ from base + adapter by up to {diff:.4g} "
-            f"(> export.parity_atol {atol:g}) on {n} probe prompts; the merge is wrong"
-        )
-    return diff
-
-
-def check_stop(probe: MergedProbe) -> float:
-    """Share of probe prompts whose greedy generation ends on an EOS id from the
-    artifact's own ``generation_config.json``; raises unless every prompt stops."""
-    outs, eos_ids, n = probe.generations, probe.eos_ids, len(probe.prompts)
-    stopped = [bool(o) and o[-1] in eos_ids for o in outs]
-    frac = sum(stopped) / n
-    log.info("stop: %d/%d probe prompts ended on EOS %s", sum(stopped), n, sorted(eos_ids))
-    if not all(stopped):
-        bad = next(i for i, s in enumerate(stopped) if not s)
-        text = probe.tokenizer.decode(outs[bad], skip_special_tokens=False)
-        raise StopCheckError(
-            frac,
-            f"stop check failed: {n - sum(stopped)}/{n} probe prompts did not end on an EOS "
-            f"token {sorted(eos_ids)} within {probe.max_new_tokens} new tokens "
-            f"(e.g. prompt {bad} generated {text!r}). The exported generation_config or "
-            "tokenizer has lost the end-of-turn token, or the model never learned to stop.",
-        )
-    return frac
-
-
-def probe_prompts(tokenizer: Any, validation_path: str, n: int) -> list[str]:
-    """The first ``n`` held-out conversations (read by :func:`heldout_rows`, as every
-    stage reads the split) rendered as prompts (in-distribution, so a model that learned
-    to stop is expected to stop on every one)."""
-    prompts = [
-        render_prompt(tokenizer, row["messages"]) for _, row in heldout_rows(validation_path)[:n]
-    ]
-    if not prompts:
-        raise ExportError(f"no probe prompts: {validation_path} has no rows")
-    return prompts
 
 
 def base_generation_config(base: BaseModelRef) -> Any:

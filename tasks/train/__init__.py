@@ -305,12 +305,7 @@ def _fit(job: _Job, run_cfg: TrainConfig, resume: Path | None) -> TrainRef:
         tokens,
         loss_sum,
     )
-    if len(trainer.train_dataset) == 0:
-        raise ConfigError(
-            f"no training row keeps any answer token within model.max_seq_length="
-            f"{job.model_cfg.max_seq_length} (TRL drops rows whose answer was truncated away); "
-            "raise model.max_seq_length or shorten the prompts"
-        )
+    _check_trainable(job, trainer)
     fitted = length_fit(
         run_cfg, job.model_cfg.max_seq_length, tokenizer, job.train_rows, len(trainer.train_dataset)
     )
@@ -353,6 +348,16 @@ def _fit(job: _Job, run_cfg: TrainConfig, resume: Path | None) -> TrainRef:
         best_step=int(best_step),
         metrics=metrics,
     )
+
+
+def _check_trainable(job: _Job, trainer: Any) -> None:
+    """Before the first step: a dataset TRL emptied fails here, not as a trainer error."""
+    if len(trainer.train_dataset) == 0:
+        raise ConfigError(
+            f"no training row keeps any answer token within model.max_seq_length="
+            f"{job.model_cfg.max_seq_length} (TRL drops rows whose answer was truncated away); "
+            "raise model.max_seq_length or shorten the prompts"
+        )
 
 
 def _load(job: _Job, run_cfg: TrainConfig) -> tuple[Any, Any]:
