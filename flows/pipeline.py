@@ -1,27 +1,53 @@
-"""The pipeline flow: it only composes stage tasks.
+"""The pipeline flows: they only compose stage tasks.
 
-One parameter, a ``PipelineConfig``, so the Prefect UI renders the whole recipe as a
-form with every field's description as help text. Stages hand each other small
-references (paths + hashes); each stage task reuses its own finished result when a
-run is resumed. There is no other runner: ``slothflow run`` calls this flow.
+    base -> data -> [train -> export -> evaluate] -> gate -> register -> serve
 
-    base -> data -> train -> export -> evaluate -> gate -> register -> serve
+Three entry points over one body (:func:`_run`), so there is no second runner:
+
+* ``pipeline`` — what ``slothflow run`` calls, with a whole ``PipelineConfig``;
+* ``finetune`` — the ``finetune`` deployment (prefect.yaml), started from the Prefect UI
+  or API. Its one parameter is a ``PipelineForm``, rendered as a form with every field's
+  description as help text; the worker adds its own commands, hosts and credentials;
+* ``gpu_stages`` — the bracketed stages as the ``gpu-stages`` deployment on the ``gpu``
+  pool, run by ``_run`` through ``run_deployment`` when ``orchestration.gpu_pool`` is set
+  (in the same process otherwise).
+
+Stages hand each other small references (paths + hashes) through the run's folder; each
+stage task reuses its own finished result when a run is resumed.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.preflight import preflight
 from tasks.base_model import prepare_base_task
 from tasks.core import home as home_mod
 from tasks.core import run as run_mod
-from tasks.core import tracking
-from tasks.core.config import PipelineConfig, dump_config
+from tasks.core import settings, tracking
+from tasks.core.config import (
+    ConfigError,
+    OrchestrationConfig,
+    PipelineConfig,
+    PipelineForm,
+    dump_config,
+    load_config,
+)
 from tasks.core.home import Home
-from tasks.core.refs import DataRef, ExportRef, GateBar, RunContext
+from tasks.core.refs import (
+    BaseModelRef,
+    DataRef,
+    EvalRef,
+    ExportRef,
+    GateBar,
+    RunContext,
+    TrainRef,
+    load_ref,
+)
 from tasks.data import clean_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -33,17 +59,69 @@ from tasks.train import train_task
 log = logging.getLogger(__name__)
 
 
+class StageError(RuntimeError):
+    """A stage run elsewhere (the GPU stages' deployment) did not complete."""
+
+
 # No log_prints: it patches print() and breaks libraries that capture their own stdout
 # (dill disassembles functions through print while datasets fingerprints a map).
 @flow(name="slothflow-pipeline", validate_parameters=True)
 def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[str, Any]:
-    """Run the whole pipeline for one recipe.
+    """Run the whole pipeline for one recipe (``slothflow run``).
 
     ``resume_run_id`` re-opens an earlier run of the *same* config: finished stages
     are skipped (their outputs are reused), the failed one runs again.
     """
-    logger = get_run_logger()
+    return _run(config, home_mod.resolve_home(), resume_run_id)
+
+
+def _default_form() -> PipelineForm:
+    form = settings.form_of(load_config("default"))
+    return form.model_copy(update={"orchestration": OrchestrationConfig(gpu_pool="gpu")})
+
+
+#: The run form's defaults: the default recipe, with the GPU stages on the ``gpu`` pool.
+DEFAULT_FORM = _default_form()
+
+
+@flow(name="slothflow-finetune", validate_parameters=True)
+def finetune(
+    config: PipelineForm = DEFAULT_FORM, resume_run_id: str | None = None
+) -> dict[str, Any]:
+    """The whole pipeline as the ``finetune`` deployment: a run started from the Prefect UI
+    or API. Its parameters are the recipe without the operator's settings; this worker adds
+    its own (``tasks.core.settings``) and checks every path the form names against its
+    allowlist before anything runs."""
     home = home_mod.resolve_home()
+    full = settings.complete(config, settings.from_env())
+    settings.require_shared_tracking(full, home, "this run was started from a deployment")
+    plan = preflight(full, home, resume_run_id)
+    return _run(plan.config, home, plan.resume_run_id)
+
+
+@flow(name="slothflow-gpu-stages", validate_parameters=True)
+def gpu_stages(config: PipelineForm, run_id: str) -> dict[str, Any]:
+    """train -> export -> evaluate of run ``run_id``, on a ``gpu``-pool worker (the
+    ``gpu-stages`` deployment, started by the pipeline when ``orchestration.gpu_pool`` is
+    set). The run must exist and have started with this very config; its base and data
+    stages' outputs are read from the run's folder, and this stage's go back there."""
+    home = home_mod.resolve_home()
+    full = settings.complete(config, settings.from_env())
+    settings.require_shared_tracking(full, home, "the GPU stages run on a worker")
+    ctx = run_mod.open_run(full, home, run_id)
+    base = load_ref(ctx.stage_dir("base"), BaseModelRef)
+    data = load_ref(ctx.stage_dir("data"), DataRef)
+    results: dict[str, Any] = {}
+    _gpu_part(full, ctx, base, data, results)
+    return results
+
+
+def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[str, Any]:
+    logger = get_run_logger()
+    pool = config.orchestration.gpu_pool
+    if pool:  # before the run exists: a wrong pool or a local store fails in seconds
+        settings.require_shared_tracking(config, home, f"orchestration.gpu_pool={pool}")
+        _check_gpu_deployment(config)
     ctx = run_mod.open_run(config, home, resume_run_id)
     logger.info("run %s (config %s) — %s", ctx.run_id, ctx.config_hash[:12], ctx.hardware["reason"])
     results: dict[str, Any] = {}
@@ -57,8 +135,12 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
     if ctx.tracking:
         summary["mlflow"] = tracking.run_url(tracking.TrackingRef.model_validate(ctx.tracking))
     try:
-        data, exported = _build(config, home, ctx, results)
-        _release(config, ctx, data, exported, summary, results)
+        base, data = _prepare(config, home, ctx, results)
+        if pool:
+            exported, ev = _on_gpu_pool(config, ctx, results)
+        else:
+            exported, ev = _gpu_part(config, ctx, base, data, results)
+        _release(config, ctx, data, exported, ev, summary, results)
     except BaseException as exc:
         # A signal marks the run INTERRUPTED (resumable, nothing failed), anything else FAILED.
         status = run_mod.status_of(exc)
@@ -68,10 +150,10 @@ def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[s
     return summary
 
 
-def _build(
+def _prepare(
     config: PipelineConfig, home: Home, ctx: RunContext, results: dict[str, Any]
-) -> tuple[DataRef, ExportRef]:
-    """base -> data -> train -> export: everything up to the candidate artifact."""
+) -> tuple[BaseModelRef, DataRef]:
+    """base -> data: the CPU stages before training."""
     base = prepare_base_task(ctx, config.model)
     results["base"] = {"model": base.name_or_path, "revision": base.revision[:19]}
 
@@ -82,7 +164,17 @@ def _build(
         "validation": data.validation_rows,
         "fingerprint": data.fingerprint[:12],
     }
+    return base, data
 
+
+def _gpu_part(
+    config: PipelineConfig,
+    ctx: RunContext,
+    base: BaseModelRef,
+    data: DataRef,
+    results: dict[str, Any],
+) -> tuple[ExportRef, EvalRef]:
+    """train -> export -> evaluate: the stages that take a GPU, here or on a GPU worker."""
     trained = train_task(
         ctx,
         config.train,
@@ -93,11 +185,6 @@ def _build(
         resolved_config=dump_config(config),
         system_metrics=config.tracking.system_metrics,
     )
-    results["train"] = {
-        "best_step": trained.best_step,
-        **_rounded(trained.metrics, "best_eval_loss", "train_loss"),
-    }
-
     exported = export_task(
         ctx,
         config.export,
@@ -107,11 +194,78 @@ def _build(
         max_new_tokens=config.eval.max_new_tokens,
         max_seq_length=config.model.max_seq_length,
     )
+    champion = champion_task(ctx, config.tracking.registered_model)
+    ev = evaluate_task(ctx, config.eval, data, exported, champion)
+    _record_gpu_part(results, trained, exported, ev)
+    return exported, ev
+
+
+def _record_gpu_part(
+    results: dict[str, Any], trained: TrainRef, exported: ExportRef, ev: EvalRef
+) -> None:
+    results["train"] = {
+        "best_step": trained.best_step,
+        **_rounded(trained.metrics, "best_eval_loss", "train_loss"),
+    }
     results["export"] = {
         "merged": exported.merged_path,
         "parity_max_abs_diff": exported.parity_max_abs_diff,
     }
-    return data, exported
+    metric = ev.primary_metric
+    results["evaluate"] = {
+        label: round(scores[metric], 4) for label, scores in ev.scores.items() if metric in scores
+    } | {"items": ev.n_items}
+
+
+def _check_gpu_deployment(config: PipelineConfig) -> None:
+    """The GPU stages' deployment exists and is on ``orchestration.gpu_pool``."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    name, pool = config.orchestration.gpu_deployment, config.orchestration.gpu_pool
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"orchestration.gpu_deployment: no deployment {name!r} on the Prefect server; "
+                "create it with `prefect deploy --all` (prefect.yaml)"
+            ) from None
+    if deployment.work_pool_name != pool:
+        raise ConfigError(
+            f"orchestration.gpu_pool={pool!r}, but deployment {name!r} runs on work pool "
+            f"{deployment.work_pool_name!r}"
+        )
+
+
+def _on_gpu_pool(
+    config: PipelineConfig, ctx: RunContext, results: dict[str, Any]
+) -> tuple[ExportRef, EvalRef]:
+    """Run the GPU stages as the ``gpu-stages`` deployment and wait for it; its outputs come
+    back through the run's folder (paths plus hashes), not through Prefect results."""
+    from prefect.deployments import run_deployment
+
+    child = run_deployment(
+        config.orchestration.gpu_deployment,
+        parameters={
+            "config": settings.form_of(config).model_dump(mode="json"),
+            "run_id": ctx.run_id,
+        },
+        timeout=None,  # training takes as long as it takes; cancelling the parent stops it
+        as_subflow=True,
+    )
+    state = child.state
+    if state is None or not state.is_completed():
+        raise StageError(
+            f"the GPU stages ({config.orchestration.gpu_deployment}, flow run {child.name}) "
+            f"ended {state.name if state else 'without a state'}: {state.message if state else ''}"
+        )
+    run_dir = Path(ctx.run_dir)
+    trained = load_ref(run_dir / "train", TrainRef)
+    exported = load_ref(run_dir / "export", ExportRef)
+    ev = load_ref(run_dir / "evaluate", EvalRef)
+    _record_gpu_part(results, trained, exported, ev)
+    return exported, ev
 
 
 def _release(
@@ -119,17 +273,12 @@ def _release(
     ctx: RunContext,
     data: DataRef,
     exported: ExportRef,
+    ev: EvalRef,
     summary: dict[str, Any],
     results: dict[str, Any],
 ) -> None:
-    """evaluate -> gate -> register -> serve: what decides whether the candidate ships."""
-    champion = champion_task(ctx, config.tracking.registered_model)
-    ev = evaluate_task(ctx, config.eval, data, exported, champion)
+    """gate -> register -> serve: what decides whether the candidate ships, and ships it."""
     metric = ev.primary_metric
-    results["evaluate"] = {
-        label: round(scores[metric], 4) for label, scores in ev.scores.items() if metric in scores
-    } | {"items": ev.n_items}
-
     decision = gate_task(ctx, config.eval, ev)
     summary["gate"] = {
         "passed": decision.passed,

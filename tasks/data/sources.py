@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
 
-from tasks.core.config import REPO_ROOT
 from tasks.core.refs import sha256_update_from
+from tasks.core.settings import local_candidates
 
 Format = Literal["jsonl", "json", "csv", "parquet", "datasets"]
 
@@ -110,8 +109,7 @@ def resolve(name: str) -> Source:
         if not _remote_exists(name, fs, path):
             raise SourceError(f"input not found: {name}")
         return Source(name, name, _detect_format(name, fs.isdir(path), fs, path))
-    p = Path(name).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    candidates = local_candidates(name)
     for c in candidates:
         if c.exists():
             fs = fsspec.filesystem("file")
