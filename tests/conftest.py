@@ -16,7 +16,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +152,175 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+
+
+# --------------------------------------------------------------------------- Prefect stack
+
+PREFECT_AUTH = "slothflow-ci:not-a-real-secret"  # a throwaway server's basic-auth pair
+
+
+@dataclass
+class PrefectStack:
+    """A real Prefect server with the repo's pools and deployments, and one process worker
+    per pool, as the README's Operations section sets them up."""
+
+    api_url: str
+    home: Path  # the workers' shared SLOTHFLOW_HOME
+    env: dict[str, str]  # what a client of this server needs (API URL, auth)
+    root: Path
+
+    def call(self, method: str, path: str, body: object = None) -> Any:
+        import base64
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(
+            self.api_url + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={
+                "content-type": "application/json",
+                "authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode(),
+            },
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+
+    def deployment_id(self, name: str) -> str:
+        found = self.call(
+            "POST", "/deployments/filter", {"deployments": {"name": {"any_": [name]}}}
+        )
+        return str(found[0]["id"])
+
+    def wait(self, flow_run_id: str, timeout: float = 400) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        while True:
+            run = self.call("GET", f"/flow_runs/{flow_run_id}")
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return dict(run)
+            if time.time() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {run['state']['type']}")
+            time.sleep(1)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{url} did not come up:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, grace: float = 15) -> None:
+    import signal
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_server: str
+) -> Iterator[PrefectStack]:
+    """One Prefect server (basic auth on, SQLite), the ``cpu`` and ``gpu`` process pools
+    from ``infra/work-pools/process.json``, ``prefect deploy --all`` of ``prefect.yaml``,
+    and a worker per pool (the gpu one with ``--limit 1``, as one worker per GPU would run),
+    all sharing one SLOTHFLOW_HOME and the session's MLflow server."""
+    import signal
+
+    root = tmp_path_factory.mktemp("prefect-stack")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SLOTHFLOW_"))}
+    client = {
+        **base,
+        "HOME": str(root / "fakehome"),
+        "PREFECT_HOME": str(root / "client"),
+        "PREFECT_API_URL": api,
+        "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    server_env = {
+        **client,
+        "PREFECT_HOME": str(root / "server"),
+        "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,
+        "PREFECT_UI_API_URL": api,
+    }
+    procs: list[tuple[subprocess.Popen[bytes], int]] = []
+    logs = []
+
+    def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(root / f"{name}.log", "wb")  # noqa: SIM115 (closed in teardown)
+        logs.append(log)
+        proc = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        # The worker ignores SIGTERM for 10 s and stops on SIGINT (ENVIRONMENT.md).
+        procs.append((proc, signal.SIGINT if name.startswith("worker") else signal.SIGTERM))
+        return proc
+
+    try:
+        server = start(
+            "server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            server_env,
+        )
+        _wait_http(api + "/health", server, root / "server.log")
+        for pool in ("cpu", "gpu"):
+            subprocess.run(
+                [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process",
+                 "--base-job-template", str(REPO / "infra" / "work-pools" / "process.json")],
+                env=client, check=True, capture_output=True, cwd=REPO,
+            )  # fmt: skip
+        subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+            env=client, check=True, capture_output=True, cwd=REPO,
+        )  # fmt: skip
+        home = root / "home"
+        worker = {
+            **client,
+            **clean_env(home, root / "fakehome"),
+            "PREFECT_API_URL": api,
+            "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+            "PREFECT_HOME": str(root / "worker"),
+            "MLFLOW_TRACKING_URI": mlflow_server,
+        }
+        (root / "fakehome").mkdir(exist_ok=True)
+        for pool, extra in (("cpu", []), ("gpu", ["--limit", "1"])):
+            env = {**worker, **({"CUDA_VISIBLE_DEVICES": ""} if pool == "gpu" else {})}
+            start(
+                f"worker-{pool}",
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                 "--name", f"ci-{pool}-0", *extra],
+                env,
+            )  # fmt: skip
+        stack = PrefectStack(api_url=api, home=home, env=client, root=root)
+        deadline = time.time() + 60
+        while len(stack.call("POST", "/work_pools/gpu/workers/filter", {})) < 1 or not stack.call(
+            "POST", "/work_pools/cpu/workers/filter", {}
+        ):
+            if time.time() > deadline:
+                raise RuntimeError("the workers did not register")
+            time.sleep(0.5)
+        yield stack
+    finally:
+        for proc, sig in reversed(procs):
+            _stop(proc, sig)
+        for log in logs:
+            log.close()

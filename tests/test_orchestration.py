@@ -1,0 +1,278 @@
+"""The pipeline as a service: deployments from prefect.yaml on a real Prefect server, runs
+created through the API the way the UI's form posts them, executed by real process workers
+on the ``cpu`` and ``gpu`` pools; the run form's attack surface; the work-pool templates."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.core import settings
+from tasks.core.config import ConfigError, PipelineForm, load_config
+from tasks.core.home import Home
+
+from .conftest import REPO, PrefectStack
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _form(recipe: str = "ci-smoke", **orchestration: Any) -> dict[str, Any]:
+    form = settings.form_of(load_config(recipe)).model_dump(mode="json")
+    form["orchestration"].update(orchestration)
+    return form
+
+
+def _property_names(schema: Any) -> set[str]:
+    if isinstance(schema, dict):
+        own = (
+            set(schema.get("properties", {}))
+            if isinstance(schema.get("properties"), dict)
+            else set()
+        )
+        return own.union(*(_property_names(v) for v in schema.values()))
+    if isinstance(schema, list):
+        return set().union(*(_property_names(v) for v in schema))
+    return set()
+
+
+def _refused(stack: PrefectStack, deployment_id: str, body: dict[str, Any]) -> tuple[int, str]:
+    try:
+        stack.call("POST", f"/deployments/{deployment_id}/create_flow_run", body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    raise AssertionError(f"the server accepted {body}")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_worker_settings_come_from_the_environment() -> None:
+    s = settings.from_env(
+        {
+            "SLOTHFLOW_VLLM_COMMAND": "/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server",
+            "SLOTHFLOW_VLLM_EXTRA_ARGS": "--max-model-len 4096",
+            "SLOTHFLOW_SERVE_HOST": "10.0.0.5",
+            "SLOTHFLOW_SERVE_PORT": "8100",
+            "SLOTHFLOW_SERVE_API_KEY": "prefect-block:vllm-key",
+            "SLOTHFLOW_ALLOWED_SOURCES": "/srv/data, s3://bucket/datasets/",
+        }
+    )
+    cfg = settings.complete(PipelineForm(), s.model_copy(update={"allowed_sources": (str(REPO),)}))
+    assert cfg.deploy.vllm_command[0] == "/opt/vllm/bin/python"
+    assert cfg.deploy.extra_args == ["--max-model-len", "4096"]
+    assert (cfg.deploy.host, cfg.deploy.port) == ("10.0.0.5", 8100)
+    assert cfg.deploy.api_key is not None and cfg.deploy.api_key.prefect_block == "vllm-key"
+    assert s.allowed_sources == ("/srv/data", "s3://bucket/datasets/")
+    with pytest.raises(ConfigError, match="SLOTHFLOW_SERVE_API_KEY"):
+        settings.from_env({"SLOTHFLOW_SERVE_API_KEY": "sk-the-key-itself"})
+    with pytest.raises(ConfigError, match="SLOTHFLOW_ALLOWED_SOURCES"):
+        settings.from_env({"SLOTHFLOW_ALLOWED_SOURCES": "data/"})
+
+
+def test_form_paths_outside_the_allowlist_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "allowed"
+    root.mkdir()
+    (root / "ok.jsonl").write_text("{}\n")
+    (tmp_path / "secret.jsonl").write_text("{}\n")
+    (root / "link.jsonl").symlink_to(tmp_path / "secret.jsonl")
+    allowed = (str(root), "s3://bucket/datasets/")
+    assert settings.is_allowed(str(root / "ok.jsonl"), allowed)
+    assert settings.is_allowed("s3://bucket/datasets/a.parquet", allowed)
+    for hostile in [
+        str(tmp_path / "secret.jsonl"),
+        str(root / ".." / "secret.jsonl"),  # '..' out of the root
+        str(root / "link.jsonl"),  # a symlink out of the root
+        "s3://bucket/other/a.parquet",
+        "s3://bucket/datasets-evil/a.parquet",
+        "filecache::s3://bucket/datasets/a.parquet",  # a chain hides its target
+        "https://example.com/a.jsonl",
+        "/etc/passwd",
+    ]:
+        assert not settings.is_allowed(hostile, allowed), hostile
+    form = PipelineForm.model_validate(_form())
+    form.model.chat_template = "/etc/shadow"
+    with pytest.raises(ConfigError, match=r"model\.chat_template: '/etc/shadow' is outside"):
+        settings.check_paths(form, (str(REPO / "data"),))
+    form.model.chat_template = None
+    form.model.name_or_path = "/root/models/x"
+    with pytest.raises(ConfigError, match=r"model\.name_or_path"):
+        settings.check_paths(form, (str(REPO / "data"),))
+    form.model.name_or_path = "meta-llama/Llama-3.2-1B"  # a hub id is not a path
+    settings.check_paths(form, (str(REPO / "data"),))
+
+
+def test_the_form_has_no_operator_fields_and_keeps_the_config_hash() -> None:
+    fields = _property_names(PipelineForm.model_json_schema())
+    assert {"sources", "learning_rate", "gpu_pool", "registered_model"} <= fields
+    operator = {
+        "vllm_command",
+        "extra_args",
+        "api_key",
+        "host",
+        "port",
+        "tracking_uri",
+        "hub_token",
+    }
+    assert not operator & fields
+    cfg = load_config("ci-smoke")
+    completed = settings.complete(settings.form_of(cfg), settings.WorkerSettings())
+    from tasks.core.config import config_hash
+
+    assert config_hash(completed) == config_hash(cfg)
+
+
+def test_a_local_tracking_store_is_refused_for_worker_runs(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    cfg = load_config("ci-smoke")
+    env = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        with pytest.raises(ConfigError, match="local store, but the GPU stages"):
+            settings.require_shared_tracking(cfg, home, "the GPU stages run on a worker")
+        cfg.tracking.tracking_uri = "http://mlflow.internal:5000"
+        settings.require_shared_tracking(cfg, home, "the GPU stages run on a worker")
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+# --------------------------------------------------------------------------- the real server
+
+
+def test_work_pool_templates_are_accepted_by_a_real_server(prefect_stack: PrefectStack) -> None:
+    for kind in ("process", "docker", "kubernetes"):
+        template = json.loads((REPO / "infra" / "work-pools" / f"{kind}.json").read_text())
+        created = prefect_stack.call(
+            "POST",
+            "/work_pools/",
+            {"name": f"t-{kind}", "type": kind, "base_job_template": template},
+        )
+        assert created["base_job_template"]["variables"]["additionalProperties"] is False
+        props = template["variables"]["properties"]
+        assert "env" not in props and "command" not in props  # no run may set them
+    # The server checks templates: a placeholder with no variable behind it is refused.
+    broken = json.loads((REPO / "infra" / "work-pools" / "docker.json").read_text())
+    broken["job_configuration"]["image"] = "{{ no_such_variable }}"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        prefect_stack.call(
+            "POST",
+            "/work_pools/",
+            {"name": "t-broken", "type": "docker", "base_job_template": broken},
+        )
+    assert err.value.code == 422
+    k8s = json.loads((REPO / "infra" / "work-pools" / "kubernetes.json").read_text())
+    pod = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"]
+
+
+def test_deployments_come_from_prefect_yaml(prefect_stack: PrefectStack) -> None:
+    deployments = {d["name"]: d for d in prefect_stack.call("POST", "/deployments/filter", {})}
+    assert deployments["finetune"]["work_pool_name"] == "cpu"
+    assert deployments["gpu-stages"]["work_pool_name"] == "gpu"
+    assert all(d["enforce_parameter_schema"] for d in deployments.values())
+    schema = deployments["finetune"]["parameter_openapi_schema"]
+    # The UI's form: every field with its description, the recipe's values as defaults.
+    defs = schema["definitions"]
+    assert defs["DataConfig"]["properties"]["sources"]["description"].startswith("Input")
+    assert schema["properties"]["config"]["default"]["orchestration"]["gpu_pool"] == "gpu"
+    default_cfg = load_config("default")
+    assert schema["properties"]["config"]["default"]["train"] == default_cfg.train.model_dump(
+        mode="json"
+    )
+    assert "vllm_command" not in _property_names(schema)
+
+
+def test_hostile_parameters_are_refused(prefect_stack: PrefectStack) -> None:
+    fid = prefect_stack.deployment_id("finetune")
+    hostile: list[dict[str, Any]] = [
+        {"parameters": {"config": {"deploy": {"vllm_command": ["/bin/sh", "-c", "id"]}}}},
+        {"parameters": {"config": {"deploy": {"extra_args": ["--trust-remote-code"]}}}},
+        {"parameters": {"config": {"tracking": {"tracking_uri": "http://evil.example"}}}},
+        {"parameters": {"config": {"export": {"hub_token": {"env": "AWS_SECRET_ACCESS_KEY"}}}}},
+        {"job_variables": {"env": {"SLOTHFLOW_VLLM_COMMAND": "/bin/sh"}}},
+        {"job_variables": {"command": "sh -c id"}},
+    ]
+    for body in hostile:
+        code, detail = _refused(prefect_stack, fid, body)
+        assert code in (409, 422), (body, code, detail)
+        assert "not allowed" in detail or "unexpected" in detail, detail
+    # Unauthenticated calls get nothing at all.
+    import urllib.request
+
+    req = urllib.request.Request(prefect_stack.api_url + "/deployments/filter", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 401
+
+
+def test_a_source_outside_the_allowlist_fails_at_once_without_retries(
+    prefect_stack: PrefectStack,
+) -> None:
+    form = _form()
+    form["data"]["sources"] = ["/etc/passwd"]
+    run = prefect_stack.call(
+        "POST",
+        f"/deployments/{prefect_stack.deployment_id('finetune')}/create_flow_run",
+        {"parameters": {"config": form}},
+    )
+    done = prefect_stack.wait(run["id"], timeout=120)
+    assert done["state"]["type"] == "FAILED"
+    assert done["run_count"] == 1
+    tasks = prefect_stack.call(
+        "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}
+    )
+    assert tasks == []  # refused before the first stage
+    assert not list(prefect_stack.home.glob("runs/*/run.json")) or all(
+        "passwd" not in p.read_text() for p in prefect_stack.home.glob("runs/*/config.yaml")
+    )
+
+
+def test_a_finetune_run_trains_on_the_gpu_pool_worker(
+    prefect_stack: PrefectStack, mlflow_server: str
+) -> None:
+    run = prefect_stack.call(
+        "POST",
+        f"/deployments/{prefect_stack.deployment_id('finetune')}/create_flow_run",
+        {"parameters": {"config": _form(gpu_pool="gpu")}},
+    )
+    done = prefect_stack.wait(run["id"])
+    logs = "\n".join(
+        (prefect_stack.root / f"worker-{p}.log").read_text()[-3000:] for p in ("cpu", "gpu")
+    )
+    assert done["state"]["type"] == "COMPLETED", logs
+    assert done["work_pool_name"] == "cpu"
+
+    children = prefect_stack.call(
+        "POST",
+        "/flow_runs/filter",
+        {"deployments": {"id": {"any_": [prefect_stack.deployment_id("gpu-stages")]}}},
+    )
+    child = next(c for c in children if c["parameters"]["run_id"].startswith("ci-smoke-"))
+    assert child["work_pool_name"] == "gpu" and child["state"]["type"] == "COMPLETED"
+    parent_tasks = {
+        t["name"].rsplit("-", 1)[0]
+        for t in prefect_stack.call(
+            "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}
+        )
+    }
+    child_tasks = {
+        t["name"].rsplit("-", 1)[0]
+        for t in prefect_stack.call(
+            "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [child["id"]]}}}
+        )
+    }
+    assert {"train", "export", "evaluate"} <= child_tasks
+    assert {"base", "data", "gate", "register"} <= parent_tasks
+    assert not {"train", "export", "evaluate"} & parent_tasks
+
+    run_dir = prefect_stack.home / "runs" / child["parameters"]["run_id"]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "FINISHED"
+    assert result["stages"]["register"]["alias"] == "challenger"
+    assert result["mlflow"].startswith(mlflow_server)  # the shared server, not a local store
