@@ -50,6 +50,7 @@ from tasks.core.refs import (
 )
 from tasks.data import clean_task
 from tasks.evaluate import evaluate_task
+from tasks.evaluate.report import scores_table
 from tasks.export import export_task
 from tasks.gate import gate_task
 from tasks.registry import champion_task, register_task
@@ -134,6 +135,7 @@ def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[
     }
     if ctx.tracking:
         summary["mlflow"] = tracking.run_url(tracking.TrackingRef.model_validate(ctx.tracking))
+    _link_flow_run(ctx, summary)
     try:
         base, data = _prepare(config, home, ctx, results)
         if pool:
@@ -141,6 +143,7 @@ def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[
         else:
             exported, ev = _gpu_part(config, ctx, base, data, results)
         _release(config, ctx, data, exported, ev, summary, results)
+        _report_artifact(ctx, summary, ev)
     except BaseException as exc:
         # A signal marks the run INTERRUPTED (resumable, nothing failed), anything else FAILED.
         status = run_mod.status_of(exc)
@@ -305,6 +308,51 @@ def _release(
     if served is not None:
         results["serve"] = {"endpoint": served.endpoint}
         summary["serving"] = summary_lines(served)
+
+
+def _link_flow_run(ctx: RunContext, summary: dict[str, Any]) -> None:
+    """Tag the MLflow parent run with this Prefect flow run (id and UI link), so each UI
+    leads to the other (the flow run's artifact links back: :func:`_report_artifact`)."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    summary["prefect_flow_run"] = flow_run.id
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name}
+    if flow_run.ui_url:
+        summary["prefect_url"] = tags["prefect.flow_run_url"] = flow_run.ui_url
+    if ctx.tracking:
+        tracking.pipeline_tracker(tracking.TrackingRef.model_validate(ctx.tracking)).set_tags(tags)
+
+
+def _report_artifact(ctx: RunContext, summary: dict[str, Any], ev: EvalRef) -> None:
+    """The flow run's markdown artifact: the MLflow link, the evaluation table and the gate
+    decision, on the run's page in the Prefect UI (key ``run-<id>``, so runs of one recipe
+    line up under Artifacts)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    gate = summary.get("gate", {})
+    verdict = "PASSED" if gate.get("passed") else "FAILED"
+    lines = [
+        f"# {ctx.run_id}",
+        "",
+        f"MLflow run: {summary['mlflow']}" if "mlflow" in summary else "MLflow: not tracked",
+        f"Config hash: `{ctx.config_hash[:12]}` — {ctx.hardware.get('reason', '')}",
+        "",
+        f"## Evaluation ({ev.n_items} held-out items, primary metric {ev.primary_metric})",
+        "",
+        scores_table(ev.scores),
+        f"## Gate: {verdict}",
+        "",
+        *[f"- {reason}" for reason in gate.get("reasons", [])],
+    ]
+    if "register" in summary["stages"]:
+        reg = summary["stages"]["register"]
+        lines += ["", f"Registered: {reg['model']} @ {reg['alias']}"]
+    key = "run-" + "".join(c if c.isalnum() else "-" for c in ctx.run_id.lower())
+    create_markdown_artifact(
+        markdown="\n".join(lines), key=key[:100], description=f"slothflow run {ctx.run_id}"
+    )
 
 
 def _rounded(metrics: dict[str, float], *keys: str) -> dict[str, float]:

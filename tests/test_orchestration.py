@@ -276,3 +276,18 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     assert result["status"] == "FINISHED"
     assert result["stages"]["register"]["alias"] == "challenger"
     assert result["mlflow"].startswith(mlflow_server)  # the shared server, not a local store
+
+    # Each UI links to the other: the MLflow parent run carries the flow run's id and URL,
+    # the flow run has a markdown artifact with the MLflow link, the scores and the gate.
+    from mlflow.tracking import MlflowClient
+
+    mlflow_run_id = result["mlflow"].rsplit("/runs/", 1)[1].split("?")[0]
+    tags = MlflowClient(mlflow_server).get_run(mlflow_run_id).data.tags
+    assert tags["prefect.flow_run_id"] == run["id"]
+    assert tags["prefect.flow_run_url"].endswith(f"/flow-run/{run['id']}")
+    artifacts = prefect_stack.call(
+        "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+    )
+    (report,) = [a for a in artifacts if a["type"] == "markdown"]
+    assert result["mlflow"] in report["data"]
+    assert "## Gate: PASSED" in report["data"] and "| merged |" in report["data"]
