@@ -19,6 +19,7 @@ stage task reuses its own finished result when a run is resumed.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from tasks.core.config import (
     load_config,
 )
 from tasks.core.home import Home
+from tasks.core.interrupt import Interrupted, signals_as_interrupt
 from tasks.core.refs import (
     BaseModelRef,
     DataRef,
@@ -88,7 +90,7 @@ DEFAULT_FORM = _default_form()
 @flow(name="slothflow-finetune", validate_parameters=True)
 def finetune(
     config: PipelineForm = DEFAULT_FORM, resume_run_id: str | None = None
-) -> dict[str, Any]:
+) -> Any:
     """The whole pipeline as the ``finetune`` deployment: a run started from the Prefect UI
     or API. Its parameters are the recipe without the operator's settings; this worker adds
     its own (``tasks.core.settings``) and checks every path the form names against its
@@ -97,11 +99,16 @@ def finetune(
     full = settings.complete(config, settings.from_env())
     settings.require_shared_tracking(full, home, "this run was started from a deployment")
     plan = preflight(full, home, resume_run_id)
-    return _run(plan.config, home, plan.resume_run_id)
+    # A cancel from the UI reaches this process as SIGTERM from the worker.
+    try:
+        with signals_as_interrupt():
+            return _run(plan.config, home, plan.resume_run_id)
+    except Interrupted as stop:
+        return _cancelled_or_raise(stop)
 
 
 @flow(name="slothflow-gpu-stages", validate_parameters=True)
-def gpu_stages(config: PipelineForm, run_id: str) -> dict[str, Any]:
+def gpu_stages(config: PipelineForm, run_id: str) -> Any:
     """train -> export -> evaluate of run ``run_id``, on a ``gpu``-pool worker (the
     ``gpu-stages`` deployment, started by the pipeline when ``orchestration.gpu_pool`` is
     set). The run must exist and have started with this very config; its base and data
@@ -113,8 +120,28 @@ def gpu_stages(config: PipelineForm, run_id: str) -> dict[str, Any]:
     base = load_ref(ctx.stage_dir("base"), BaseModelRef)
     data = load_ref(ctx.stage_dir("data"), DataRef)
     results: dict[str, Any] = {}
-    _gpu_part(full, ctx, base, data, results)
+    try:
+        with signals_as_interrupt():
+            _gpu_part(full, ctx, base, data, results)
+    except Interrupted as stop:
+        return _cancelled_or_raise(stop)
     return results
+
+
+def _cancelled_or_raise(stop: Interrupted) -> Any:
+    """A signal while this flow run is being cancelled ends it Cancelled (the run's folder
+    and MLflow runs are already marked interrupted, so it can be resumed); any other
+    signal (a node drained, a worker stopped) stays a crash, for the crash automation."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    if state is not None and state.type == StateType.CANCELLING:
+        return Cancelled(message=f"cancelled ({stop}); resumable with resume_run_id")
+    raise stop
 
 
 def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[str, Any]:
@@ -246,17 +273,32 @@ def _on_gpu_pool(
 ) -> tuple[ExportRef, EvalRef]:
     """Run the GPU stages as the ``gpu-stages`` deployment and wait for it; its outputs come
     back through the run's folder (paths plus hashes), not through Prefect results."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
 
+    # timeout=0: create the child and return, so this flow knows its id while it waits and
+    # can cancel it when this run is cancelled or stopped (the GPU worker then stops
+    # training, the child's slot frees, and both runs stay resumable).
     child = run_deployment(
         config.orchestration.gpu_deployment,
         parameters={
             "config": settings.form_of(config).model_dump(mode="json"),
             "run_id": ctx.run_id,
         },
-        timeout=None,  # training takes as long as it takes; cancelling the parent stops it
+        timeout=0,
         as_subflow=True,
     )
+    with get_client(sync_client=True) as client:
+        try:
+            while True:
+                child = client.read_flow_run(child.id)
+                if child.state is not None and child.state.is_final():
+                    break
+                time.sleep(2)
+        except BaseException:
+            client.set_flow_run_state(child.id, Cancelling(message="the parent run stopped"))
+            raise
     state = child.state
     if state is None or not state.is_completed():
         raise StageError(

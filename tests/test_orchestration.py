@@ -291,3 +291,92 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     (report,) = [a for a in artifacts if a["type"] == "markdown"]
     assert result["mlflow"] in report["data"]
     assert "## Gate: PASSED" in report["data"] and "| merged |" in report["data"]
+
+
+def _flow_run_processes(flow_run_id: str) -> list[int]:
+    """Processes started for a flow run (the process worker sets PREFECT__FLOW_RUN_ID)."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env.read_bytes():
+                found.append(int(env.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumable(
+    prefect_stack: PrefectStack,
+) -> None:
+    import time
+
+    form = _form(gpu_pool="gpu")
+    form["train"].update(max_steps=400, eval_steps=10, save_steps=10, logging_steps=10)
+    fid = prefect_stack.deployment_id("finetune")
+    run = prefect_stack.call(
+        "POST", f"/deployments/{fid}/create_flow_run", {"parameters": {"config": form}}
+    )
+    # Wait for the GPU stages' first checkpoint, then cancel the parent as the UI does.
+    deadline = time.time() + 300
+    child = None
+    while time.time() < deadline:
+        kids = prefect_stack.call(
+            "POST",
+            "/flow_runs/filter",
+            {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}},
+        )
+        # run_deployment's subflow hangs off a task run of the parent
+        kids = kids or [
+            c
+            for c in prefect_stack.call(
+                "POST",
+                "/flow_runs/filter",
+                {"deployments": {"id": {"any_": [prefect_stack.deployment_id("gpu-stages")]}}},
+            )
+            if c["state"]["type"] in ("RUNNING", "PENDING", "SCHEDULED")
+        ]
+        if kids:
+            child = kids[0]
+            assert child["state"]["type"] not in ("FAILED", "CRASHED"), child["state"]
+            ckpts = list(
+                (prefect_stack.home / "runs" / child["parameters"]["run_id"]).glob(
+                    "train/checkpoints/checkpoint-*"
+                )
+            )
+            if ckpts:
+                break
+        time.sleep(0.5)
+    assert child is not None, "the GPU stages never started"
+    run_id = child["parameters"]["run_id"]
+    prefect_stack.call(
+        "POST",
+        f"/flow_runs/{run['id']}/set_state",
+        {"state": {"type": "CANCELLING", "message": "cancelled by the test"}, "force": True},
+    )
+    parent = prefect_stack.wait(run["id"], timeout=120)
+    assert parent["state"]["type"] == "CANCELLED"
+    child = prefect_stack.wait(child["id"], timeout=120)
+    assert child["state"]["type"] in ("CANCELLED", "CRASHED"), child["state"]
+    # Nothing of either run is left running, and the GPU worker's slot is free again.
+    deadline = time.time() + 30
+    while (_flow_run_processes(run["id"]) or _flow_run_processes(child["id"])) and (
+        time.time() < deadline
+    ):
+        time.sleep(0.5)
+    assert not _flow_run_processes(child["id"]) and not _flow_run_processes(run["id"])
+    run_dir = prefect_stack.home / "runs" / run_id
+    assert not (run_dir / "train" / "ref.json").exists()  # training did not finish
+    assert list((run_dir / "train" / "checkpoints").glob("checkpoint-*"))
+
+    # Resumable: the same run picks up from its checkpoint and finishes.
+    again = prefect_stack.call(
+        "POST",
+        f"/deployments/{fid}/create_flow_run",
+        {"parameters": {"config": form, "resume_run_id": run_id}},
+    )
+    done = prefect_stack.wait(again["id"], timeout=600)
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "FINISHED" and result["run_id"] == run_id
+    log_text = (prefect_stack.root / "worker-gpu.log").read_text()
+    assert "resum" in log_text.lower()
