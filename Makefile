@@ -13,7 +13,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint typecheck lock lock-vllm clean
+.PHONY: run test install lint typecheck lock lock-vllm clean browser
 
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) $(VLLM_STAMP)
+# The Prefect UI test drives Debian's chromium through Playwright (`playwright install`
+# would download a browser, which this network does not allow). ~40 s with apt.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the UI test"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null; \
+	  else sudo apt-get install -y -q chromium >/dev/null; fi; }
+
+test: $(STAMP) $(VLLM_STAMP) browser
 	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/python -m pytest -m "not gpu" --durations=20 $(PYTEST_ARGS)
 

@@ -380,3 +380,69 @@ def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumab
     assert result["status"] == "FINISHED" and result["run_id"] == run_id
     log_text = (prefect_stack.root / "worker-gpu.log").read_text()
     assert "resum" in log_text.lower()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+
+
+def test_a_run_started_from_the_prefect_ui_form_completes(prefect_stack: PrefectStack) -> None:
+    """Debian's Chromium driven by Playwright: log in, open the finetune deployment's run
+    form, find the config fields with their descriptions, submit a ci-smoke run through the
+    form's JSON input, and see it complete. Screenshots go to test-artifacts/ui/."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs Debian's chromium for the UI test (make test installs it)")
+        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from .conftest import PREFECT_AUTH
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ui = prefect_stack.api_url.removesuffix("/api")
+    fid = prefect_stack.deployment_id("finetune")
+    before = {r["id"] for r in prefect_stack.call("POST", "/flow_runs/filter", {})}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(ui + "/")
+            page.get_by_placeholder("admin:pass").fill(PREFECT_AUTH)
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("Dashboard").first.wait_for()
+            page.goto(f"{ui}/deployments/deployment/{fid}/run")
+            page.get_by_text("Data cleaning stage.").first.wait_for(timeout=30_000)
+            text = page.inner_text("body")
+            for shown in (
+                "Sources (Optional)",
+                "Input files or fsspec URLs",
+                "Learning Rate (Optional)",
+                "Peak learning rate.",
+                "Gpu Pool (Optional)",
+            ):
+                assert shown in text, shown
+            assert "Vllm Command" not in text and "Tracking Uri" not in text
+            page.screenshot(path=str(ARTIFACTS / "run-form.png"))
+            page.locator("text=config (Optional)").locator("xpath=..").locator(
+                "button"
+            ).first.click()
+            page.get_by_text("Use JSON input").click()
+            page.locator("textarea.p-code-input__textarea").fill(
+                json.dumps(_form(gpu_pool="gpu"), indent=2)
+            )
+            page.get_by_role("button", name="Submit").click()
+            page.get_by_text("scheduled to start").first.wait_for(timeout=30_000)
+            (new,) = [
+                r
+                for r in prefect_stack.call("POST", "/flow_runs/filter", {})
+                if r["id"] not in before and r["deployment_id"] == fid
+            ]
+            done = prefect_stack.wait(new["id"])
+            assert done["state"]["type"] == "COMPLETED", done["state"]
+            assert done["parameters"]["config"]["name"] == "ci-smoke"
+            page.goto(f"{ui}/runs/flow-run/{new['id']}")
+            page.get_by_text("Completed").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1500)  # the graph draws after the state badge
+            page.screenshot(path=str(ARTIFACTS / "run-completed.png"))
+        finally:
+            browser.close()

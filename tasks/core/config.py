@@ -593,10 +593,12 @@ class OrchestrationConfig(_Strict):
 
 
 class PipelineForm(_Strict):
-    """What a run's form may set: the whole recipe but the operator's settings (commands,
-    hosts, ports, credentials and the tracking server). A deployed run's parameters are
-    this model, so posting ``deploy.vllm_command`` is refused as an unknown key before
-    anything runs; :func:`tasks.core.settings.complete` adds the worker's own values."""
+    """The recipe of one run: every stage's settings. Commands, hosts, ports, credentials
+    and the tracking server are not here: they are the worker's own settings."""
+
+    # A deployed run's parameters are this model: posting deploy.vllm_command is refused as
+    # an unknown key before anything runs, and tasks.core.settings.complete adds the
+    # worker's values (the docstring above is the form's help text).
 
     name: str = Field(
         "slothflow",
