@@ -88,9 +88,7 @@ DEFAULT_FORM = _default_form()
 
 
 @flow(name="slothflow-finetune", validate_parameters=True)
-def finetune(
-    config: PipelineForm = DEFAULT_FORM, resume_run_id: str | None = None
-) -> Any:
+def finetune(config: PipelineForm = DEFAULT_FORM, resume_run_id: str | None = None) -> Any:
     """The whole pipeline as the ``finetune`` deployment: a run started from the Prefect UI
     or API. Its parameters are the recipe without the operator's settings; this worker adds
     its own (``tasks.core.settings``) and checks every path the form names against its
