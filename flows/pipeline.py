@@ -12,14 +12,17 @@ Three entry points over one body (:func:`_run`), so there is no second runner:
   pool, run by ``_run`` through ``run_deployment`` when ``orchestration.gpu_pool`` is set
   (in the same process otherwise).
 
-Stages hand each other small references (paths + hashes) through the run's folder; each
-stage task reuses its own finished result when a run is resumed.
+Stages hand each other small references (paths + hashes) through the run's folder.
+Prefect caches the stages that take time (base, data, train, export, evaluate) by their
+inputs hash: a resumed run, or a new run with the same inputs, shows them as Cached and
+skips them; ``refresh`` names stages to run again anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,9 @@ from prefect import flow, get_run_logger
 
 from flows.preflight import preflight
 from tasks.base_model import prepare_base_task
+from tasks.core import caching, settings, tracking
 from tasks.core import home as home_mod
 from tasks.core import run as run_mod
-from tasks.core import settings, tracking
 from tasks.core.config import (
     ConfigError,
     OrchestrationConfig,
@@ -40,6 +43,7 @@ from tasks.core.config import (
 )
 from tasks.core.home import Home
 from tasks.core.interrupt import Interrupted, signals_as_interrupt
+from tasks.core.orchestration import check_refresh
 from tasks.core.refs import (
     BaseModelRef,
     DataRef,
@@ -49,6 +53,7 @@ from tasks.core.refs import (
     RunContext,
     TrainRef,
     load_ref,
+    record_ref,
 )
 from tasks.data import clean_task
 from tasks.evaluate import evaluate_task
@@ -68,14 +73,46 @@ class StageError(RuntimeError):
 
 # No log_prints: it patches print() and breaks libraries that capture their own stdout
 # (dill disassembles functions through print while datasets fingerprints a map).
+@dataclass
+class _Stages:
+    """Calls stage tasks with the home's cache (:mod:`tasks.core.caching`) and notes which
+    ones Prefect served from it; a served stage's reference is recorded in this run's
+    folder, as if it had run here (what a stage on another worker reads)."""
+
+    home: Home
+    refresh: frozenset[str]
+    cached: list[str] = field(default_factory=list)
+
+    def __call__(self, ctx: RunContext, task: Any, *args: Any, **kwargs: Any) -> Any:
+        stage = task.name
+        configured = caching.configured(task, self.home.stage_cache, refresh=stage in self.refresh)
+        state = configured(ctx, *args, return_state=True, **kwargs)
+        result = state.result()  # raises the stage's own error when it failed
+        if state.name == "Cached":
+            self.cached.append(stage)
+            if result is not None:
+                record_ref(ctx.stage_dir(stage), result)
+        return result
+
+
+def _stages(home: Home, refresh: list[str] | None) -> _Stages:
+    return _Stages(home, check_refresh(refresh))
+
+
 @flow(name="slothflow-pipeline", validate_parameters=True)
-def pipeline(config: PipelineConfig, resume_run_id: str | None = None) -> dict[str, Any]:
+def pipeline(
+    config: PipelineConfig,
+    resume_run_id: str | None = None,
+    refresh: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the whole pipeline for one recipe (``slothflow run``).
 
     ``resume_run_id`` re-opens an earlier run of the *same* config: finished stages
-    are skipped (their outputs are reused), the failed one runs again.
+    are served from the cache, the failed one runs again (training from its last
+    checkpoint). ``refresh``: stages to run again even when cached.
     """
-    return _run(config, home_mod.resolve_home(), resume_run_id)
+    home = home_mod.resolve_home()
+    return _run(config, home, resume_run_id, _stages(home, refresh), refresh)
 
 
 def _default_form() -> PipelineForm:
@@ -88,42 +125,100 @@ DEFAULT_FORM = _default_form()
 
 
 @flow(name="slothflow-finetune", validate_parameters=True)
-def finetune(config: PipelineForm = DEFAULT_FORM, resume_run_id: str | None = None) -> Any:
+def finetune(
+    config: PipelineForm = DEFAULT_FORM,
+    resume_run_id: str | None = None,
+    refresh: list[str] | None = None,
+) -> Any:
     """The whole pipeline as the ``finetune`` deployment: a run started from the Prefect UI
     or API. Its parameters are the recipe without the operator's settings; this worker adds
     its own (``tasks.core.settings``) and checks every path the form names against its
-    allowlist before anything runs."""
+    allowlist before anything runs. ``resume_run_id``: an earlier run of the same config to
+    continue; ``refresh``: stages (base, data, train, export, evaluate) to run again even
+    when their inputs are unchanged."""
     home = home_mod.resolve_home()
+    stages = _stages(home, refresh)
     full = settings.complete(config, settings.from_env())
     settings.require_shared_tracking(full, home, "this run was started from a deployment")
+    resume_run_id = resume_run_id or _earlier_attempt(home)
     plan = preflight(full, home, resume_run_id)
     # A cancel from the UI reaches this process as SIGTERM from the worker.
     try:
         with signals_as_interrupt():
-            return _run(plan.config, home, plan.resume_run_id)
+            return _run(plan.config, home, plan.resume_run_id, stages, refresh or [])
     except Interrupted as stop:
         return _cancelled_or_raise(stop)
 
 
 @flow(name="slothflow-gpu-stages", validate_parameters=True)
-def gpu_stages(config: PipelineForm, run_id: str) -> Any:
+def gpu_stages(config: PipelineForm, run_id: str, refresh: list[str] | None = None) -> Any:
     """train -> export -> evaluate of run ``run_id``, on a ``gpu``-pool worker (the
     ``gpu-stages`` deployment, started by the pipeline when ``orchestration.gpu_pool`` is
     set). The run must exist and have started with this very config; its base and data
     stages' outputs are read from the run's folder, and this stage's go back there."""
     home = home_mod.resolve_home()
+    stages = _stages(home, refresh)
     full = settings.complete(config, settings.from_env())
     settings.require_shared_tracking(full, home, "the GPU stages run on a worker")
+    _earlier_attempt(home)  # the attempt cap; the run to resume is the parameter
+    if ended := _parent_ended():
+        # A rescheduled attempt whose pipeline run is over (cancelled, or failed while
+        # this one was down): nothing would wait for what it trains.
+        from prefect.states import Cancelled
+
+        return Cancelled(message=f"the pipeline run it belongs to has ended ({ended})")
     ctx = run_mod.open_run(full, home, run_id)
     base = load_ref(ctx.stage_dir("base"), BaseModelRef)
     data = load_ref(ctx.stage_dir("data"), DataRef)
     results: dict[str, Any] = {}
     try:
         with signals_as_interrupt():
-            _gpu_part(full, ctx, base, data, results)
+            _gpu_part(full, ctx, base, data, results, stages)
     except Interrupted as stop:
         return _cancelled_or_raise(stop)
     return results
+
+
+#: Attempts of one flow run (the crash automation reschedules a crashed run) before it
+#: fails for good: Failed, not Crashed, so the automation does not reschedule it again.
+MAX_ATTEMPTS = 3
+
+
+def _earlier_attempt(home: Home) -> str | None:
+    """The run an earlier attempt of this very flow run started (the crash automation in
+    infra/automations/ rescheduled it after its worker died): resuming it reuses the
+    finished stages and the last training checkpoint. None on a first attempt."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None
+    if flow_run.run_count > MAX_ATTEMPTS:
+        raise StageError(
+            f"flow run {flow_run.name} started {flow_run.run_count} times; giving up "
+            f"after {MAX_ATTEMPTS} (see the earlier attempts' logs)"
+        )
+    run_id = run_mod.run_of_flow_run(home, flow_run.id)
+    if run_id is not None:
+        get_run_logger().warning(
+            "attempt %d of flow run %s: resuming its run %s",
+            flow_run.run_count,
+            flow_run.name,
+            run_id,
+        )
+    return run_id
+
+
+def _parent_ended() -> str | None:
+    """The final state of this flow run's parent flow run, if it has one and it ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    parent_id = flow_run.parent_flow_run_id
+    if not parent_id:
+        return None
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(parent_id).state
+    return state.name if state is not None and (state.is_final() or state.is_cancelling()) else None
 
 
 def _cancelled_or_raise(stop: Interrupted) -> Any:
@@ -142,7 +237,13 @@ def _cancelled_or_raise(stop: Interrupted) -> Any:
     raise stop
 
 
-def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[str, Any]:
+def _run(
+    config: PipelineConfig,
+    home: Home,
+    resume_run_id: str | None,
+    stages: _Stages,
+    refresh: list[str] | None = None,
+) -> dict[str, Any]:
     logger = get_run_logger()
     pool = config.orchestration.gpu_pool
     if pool:  # before the run exists: a wrong pool or a local store fails in seconds
@@ -162,12 +263,17 @@ def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[
         summary["mlflow"] = tracking.run_url(tracking.TrackingRef.model_validate(ctx.tracking))
     _link_flow_run(ctx, summary)
     try:
-        base, data = _prepare(config, home, ctx, results)
+        base, data = _prepare(config, home, ctx, results, stages)
         if pool:
-            exported, ev = _on_gpu_pool(config, ctx, results)
+            exported, ev = _on_gpu_pool(config, ctx, results, refresh or [])
         else:
-            exported, ev = _gpu_part(config, ctx, base, data, results)
-        _release(config, ctx, data, exported, ev, summary, results)
+            exported, ev = _gpu_part(config, ctx, base, data, results, stages)
+        _release(config, ctx, data, exported, ev, summary, results, stages)
+        summary["cached_stages"] = stages.cached
+        if stages.cached and ctx.tracking:
+            tracking.pipeline_tracker(tracking.TrackingRef.model_validate(ctx.tracking)).set_tags(
+                {"slothflow.cached_stages": ",".join(stages.cached)}
+            )
         _report_artifact(ctx, summary, ev)
     except BaseException as exc:
         # A signal marks the run INTERRUPTED (resumable, nothing failed), anything else FAILED.
@@ -179,14 +285,14 @@ def _run(config: PipelineConfig, home: Home, resume_run_id: str | None) -> dict[
 
 
 def _prepare(
-    config: PipelineConfig, home: Home, ctx: RunContext, results: dict[str, Any]
+    config: PipelineConfig, home: Home, ctx: RunContext, results: dict[str, Any], stages: _Stages
 ) -> tuple[BaseModelRef, DataRef]:
     """base -> data: the CPU stages before training."""
-    base = prepare_base_task(ctx, config.model)
+    base = stages(ctx, prepare_base_task, config.model)
     results["base"] = {"model": base.name_or_path, "revision": base.revision[:19]}
 
     previous = run_mod.previous_output(home, ctx, config.name, "data", "manifest.jsonl")
-    data = clean_task(ctx, config.data, base, previous)
+    data = stages(ctx, clean_task, config.data, base, previous)
     results["data"] = {
         "train": data.train_rows,
         "validation": data.validation_rows,
@@ -201,10 +307,12 @@ def _gpu_part(
     base: BaseModelRef,
     data: DataRef,
     results: dict[str, Any],
+    stages: _Stages,
 ) -> tuple[ExportRef, EvalRef]:
     """train -> export -> evaluate: the stages that take a GPU, here or on a GPU worker."""
-    trained = train_task(
+    trained = stages(
         ctx,
+        train_task,
         config.train,
         config.model,
         base,
@@ -213,8 +321,9 @@ def _gpu_part(
         resolved_config=dump_config(config),
         system_metrics=config.tracking.system_metrics,
     )
-    exported = export_task(
+    exported = stages(
         ctx,
+        export_task,
         config.export,
         trained,
         data,
@@ -222,8 +331,8 @@ def _gpu_part(
         max_new_tokens=config.eval.max_new_tokens,
         max_seq_length=config.model.max_seq_length,
     )
-    champion = champion_task(ctx, config.tracking.registered_model)
-    ev = evaluate_task(ctx, config.eval, data, exported, champion)
+    champion = stages(ctx, champion_task, config.tracking.registered_model)
+    ev = stages(ctx, evaluate_task, config.eval, data, exported, champion)
     _record_gpu_part(results, trained, exported, ev)
     return exported, ev
 
@@ -266,8 +375,13 @@ def _check_gpu_deployment(config: PipelineConfig) -> None:
         )
 
 
+#: How long a crashed GPU-stages run may stay Crashed before the pipeline stops waiting
+#: for the crash automation to reschedule it.
+RESCHEDULE_GRACE_S = 60.0
+
+
 def _on_gpu_pool(
-    config: PipelineConfig, ctx: RunContext, results: dict[str, Any]
+    config: PipelineConfig, ctx: RunContext, results: dict[str, Any], refresh: list[str]
 ) -> tuple[ExportRef, EvalRef]:
     """Run the GPU stages as the ``gpu-stages`` deployment and wait for it; its outputs come
     back through the run's folder (paths plus hashes), not through Prefect results."""
@@ -283,16 +397,27 @@ def _on_gpu_pool(
         parameters={
             "config": settings.form_of(config).model_dump(mode="json"),
             "run_id": ctx.run_id,
+            "refresh": refresh,
         },
         timeout=0,
         as_subflow=True,
     )
     with get_client(sync_client=True) as client:
         try:
+            crashed_at: float | None = None
             while True:
                 child = client.read_flow_run(child.id)
-                if child.state is not None and child.state.is_final():
+                state = child.state
+                if state is not None and state.is_crashed():
+                    # The crash automation reschedules a crashed run within seconds;
+                    # wait for that before calling it the end.
+                    crashed_at = crashed_at or time.monotonic()
+                    if time.monotonic() - crashed_at > RESCHEDULE_GRACE_S:
+                        break
+                elif state is not None and state.is_final():
                     break
+                else:
+                    crashed_at = None
                 time.sleep(2)
         except BaseException:
             client.set_flow_run_state(child.id, Cancelling(message="the parent run stopped"))
@@ -319,10 +444,11 @@ def _release(
     ev: EvalRef,
     summary: dict[str, Any],
     results: dict[str, Any],
+    stages: _Stages,
 ) -> None:
     """gate -> register -> serve: what decides whether the candidate ships, and ships it."""
     metric = ev.primary_metric
-    decision = gate_task(ctx, config.eval, ev)
+    decision = stages(ctx, gate_task, config.eval, ev)
     summary["gate"] = {
         "passed": decision.passed,
         "reasons": decision.reasons,
@@ -335,7 +461,7 @@ def _release(
         return  # registration and serving stop here; every artifact so far is kept
 
     name = config.tracking.registered_model
-    registered = register_task(ctx, name, GateBar.of(config.eval), exported, ev, decision)
+    registered = stages(ctx, register_task, name, GateBar.of(config.eval), exported, ev, decision)
     if registered is not None:
         results["register"] = {
             "model": f"{registered.name}/{registered.version}",
@@ -344,7 +470,9 @@ def _release(
     if not config.deploy.enabled:
         return
     spec = f"{registered.name}/{registered.version}" if registered else exported.candidate_path
-    served = deploy_task(ctx, config.deploy, spec, heldout_path=data.validation_path, evaluation=ev)
+    served = stages(
+        ctx, deploy_task, config.deploy, spec, heldout_path=data.validation_path, evaluation=ev
+    )
     if served is not None:
         results["serve"] = {"endpoint": served.endpoint}
         summary["serving"] = summary_lines(served)
@@ -357,6 +485,7 @@ def _link_flow_run(ctx: RunContext, summary: dict[str, Any]) -> None:
 
     if not flow_run.id:
         return
+    run_mod.record_flow_run(ctx, flow_run.id)
     summary["prefect_flow_run"] = flow_run.id
     tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name}
     if flow_run.ui_url:

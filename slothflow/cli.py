@@ -32,6 +32,7 @@ from slothflow.common import (
 from slothflow.options import RecipeOpt, SetOpt
 from tasks.core import home as home_mod
 from tasks.core.config import ConfigError
+from tasks.core.orchestration import check_refresh
 
 app = typer.Typer(
     name="slothflow",
@@ -107,6 +108,14 @@ def run(
             "reused, the failed stage runs again.",
         ),
     ] = None,
+    refresh: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--refresh",
+            help="Run this stage again even when its inputs are unchanged and Prefect has it "
+            "cached (base, data, train, export, evaluate); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow: base -> data -> train -> export -> evaluate -> gate -> register -> serve.
 
@@ -121,6 +130,7 @@ def run(
         run_id: str | None = None
         try:
             cfg = load_recipe(recipe, set_)
+            check_refresh(refresh)
             with home_mod.exclusive(home, f"slothflow run --recipe {recipe}"):
                 from flows import temporary_server
 
@@ -137,7 +147,9 @@ def run(
 
                     if not verbose_logging():
                         quiet_http_logs()
-                    summary = pipeline(config=plan.config, resume_run_id=run_id)
+                    summary = pipeline(
+                        config=plan.config, resume_run_id=run_id, refresh=refresh or None
+                    )
         except BaseException as exc:
             if not is_interrupt(exc):
                 if isinstance(exc, Exception) and not is_known_failure(exc):

@@ -35,7 +35,7 @@ from tasks.core.models import (
     template_text,
 )
 from tasks.core.orchestration import retry_transient, stage_task
-from tasks.core.refs import BaseModelRef, RunContext, load_done, mark_done, sha256_json
+from tasks.core.refs import BaseModelRef, RunContext, record_ref, sha256_json
 from tasks.core.revision import is_hub_id, resolve_revision
 from tasks.core.tracking import NullTracker, Tracker
 
@@ -228,27 +228,26 @@ def base_inputs_hash(cfg: ModelConfig) -> str:
 
 
 def prepare_base_in_run(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
-    """``prepare_base`` inside a run: tracked as stage ``base``, skipped when already done.
-
-    The embedded build and hub revisions are cheap to re-check, but a finished stage is
-    still reused so a resumed run records the very same base it started with.
-    """
+    """``prepare_base`` inside a run: tracked as stage ``base``; its reference is recorded
+    in the run's folder (what a worker on another stage reads). Reuse across runs is
+    Prefect's (:func:`prepare_base_task`'s cache key), so a resumed run records the very
+    same base it started with."""
     from tasks.core import run as run_mod
     from tasks.core.home import resolve_home
 
-    out = ctx.stage_dir(STAGE)
-    inputs = base_inputs_hash(cfg)
-    done = load_done(out, inputs, BaseModelRef)
-    if done is not None and Path(done.path).exists():
-        log.info("base: reusing %s", done.name_or_path)
-        return done
     with run_mod.stage(ctx, STAGE) as tracker:
         ref = prepare_base(cfg, resolve_home(), tracker)
-    mark_done(out, inputs, ref)
+    record_ref(ctx.stage_dir(STAGE), ref)
     return ref
 
 
-@stage_task(name="base", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+@stage_task(
+    name="base",
+    cache_key=lambda a: base_inputs_hash(a["cfg"]),
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+)
 def prepare_base_task(ctx: RunContext, cfg: ModelConfig) -> BaseModelRef:
     """Prefect task of stage ``base``. Retries cover a flaky Hub when online; a missing
     folder or an id not in the offline cache is a configuration error and fails the same

@@ -34,9 +34,7 @@ from tasks.core.refs import (
     EvalRef,
     GateRef,
     RunContext,
-    load_done,
-    mark_done,
-    sha256_json,
+    record_ref,
     write_json_atomic,
 )
 from tasks.core.tracking import NullTracker, Tracker
@@ -181,13 +179,12 @@ def gate_task(ctx: RunContext, cfg: EvalConfig, ev: EvalRef) -> GateRef:
     from tasks.core import tracking
     from tasks.core.run import stage
 
+    # Not cached: the decision takes milliseconds, and a run served from the cache still
+    # gets its own gate record and tags.
     out = ctx.stage_dir("gate")
-    key = sha256_json({"eval_cfg": cfg.model_dump(mode="json"), "ev": ev.model_dump(mode="json")})
-    done = load_done(out, key, GateRef)
-    if done is None:
-        with stage(ctx, "gate") as tracker:
-            done = gate(cfg, ev, out, tracker)
-        mark_done(out, key, done)
+    with stage(ctx, "gate") as tracker:
+        done = gate(cfg, ev, out, tracker)
+    record_ref(out, done)
     if ctx.tracking is not None:
         parent = tracking.pipeline_tracker(tracking.TrackingRef.model_validate(ctx.tracking))
         parent.set_tags(gate_tags(done.passed, done.reasons))

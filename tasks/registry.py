@@ -33,8 +33,7 @@ from tasks.core.refs import (
     RegistryRef,
     ResolvedModel,
     RunContext,
-    load_done,
-    mark_done,
+    record_ref,
     sha256_json,
 )
 from tasks.core.tracking import NullTracker, Tracker
@@ -269,17 +268,10 @@ def register_task(
     if ctx.tracking is None:
         log.warning("not registering: this run has no MLflow tracking")
         return None
+    # Not cached by Prefect: registering sets an alias, which must happen in every run
+    # that passes; a retry or a resume finds this run's version (register's find_version)
+    # instead of creating a second one.
     out = ctx.stage_dir("register")
-    key = sha256_json(
-        {
-            "export": export.model_dump(mode="json"),
-            "gate": gate.model_dump(mode="json"),
-            "name": registered_model,
-        }
-    )
-    done = load_done(out, key, RegistryRef)
-    if done is not None:
-        return done
     with stage(ctx, "register") as tracker:
         ref = register(
             registered_model,
@@ -292,5 +284,5 @@ def register_task(
             run_id=ctx.run_id,
             tracker=tracker,
         )
-    mark_done(out, key, ref)
+    record_ref(out, ref)
     return ref

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="slothflow-test-home-"))
 atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
@@ -168,6 +169,8 @@ class PrefectStack:
     home: Path  # the workers' shared SLOTHFLOW_HOME
     env: dict[str, str]  # what a client of this server needs (API URL, auth)
     root: Path
+    start_worker: Any = None  # (pool) -> Popen: starts (or restarts) the pool's worker
+    workers: dict[str, subprocess.Popen[bytes]] | None = None
 
     def call(self, method: str, path: str, body: object = None) -> Any:
         import base64
@@ -266,7 +269,7 @@ def prefect_stack(
     logs = []
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(root / f"{name}.log", "wb")  # noqa: SIM115 (closed in teardown)
+        log = open(root / f"{name}.log", "ab")  # noqa: SIM115 (closed in teardown)
         logs.append(log)
         proc = subprocess.Popen(
             argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -300,17 +303,40 @@ def prefect_stack(
             "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
             "PREFECT_HOME": str(root / "worker"),
             "MLFLOW_TRACKING_URI": mlflow_server,
+            # Heartbeats every 30 s (the least Prefect allows): what the crash automation
+            # watches.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         }
         (root / "fakehome").mkdir(exist_ok=True)
-        for pool, extra in (("cpu", []), ("gpu", ["--limit", "1"])):
+        # The crash automations, as the README creates them, with a shorter silence window
+        # (40 s rather than 90 s: the least that still spans a 30 s heartbeat) so the
+        # killed-worker test does not wait three minutes.
+        automations = yaml.safe_load((REPO / "infra/automations/crashed-runs.yaml").read_text())
+        automations["automations"][0]["trigger"]["within"] = 40
+        (root / "automations.yaml").write_text(yaml.safe_dump(automations))
+        subprocess.run(
+            [str(BIN / "prefect"), "automation", "create", "--from-file",
+             str(root / "automations.yaml")],
+            env=client, check=True, capture_output=True, cwd=REPO,
+        )  # fmt: skip
+        workers: dict[str, subprocess.Popen[bytes]] = {}
+
+        def start_worker(pool: str) -> subprocess.Popen[bytes]:
             env = {**worker, **({"CUDA_VISIBLE_DEVICES": ""} if pool == "gpu" else {})}
-            start(
+            workers[pool] = start(
                 f"worker-{pool}",
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool,
-                 "--name", f"ci-{pool}-0", *extra],
+                 "--name", f"ci-{pool}-0", *(["--limit", "1"] if pool == "gpu" else [])],
                 env,
             )  # fmt: skip
-        stack = PrefectStack(api_url=api, home=home, env=client, root=root)
+            return workers[pool]
+
+        for pool in ("cpu", "gpu"):
+            start_worker(pool)
+        stack = PrefectStack(
+            api_url=api, home=home, env=client, root=root, start_worker=start_worker,
+            workers=workers,
+        )  # fmt: skip
         deadline = time.time() + 60
         while len(stack.call("POST", "/work_pools/gpu/workers/filter", {})) < 1 or not stack.call(
             "POST", "/work_pools/cpu/workers/filter", {}

@@ -163,7 +163,7 @@ def test_resumed_base_stage_notices_a_changed_folder_or_template(
     )
     first = prepare_base_in_run(ctx, cfg)
     key = base_inputs_hash(cfg)
-    assert prepare_base_in_run(ctx, cfg) == first  # nothing changed: reused
+    assert prepare_base_in_run(ctx, cfg) == first  # nothing changed: the same reference
     (d / "README.md").write_text("notes")  # not part of the model: same key
     assert base_inputs_hash(cfg) == key
 

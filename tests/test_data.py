@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -832,38 +831,6 @@ def test_data_clean_then_train_keeps_the_reports_fingerprint(
     again = data_ref_from_folder(tmp_path / "out")
     assert again.fingerprint == report_of(tmp_path / "out")["fingerprint"] == ref.fingerprint
     assert (again.train_rows, again.validation_rows) == (ref.train_rows, ref.validation_rows)
-
-
-def test_clean_task_reuses_a_finished_stage(
-    tmp_path: Path, tokenizer_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tasks.data import clean_task
-
-    # the module (the package's ``clean`` attribute is the function of that name)
-    clean_mod = importlib.import_module("tasks.data.clean")
-    from tasks.core.refs import RunContext
-
-    src = write_jsonl(tmp_path / "in.jsonl", good_rows(40))
-    ctx = RunContext(
-        run_id="t", run_dir=str(tmp_path / "run"), config_hash="x", code_version="x", hardware={}
-    )
-    cfg = cfg_for(src, val_fraction=0.3)
-    fn = getattr(clean_task, "fn", clean_task)  # the plain function under the Prefect task
-    resolved: list[list[str]] = []
-    real_resolve_all = clean_mod.resolve_all
-
-    def counting_resolve_all(names: list[str]) -> Any:
-        resolved.append(names)
-        return real_resolve_all(names)
-
-    monkeypatch.setattr(clean_mod, "resolve_all", counting_resolve_all)
-    first = fn(ctx, cfg, tokenizer_dir)
-    assert resolved == [cfg.sources]  # once per stage, for the hash and the clean
-    stamp = Path(first.train_path).stat().st_mtime_ns
-    second = fn(ctx, cfg, tokenizer_dir)
-    assert second == first and Path(first.train_path).stat().st_mtime_ns == stamp
-    write_jsonl(src, good_rows(41))  # new content: the stage runs again
-    assert fn(ctx, cfg, tokenizer_dir).fingerprint != first.fingerprint
 
 
 def test_clean_task_records_the_stage_in_mlflow(tmp_path: Path, tokenizer_dir: str) -> None:

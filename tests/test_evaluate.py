@@ -284,10 +284,10 @@ def test_slothflow_evaluate_runs_alone_on_an_export_folder(tmp_path: Path) -> No
     from typer.testing import CliRunner
 
     from slothflow.cli import app
-    from tasks.core.refs import mark_done
+    from tasks.core.refs import record_ref
 
     exp = fx.exported("strong")
-    mark_done(Path(exp.path), "written-by-the-test", exp)  # what export_task leaves behind
+    record_ref(Path(exp.path), exp)  # what export_task leaves behind
     out = tmp_path / "eval"
     res = CliRunner().invoke(
         app,

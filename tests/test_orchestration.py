@@ -305,6 +305,31 @@ def _flow_run_processes(flow_run_id: str) -> list[int]:
     return found
 
 
+def _child_at_a_checkpoint(stack: PrefectStack, parent_id: str) -> dict[str, Any]:
+    """The GPU-stages flow run of pipeline run ``parent_id``, once training has committed
+    its first checkpoint."""
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        kids = [
+            c
+            for c in stack.call(
+                "POST",
+                "/flow_runs/filter",
+                {"deployments": {"id": {"any_": [stack.deployment_id("gpu-stages")]}}},
+            )
+            if c["state"]["type"] in ("RUNNING", "PENDING", "SCHEDULED")
+        ]
+        for child in kids:
+            assert child["state"]["type"] not in ("FAILED", "CRASHED"), child["state"]
+            run_dir = stack.home / "runs" / child["parameters"]["run_id"]
+            if list(run_dir.glob("train/checkpoints/checkpoint-*/*")):
+                return dict(child)
+        time.sleep(0.5)
+    raise AssertionError(f"the GPU stages of {parent_id} never reached a checkpoint")
+
+
 def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumable(
     prefect_stack: PrefectStack,
 ) -> None:
@@ -317,36 +342,7 @@ def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumab
         "POST", f"/deployments/{fid}/create_flow_run", {"parameters": {"config": form}}
     )
     # Wait for the GPU stages' first checkpoint, then cancel the parent as the UI does.
-    deadline = time.time() + 300
-    child = None
-    while time.time() < deadline:
-        kids = prefect_stack.call(
-            "POST",
-            "/flow_runs/filter",
-            {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}},
-        )
-        # run_deployment's subflow hangs off a task run of the parent
-        kids = kids or [
-            c
-            for c in prefect_stack.call(
-                "POST",
-                "/flow_runs/filter",
-                {"deployments": {"id": {"any_": [prefect_stack.deployment_id("gpu-stages")]}}},
-            )
-            if c["state"]["type"] in ("RUNNING", "PENDING", "SCHEDULED")
-        ]
-        if kids:
-            child = kids[0]
-            assert child["state"]["type"] not in ("FAILED", "CRASHED"), child["state"]
-            ckpts = list(
-                (prefect_stack.home / "runs" / child["parameters"]["run_id"]).glob(
-                    "train/checkpoints/checkpoint-*"
-                )
-            )
-            if ckpts:
-                break
-        time.sleep(0.5)
-    assert child is not None, "the GPU stages never started"
+    child = _child_at_a_checkpoint(prefect_stack, run["id"])
     run_id = child["parameters"]["run_id"]
     prefect_stack.call(
         "POST",
@@ -380,6 +376,52 @@ def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumab
     assert result["status"] == "FINISHED" and result["run_id"] == run_id
     log_text = (prefect_stack.root / "worker-gpu.log").read_text()
     assert "resum" in log_text.lower()
+
+
+def test_a_run_whose_gpu_worker_is_killed_is_rescheduled_and_resumes(
+    prefect_stack: PrefectStack,
+) -> None:
+    """A lost node: the GPU worker and the stage's process die at once (SIGKILL, nothing
+    runs a handler). The heartbeats stop, the crash automation (infra/automations/) marks
+    the GPU stages' run Crashed and reschedules it, a replacement worker picks it up and it
+    resumes from the last checkpoint; the pipeline run that waits on it completes."""
+    import signal
+
+    from tasks.core.refs import TrainRef, load_ref
+
+    form = _form(gpu_pool="gpu")
+    # not the cancel test's settings: its run is in the cache by now
+    form["train"].update(max_steps=390, eval_steps=10, save_steps=10, logging_steps=10)
+    fid = prefect_stack.deployment_id("finetune")
+    run = prefect_stack.call(
+        "POST", f"/deployments/{fid}/create_flow_run", {"parameters": {"config": form}}
+    )
+    child = _child_at_a_checkpoint(prefect_stack, run["id"])
+    assert prefect_stack.workers is not None
+    worker = prefect_stack.workers["gpu"]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    for pid in _flow_run_processes(child["id"]):
+        os.kill(pid, signal.SIGKILL)
+    run_dir = prefect_stack.home / "runs" / child["parameters"]["run_id"]
+    steps = [
+        int(p.name.split("-")[1]) for p in (run_dir / "train" / "checkpoints").glob("checkpoint-*")
+    ]
+    assert steps and not (run_dir / "train" / "ref.json").exists()
+    prefect_stack.start_worker("gpu")  # the replacement node
+
+    done = prefect_stack.wait(run["id"], timeout=600)
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    after = prefect_stack.call("GET", f"/flow_runs/{child['id']}")
+    assert after["state"]["type"] == "COMPLETED" and after["run_count"] >= 2
+    history = [
+        (h["type"], h["name"])
+        for h in prefect_stack.call("GET", f"/flow_run_states/?flow_run_id={child['id']}")
+    ]
+    assert ("CRASHED", "Crashed") in history and ("SCHEDULED", "AwaitingRetry") in history
+    trained = load_ref(run_dir / "train", TrainRef)
+    assert trained.metrics["resumed_from_step"] >= min(steps)
+    assert trained.metrics["global_step"] == 390
 
 
 CHROMIUM = Path("/usr/bin/chromium")

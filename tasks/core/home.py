@@ -57,6 +57,11 @@ class Home:
         return self.root / "cache"
 
     @property
+    def stage_cache(self) -> Path:
+        """Prefect's records of finished stages (``results/``, JSON) and their locks."""
+        return self.root / "stage-cache"
+
+    @property
     def models(self) -> Path:
         """Base models built on the spot (the embedded default), keyed by content."""
         return self.root / "models"

@@ -18,17 +18,50 @@ F = TypeVar("F", bound=Callable[..., Any])
 HAVE_PREFECT = importlib.util.find_spec("prefect") is not None
 
 
-def stage_task(**task_kwargs: Any) -> Callable[[F], F]:
-    """``prefect.task(**task_kwargs)`` when Prefect is installed, else identity."""
+def stage_task(
+    *, cache_key: Callable[[dict[str, Any]], Any] | None = None, **task_kwargs: Any
+) -> Callable[[F], F]:
+    """``prefect.task(**task_kwargs)`` when Prefect is installed, else identity.
+
+    ``cache_key``: the stage's reuse key from the task's arguments (by name). With it the
+    task is cached by Prefect (:mod:`tasks.core.caching`): results persisted as JSON, a
+    known key shows as Cached and skips the stage."""
 
     def wrap(fn: F) -> F:
         if not HAVE_PREFECT:
             return fn
         from prefect import task
 
-        return task(**task_kwargs)(fn)  # type: ignore[no-any-return,unused-ignore]
+        kwargs = dict(task_kwargs)
+        if cache_key is not None:
+            from tasks.core.caching import stage_cache
+
+            kwargs |= {
+                "cache_policy": stage_cache(kwargs["name"], cache_key, fn.__module__),
+                "persist_result": True,
+                "result_serializer": "json",
+            }
+        return task(**kwargs)(fn)  # type: ignore[no-any-return,unused-ignore]
 
     return wrap
+
+
+#: The stages Prefect caches by their inputs hash, so the ones a refresh may name.
+CACHED_STAGES = ("base", "data", "train", "export", "evaluate")
+
+
+def check_refresh(names: list[str] | None) -> frozenset[str]:
+    """The stages to run again even when cached; a name that is not one is a config error
+    (checked before anything starts)."""
+    from tasks.core.config import ConfigError
+
+    wanted = frozenset(names or ())
+    if unknown := sorted(wanted - set(CACHED_STAGES)):
+        raise ConfigError(
+            f"refresh: {', '.join(unknown)} is not a cached stage "
+            f"(one of {', '.join(CACHED_STAGES)})"
+        )
+    return wanted
 
 
 def is_transient(exc: BaseException | None) -> bool:

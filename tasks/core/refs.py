@@ -2,11 +2,10 @@
 
 Stages exchange paths/URIs plus content hashes, never models or DataFrames: the
 references stay small, Prefect can show and retry them, and a stage can run on
-another machine. A finished stage writes its reference to ``<stage dir>/ref.json``
-together with the hash of its inputs; re-running the stage with the same inputs
-returns that reference instead of redoing the work. The marker lives beside the
-artifacts it points at, so it cannot outlive them (Prefect's result cache would
-sit in a separate store and could point at deleted files).
+another machine. A finished stage records its reference in ``<stage dir>/ref.json`` (what a
+stage on another worker of the same run reads). Reusing a finished stage is
+Prefect's job: each stage task's cache key is its inputs hash
+(:mod:`tasks.core.caching`).
 """
 
 from __future__ import annotations
@@ -104,35 +103,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 MARKER = "ref.json"
 
 
-def load_done(stage_dir: Path, inputs_hash: str, model: type[T]) -> T | None:
-    """The stage's reference if it already finished with these exact inputs."""
-    marker = stage_dir / MARKER
-    if not marker.exists():
-        return None
-    try:
-        blob = json.loads(marker.read_text(encoding="utf-8"))
-        if blob.get("inputs_hash") != inputs_hash:
-            log.info("%s: inputs changed since the last completion; redoing it", stage_dir.name)
-            return None
-        return model.model_validate(blob["ref"])
-    except (ValueError, KeyError) as exc:
-        log.warning("%s: unreadable %s (%s); redoing the stage", stage_dir.name, MARKER, exc)
-        return None
+def record_ref(stage_dir: Path, ref: BaseModel) -> None:
+    """Record in the run's folder what a stage produced (or what the cache handed back for
+    it): how a stage on another worker of the same run finds it (:func:`load_ref`)."""
+    write_json_atomic(stage_dir / MARKER, {"ref": ref.model_dump(mode="json")})
 
 
 def load_ref(stage_dir: Path, model: type[T]) -> T:
-    """The reference a finished stage left in ``stage_dir``, whatever its inputs were: how a
-    worker picks up what a stage on another worker produced for the same run."""
+    """The reference a finished stage left in ``stage_dir``: how a worker picks up what a
+    stage on another worker produced for the same run."""
     marker = stage_dir / MARKER
     if not marker.exists():
         raise FileNotFoundError(f"stage {stage_dir.name} has not finished: no {marker}")
     return model.model_validate(json.loads(marker.read_text(encoding="utf-8"))["ref"])
-
-
-def mark_done(stage_dir: Path, inputs_hash: str, ref: BaseModel) -> None:
-    write_json_atomic(
-        stage_dir / MARKER, {"inputs_hash": inputs_hash, "ref": ref.model_dump(mode="json")}
-    )
 
 
 # --------------------------------------------------------------------------- stage references

@@ -245,3 +245,26 @@ def previous_output(
     chosen = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
     write_json_atomic(record, {"path": chosen})
     return chosen
+
+
+FLOW_RUN_RECORD = "flow_run.json"
+
+
+def record_flow_run(ctx: RunContext, flow_run_id: str) -> None:
+    """Note in the run's folder the orchestrator's flow run that drives it, so a later
+    attempt of that same flow run (rescheduled after its worker died) finds the run to
+    resume: :func:`run_of_flow_run`."""
+    write_json_atomic(Path(ctx.run_dir) / FLOW_RUN_RECORD, {"flow_run_id": flow_run_id})
+
+
+def run_of_flow_run(home: Home, flow_run_id: str) -> str | None:
+    """The run an earlier attempt of flow run ``flow_run_id`` started, if any."""
+    import json
+
+    for record in home.runs.glob(f"*/{FLOW_RUN_RECORD}"):
+        try:
+            if json.loads(record.read_text(encoding="utf-8")).get("flow_run_id") == flow_run_id:
+                return record.parent.name
+        except (OSError, ValueError):
+            continue
+    return None

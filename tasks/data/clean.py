@@ -28,7 +28,7 @@ from typing import Any
 
 from tasks.core.config import DataConfig
 from tasks.core.orchestration import retry_transient, stage_task
-from tasks.core.refs import DataRef, RunContext, load_done, mark_done, sha256_file, sha256_json
+from tasks.core.refs import DataRef, RunContext, record_ref, sha256_file, sha256_json
 from tasks.core.tracking import NullTracker, Tracker
 from tasks.data.layout import (
     FAILED_SUFFIX,
@@ -280,6 +280,7 @@ def clean(
 
 @stage_task(
     name="data",
+    cache_key=lambda a: inputs_hash(a["cfg"], a["tokenizer"], a["previous_manifest"]),
     retries=2,
     retry_delay_seconds=[10, 60],
     retry_condition_fn=retry_transient,  # remote sources: network, object stores
@@ -290,19 +291,15 @@ def clean_task(
     tokenizer: TokenizerSpec,
     previous_manifest: str | None = None,
 ) -> DataRef:
-    """The data stage of a pipeline run: reuses a finished result for identical inputs.
-    ``tokenizer`` is the base stage's reference in the pipeline (see :func:`clean`)."""
+    """The data stage of a pipeline run. Prefect skips it (Cached) when its inputs hash
+    (every source's content, the config, the tokenizer, the previous manifest) has a
+    finished result. ``tokenizer`` is the base stage's reference in the pipeline (see
+    :func:`clean`)."""
     from tasks.core.run import stage
 
     with stage(ctx, "data") as tracker:
         stage_dir = ctx.stage_dir("data")
-        sources = resolve_all(cfg.sources)  # once: for the inputs hash and the clean
-        ihash = inputs_hash(cfg, tokenizer, previous_manifest, sources)
-        done = load_done(stage_dir, ihash, DataRef)
-        if done is not None:
-            log.info("data: inputs unchanged; reusing %s", done.path)
-            tracker.set_tags({"slothflow.reused": "true"})
-            return done
+        sources = resolve_all(cfg.sources)
         ref = clean(
             cfg,
             stage_dir,
@@ -311,8 +308,10 @@ def clean_task(
             tracker,
             sources=sources,
         )
-        tracker.log_params({"data.inputs_hash": ihash})
-        mark_done(stage_dir, ihash, ref)
+        tracker.log_params(
+            {"data.inputs_hash": inputs_hash(cfg, tokenizer, previous_manifest, sources)}
+        )
+        record_ref(stage_dir, ref)
         return ref
 
 

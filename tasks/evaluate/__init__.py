@@ -60,8 +60,7 @@ from tasks.core.refs import (
     ExportRef,
     ResolvedModel,
     RunContext,
-    load_done,
-    mark_done,
+    record_ref,
     sha256_json,
     write_json_atomic,
 )
@@ -371,7 +370,16 @@ def evaluate_inputs_hash(
     )
 
 
-@stage_task(name="evaluate", retries=0)
+def _label(champion: ResolvedModel | None) -> str | None:
+    return f"{champion.name} v{champion.number}" if champion else None
+
+
+def _cache_key(a: dict[str, Any]) -> str:
+    champion = a.get("champion")
+    return evaluate_inputs_hash(a["cfg"], a["data"].fingerprint, a["export"], _label(champion))
+
+
+@stage_task(name="evaluate", cache_key=_cache_key, retries=0)
 def evaluate_task(
     ctx: RunContext,
     cfg: EvalConfig,
@@ -381,16 +389,12 @@ def evaluate_task(
 ) -> EvalRef:
     """Prefect task: lm-eval under ``<run>/evaluate``, with ``champion`` (the registry's
     current champion, looked up by the flow's champion step) re-evaluated on this run's
-    held-out split; resumable."""
+    held-out split; Cached when a finished evaluation has the same inputs hash (the
+    champion's name and version are in it, so a new champion means a new evaluation)."""
     from tasks.core.run import stage
 
     out = ctx.stage_dir("evaluate")
-    label = f"{champion.name} v{champion.number}" if champion else None
-    key = evaluate_inputs_hash(cfg, data.fingerprint, export, label)
-    done = load_done(out, key, EvalRef)
-    if done is not None:
-        log.info("evaluate: reusing %s", out)
-        return done
+    label = _label(champion)
     with stage(ctx, "evaluate") as tracker:
         ref = evaluate(
             cfg,
@@ -403,5 +407,5 @@ def evaluate_task(
             champion_label=label,
             tracker=tracker,
         )
-    mark_done(out, key, ref)
+    record_ref(out, ref)
     return ref

@@ -66,8 +66,7 @@ from tasks.core.refs import (
     ExportRef,
     RunContext,
     TrainRef,
-    load_done,
-    mark_done,
+    record_ref,
     sha256_json,
 )
 from tasks.core.tracking import NullTracker, Tracker
@@ -496,7 +495,17 @@ def export_inputs_hash(
     )
 
 
-@stage_task(name="export", retries=0)
+def _cache_key(a: dict[str, Any]) -> str:
+    return export_inputs_hash(
+        a["cfg"],
+        a["train"],
+        a["data"],
+        served_model_name=a["served_model_name"],
+        max_new_tokens=a["max_new_tokens"],
+    )
+
+
+@stage_task(name="export", cache_key=_cache_key, retries=0)
 def export_task(
     ctx: RunContext,
     cfg: ExportConfig,
@@ -507,20 +516,14 @@ def export_task(
     max_new_tokens: int,
     max_seq_length: int,
 ) -> ExportRef:
-    """Prefect task: merge + checks + manifests under ``<run>/export``; resumable.
+    """Prefect task: merge + checks + manifests under ``<run>/export``; Cached when a
+    finished export has the same inputs hash.
 
-    ``max_seq_length`` is not in the reuse key: the training length is in the run's
+    ``max_seq_length`` is not in the cache key: the training length is in the run's
     config hash, which ``train`` carries."""
     from tasks.core.run import stage
 
     out = ctx.stage_dir("export")
-    key = export_inputs_hash(
-        cfg, train, data, served_model_name=served_model_name, max_new_tokens=max_new_tokens
-    )
-    done = load_done(out, key, ExportRef)
-    if done is not None:
-        log.info("export: reusing %s", out)
-        return done
     hw = HardwareDecision.from_params(ctx.hardware)
     with stage(ctx, "export") as tracker:
         ref = export(
@@ -536,5 +539,5 @@ def export_task(
             code_version=ctx.code_version,
             tracker=tracker,
         )
-    mark_done(out, key, ref)
+    record_ref(out, ref)
     return ref

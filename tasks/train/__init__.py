@@ -53,8 +53,7 @@ from tasks.core.refs import (
     DataRef,
     RunContext,
     TrainRef,
-    load_done,
-    mark_done,
+    record_ref,
     sha256_json,
 )
 from tasks.core.tracking import NullTracker, Tracker
@@ -480,19 +479,14 @@ def train_in_run(
     resolved_config: str,
     system_metrics: bool = True,
 ) -> TrainRef:
-    """``train`` inside a run: tracked as stage ``train``; a finished stage is reused.
-    The TrainRef records the run's config hash."""
+    """``train`` inside a run: tracked as stage ``train``, its reference recorded in the
+    run's folder. Re-entering the same run's folder resumes from the last complete
+    checkpoint; reuse of a finished training is Prefect's (:func:`train_task`). The
+    TrainRef records the run's config hash."""
     from tasks.core import run as run_mod
 
     hw = HardwareDecision.from_params(ctx.hardware)
     out = ctx.stage_dir(STAGE)
-    key = inputs_hash(cfg, model, base, data, hw)
-    done = load_done(out, key, TrainRef)
-    if done is not None and Path(done.adapter_path).exists():
-        log.info(
-            "train: already done (best step %d); reusing %s", done.best_step, done.adapter_path
-        )
-        return done
     with run_mod.stage(ctx, STAGE) as tracker:
         ref = train(
             cfg,
@@ -507,11 +501,22 @@ def train_in_run(
             resolved_config=resolved_config,
             system_metrics=system_metrics,
         )
-    mark_done(out, key, ref)
+    record_ref(out, ref)
     return ref
 
 
-@stage_task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def _cache_key(a: dict[str, Any]) -> str:
+    hw = HardwareDecision.from_params(a["ctx"].hardware)
+    return inputs_hash(a["cfg"], a["model"], a["base"], a["data"], hw)
+
+
+@stage_task(
+    name="train",
+    cache_key=_cache_key,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_transient,
+)
 def train_task(
     ctx: RunContext,
     cfg: TrainConfig,

@@ -1,0 +1,201 @@
+"""Prefect-native reuse of finished stages: a cache policy per stage and its storage.
+
+A stage task's cache key is the stage's own inputs hash (the function each stage module
+already defines from content hashes: data fingerprint, the config sections the stage
+reads, the base model's revision), plus a digest of the code the stage runs. Prefect
+then does the rest: a task with a known key is not run again but shows as **Cached** in
+the UI, its result (the stage's small reference, as JSON, never a pickle) is read from
+the home's result storage, and a lock per key (SERIALIZABLE isolation) makes a second
+run with the same inputs wait for the first instead of computing the same thing twice.
+
+A reference points at files (an adapter, a merged model). A record whose files are gone
+(a run folder deleted by hand or by retention) is dropped when its key is looked up, so
+the stage runs again instead of handing on a path that no longer exists.
+
+Imported only where Prefect is installed (:func:`tasks.core.orchestration.stage_task`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.results import ResultStore
+from prefect.serializers import JSONSerializer
+from pydantic import BaseModel
+
+from tasks.core.refs import sha256_json
+
+log = logging.getLogger(__name__)
+
+#: What a stage's key is made of: the task's bound arguments -> a JSON-able identity
+#: (usually the stage's inputs hash).
+KeyOf = Callable[[dict[str, Any]], Any]
+
+_CORE = Path(__file__).resolve().parent
+_TASKS = _CORE.parent
+
+
+@cache
+def code_digest(module: str) -> str:
+    """Hash of the source a stage runs: its module (the whole package when it is one) and
+    ``tasks/core``. Finer than the git commit on purpose: a docs change or an edit to
+    another stage keeps this stage's cache; any edit to its own code or the core drops it
+    (uncommitted edits too, which a ``-dirty`` commit id would not tell apart)."""
+    rel = module.removeprefix("tasks.").split(".")[0]
+    own = _TASKS / rel
+    files = sorted(own.rglob("*.py")) if own.is_dir() else [own.with_suffix(".py")]
+    files += sorted(_CORE.rglob("*.py"))
+    h = hashlib.sha256()
+    for f in dict.fromkeys(files):  # ordered, no repeats (a core module is listed once)
+        h.update(str(f.relative_to(_TASKS)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _missing_files(result: Any) -> list[str]:
+    """The local paths a stage reference names that no longer exist."""
+    if not isinstance(result, BaseModel):
+        return []
+    missing = []
+    for name, value in result:
+        if isinstance(value, BaseModel):
+            missing += _missing_files(value)
+        elif (name == "path" or name.endswith("_path")) and isinstance(value, str) and value:
+            local = value.removeprefix("file://")
+            if "://" not in local and not Path(local).exists():
+                missing.append(value)
+    return missing
+
+
+@dataclass
+class StageInputs(CachePolicy):
+    """Cache key of one stage: ``stage``, ``key_of(arguments)`` and the stage's code
+    digest. ``results`` is the result store's folder, set by :func:`configured`, so a
+    record whose files are gone can be dropped before Prefect looks it up."""
+
+    stage: str = ""
+    key_of: KeyOf | None = None
+    module: str = ""
+    results: str | None = None
+    dropped: list[str] = field(default_factory=list)  # keys dropped (for tests and logs)
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        if self.key_of is None:
+            return None
+        key = f"{self.stage}-" + sha256_json(
+            {"stage": self.stage, "inputs": self.key_of(inputs), "code": code_digest(self.module)}
+        )
+        self._drop_if_stale(key)
+        return key
+
+    def _drop_if_stale(self, key: str) -> None:
+        if self.results is None:
+            return
+        record = Path(self.results) / key
+        if not record.exists():
+            return
+        store = ResultStore(
+            result_storage=LocalFileSystem(basepath=self.results), serializer=JSONSerializer()
+        )
+        try:
+            missing = _missing_files(store.read(key).result)
+        except Exception as exc:  # an unreadable record is as good as none
+            missing = [f"unreadable record ({type(exc).__name__}: {exc})"]
+        if missing:
+            log.warning(
+                "%s: cached result dropped, %s is gone; running it again", self.stage, missing[0]
+            )
+            record.unlink(missing_ok=True)
+            self.dropped.append(key)
+
+
+class HostLockManager(FileSystemLockManager):
+    """File locks (one host, or a folder every worker mounts) that a killed holder does not
+    leave behind. Prefect's lock files name the holder (a task run) but no process and, by
+    default, no expiry; a worker killed mid-stage (SIGKILL, OOM, a lost node) never
+    releases its lock, and the rescheduled run would wait on it for ever. So each lock
+    also records the host and process that took it, and a lock whose process on this host
+    no longer runs is removed. Locks taken on other hosts are left to their holders."""
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        if not super().acquire_lock(key, holder, acquire_timeout, hold_timeout):
+            return False
+        path = Path(self._lock_path_for_key(key))
+        info = json.loads(path.read_bytes())
+        info |= {"host": socket.gethostname(), "pid": os.getpid()}
+        path.write_text(json.dumps(info))
+        return True
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not super().is_locked(key, use_cache=use_cache):
+            return False
+        path = Path(self._lock_path_for_key(key))
+        try:
+            info = json.loads(path.read_bytes())
+        except (OSError, ValueError):  # gone meanwhile, or being written: as it was
+            return path.exists()
+        pid = info.get("pid")
+        if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            log.warning("cache lock %s: its process %d is gone; taking the lock over", key, pid)
+            path.unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def stage_cache(stage: str, key_of: KeyOf, module: str) -> StageInputs:
+    """The policy a stage task is declared with (storage comes later: :func:`configured`)."""
+    return StageInputs(stage=stage, key_of=key_of, module=module, isolation_level="SERIALIZABLE")
+
+
+def configured(task: Any, cache_root: Path, *, refresh: bool = False) -> Any:
+    """``task`` with its cache in ``cache_root`` (``results/`` and ``locks/``): what the
+    flow calls each stage with. ``refresh``: run the stage even with a record for its key,
+    and overwrite the record (``slothflow run --refresh STAGE``)."""
+    policy = task.cache_policy
+    if not isinstance(policy, StageInputs):
+        return task.with_options(refresh_cache=refresh) if refresh else task
+    results = cache_root / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    policy = policy.configure(lock_manager=HostLockManager(cache_root / "locks"))
+    policy.results = str(results)
+    return task.with_options(
+        cache_policy=policy,
+        result_storage=results,  # a Path: a local folder, no block to save on the server
+        refresh_cache=refresh,
+    )
