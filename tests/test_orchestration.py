@@ -292,6 +292,44 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     assert result["mlflow"] in report["data"]
     assert "## Gate: PASSED" in report["data"] and "| merged |" in report["data"]
 
+    # The same form again: a new run, its stages served from Prefect's cache (Cached in
+    # the UI), the first run's files handed on.
+    again = prefect_stack.call(
+        "POST",
+        f"/deployments/{prefect_stack.deployment_id('finetune')}/create_flow_run",
+        {"parameters": {"config": _form(gpu_pool="gpu")}},
+    )
+    assert prefect_stack.wait(again["id"])["state"]["type"] == "COMPLETED"
+    (second_dir,) = [
+        p.parent
+        for p in (prefect_stack.home / "runs").glob("*/flow_run.json")
+        if json.loads(p.read_text())["flow_run_id"] == again["id"]
+    ]
+    assert second_dir != run_dir
+    (second_child,) = [
+        c
+        for c in prefect_stack.call(
+            "POST",
+            "/flow_runs/filter",
+            {"deployments": {"id": {"any_": [prefect_stack.deployment_id("gpu-stages")]}}},
+        )
+        if c["parameters"]["run_id"] == second_dir.name
+    ]
+
+    def states(flow_run_id: str) -> dict[str, str]:
+        found = prefect_stack.call(
+            "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+        )
+        return {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in found}
+
+    gpu_side = states(second_child["id"])
+    assert {gpu_side[s] for s in ("train", "export", "evaluate")} == {"Cached"}, gpu_side
+    assert states(again["id"])["base"] == "Cached"
+    second = json.loads((second_dir / "result.json").read_text())
+    assert second["stages"]["export"]["merged"] == result["stages"]["export"]["merged"]
+    assert second["stages"]["evaluate"] == result["stages"]["evaluate"]
+    assert not (second_dir / "train" / "checkpoints").exists()  # nothing was trained
+
 
 def _flow_run_processes(flow_run_id: str) -> list[int]:
     """Processes started for a flow run (the process worker sets PREFECT__FLOW_RUN_ID)."""
