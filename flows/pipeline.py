@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger
+from pydantic import BaseModel
 
 from flows.preflight import preflight
 from tasks.base_model import prepare_base_task
-from tasks.core import caching, settings, tracking
+from tasks.core import caching, settings, storage, tracking
 from tasks.core import home as home_mod
 from tasks.core import run as run_mod
 from tasks.core.config import (
@@ -43,7 +43,7 @@ from tasks.core.config import (
 )
 from tasks.core.home import Home
 from tasks.core.interrupt import Interrupted, signals_as_interrupt
-from tasks.core.orchestration import check_refresh
+from tasks.core.orchestration import CACHED_STAGES, check_refresh
 from tasks.core.refs import (
     BaseModelRef,
     DataRef,
@@ -66,6 +66,8 @@ from tasks.train import train_task
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T", bound=BaseModel)
+
 
 class StageError(RuntimeError):
     """A stage run elsewhere (the GPU stages' deployment) did not complete."""
@@ -81,6 +83,7 @@ class _Stages:
 
     home: Home
     refresh: frozenset[str]
+    store: storage.RunStorage | None = None  # None: the workers share the home
     cached: list[str] = field(default_factory=list)
 
     def __call__(self, ctx: RunContext, task: Any, *args: Any, **kwargs: Any) -> Any:
@@ -92,11 +95,23 @@ class _Stages:
             self.cached.append(stage)
             if result is not None:
                 record_ref(ctx.stage_dir(stage), result)
+        if self.store is not None and stage in CACHED_STAGES and result is not None:
+            self.store.publish(ctx.run_id, stage, result)
         return result
+
+    def take(self, ctx: RunContext, stage: str, model: type[T]) -> T:
+        """What ``stage`` of this run handed over (it ran on another worker): from the run
+        storage when there is one, else from the run's folder in the shared home."""
+        if self.store is None:
+            return load_ref(ctx.stage_dir(stage), model)
+        ref = self.store.take(ctx.run_id, stage, model)
+        record_ref(ctx.stage_dir(stage), ref)
+        return ref
 
 
 def _stages(home: Home, refresh: list[str] | None) -> _Stages:
-    return _Stages(home, check_refresh(refresh))
+    url = settings.from_env().run_storage
+    return _Stages(home, check_refresh(refresh), storage.for_home(url, home))
 
 
 @flow(name="slothflow-pipeline", validate_parameters=True)
@@ -168,8 +183,8 @@ def gpu_stages(config: PipelineForm, run_id: str, refresh: list[str] | None = No
 
         return Cancelled(message=f"the pipeline run it belongs to has ended ({ended})")
     ctx = run_mod.open_run(full, home, run_id)
-    base = load_ref(ctx.stage_dir("base"), BaseModelRef)
-    data = load_ref(ctx.stage_dir("data"), DataRef)
+    base = stages.take(ctx, "base", BaseModelRef)
+    data = stages.take(ctx, "data", DataRef)
     results: dict[str, Any] = {}
     try:
         with signals_as_interrupt():
@@ -265,7 +280,7 @@ def _run(
     try:
         base, data = _prepare(config, home, ctx, results, stages)
         if pool:
-            exported, ev = _on_gpu_pool(config, ctx, results, refresh or [])
+            exported, ev = _on_gpu_pool(config, ctx, results, stages, refresh or [])
         else:
             exported, ev = _gpu_part(config, ctx, base, data, results, stages)
         _release(config, ctx, data, exported, ev, summary, results, stages)
@@ -381,10 +396,15 @@ RESCHEDULE_GRACE_S = 60.0
 
 
 def _on_gpu_pool(
-    config: PipelineConfig, ctx: RunContext, results: dict[str, Any], refresh: list[str]
+    config: PipelineConfig,
+    ctx: RunContext,
+    results: dict[str, Any],
+    stages: _Stages,
+    refresh: list[str],
 ) -> tuple[ExportRef, EvalRef]:
     """Run the GPU stages as the ``gpu-stages`` deployment and wait for it; its outputs come
-    back through the run's folder (paths plus hashes), not through Prefect results."""
+    back through the run storage or the run's folder (paths plus hashes), not through
+    Prefect results."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
@@ -428,10 +448,9 @@ def _on_gpu_pool(
             f"the GPU stages ({config.orchestration.gpu_deployment}, flow run {child.name}) "
             f"ended {state.name if state else 'without a state'}: {state.message if state else ''}"
         )
-    run_dir = Path(ctx.run_dir)
-    trained = load_ref(run_dir / "train", TrainRef)
-    exported = load_ref(run_dir / "export", ExportRef)
-    ev = load_ref(run_dir / "evaluate", EvalRef)
+    trained = stages.take(ctx, "train", TrainRef)
+    exported = stages.take(ctx, "export", ExportRef)
+    ev = stages.take(ctx, "evaluate", EvalRef)
     _record_gpu_part(results, trained, exported, ev)
     return exported, ev
 

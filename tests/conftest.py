@@ -155,6 +155,58 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log.close()
 
 
+@dataclass
+class S3Server:
+    """A real S3-compatible server (moto in server mode) on loopback, with one bucket."""
+
+    endpoint: str
+    bucket: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client of it needs: AWS's standard variables (boto3, s3fs and the
+        workers all read them); throwaway credentials moto accepts."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "slothflow-test",
+            "AWS_SECRET_ACCESS_KEY": "slothflow-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    import signal
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("s3-server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 (closed in teardown)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = S3Server(endpoint=f"http://127.0.0.1:{port}", bucket="slothflow-runs")
+    deadline = time.time() + 60
+    while True:
+        try:
+            req = urllib.request.Request(f"{server.endpoint}/{server.bucket}", method="PUT")
+            with urllib.request.urlopen(req, timeout=2):
+                break  # the bucket exists (moto takes unsigned requests)
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                log_text = (root / "server.log").read_text()
+                raise RuntimeError("moto did not start:\n" + log_text) from None
+            time.sleep(0.3)
+    yield server
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=10)
+    log.close()
+
+
 # --------------------------------------------------------------------------- Prefect stack
 
 PREFECT_AUTH = "slothflow-ci:not-a-real-secret"  # a throwaway server's basic-auth pair
@@ -166,7 +218,8 @@ class PrefectStack:
     per pool, as the README's Operations section sets them up."""
 
     api_url: str
-    home: Path  # the workers' shared SLOTHFLOW_HOME
+    home: Path  # the cpu worker's SLOTHFLOW_HOME (the pipeline's run folders)
+    gpu_home: Path  # the gpu worker's: another host's, sharing only the run storage
     env: dict[str, str]  # what a client of this server needs (API URL, auth)
     root: Path
     start_worker: Any = None  # (pool) -> Popen: starts (or restarts) the pool's worker
@@ -238,12 +291,13 @@ def _stop(proc: subprocess.Popen[bytes], sig: int, grace: float = 15) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_stack(
-    tmp_path_factory: pytest.TempPathFactory, mlflow_server: str
+    tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, s3_server: S3Server
 ) -> Iterator[PrefectStack]:
     """One Prefect server (basic auth on, SQLite), the ``cpu`` and ``gpu`` process pools
     from ``infra/work-pools/process.json``, ``prefect deploy --all`` of ``prefect.yaml``,
-    and a worker per pool (the gpu one with ``--limit 1``, as one worker per GPU would run),
-    all sharing one SLOTHFLOW_HOME and the session's MLflow server."""
+    the crash automations, and a worker per pool (the gpu one with ``--limit 1``, as one
+    worker per GPU would run). Each worker has a home of its own, as on two hosts: they
+    share the session's MLflow server and a run storage on the S3 server, nothing else."""
     import signal
 
     root = tmp_path_factory.mktemp("prefect-stack")
@@ -295,10 +349,11 @@ def prefect_stack(
             [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
             env=client, check=True, capture_output=True, cwd=REPO,
         )  # fmt: skip
-        home = root / "home"
+        home, gpu_home = root / "home", root / "gpu-home"
         worker = {
             **client,
-            **clean_env(home, root / "fakehome"),
+            **s3_server.env,
+            "SLOTHFLOW_RUN_STORAGE": f"s3://{s3_server.bucket}/stack",
             "PREFECT_API_URL": api,
             "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
             "PREFECT_HOME": str(root / "worker"),
@@ -322,7 +377,8 @@ def prefect_stack(
         workers: dict[str, subprocess.Popen[bytes]] = {}
 
         def start_worker(pool: str) -> subprocess.Popen[bytes]:
-            env = {**worker, **({"CUDA_VISIBLE_DEVICES": ""} if pool == "gpu" else {})}
+            own = clean_env(gpu_home if pool == "gpu" else home, root / "fakehome")
+            env = {**own, **worker, **({"CUDA_VISIBLE_DEVICES": ""} if pool == "gpu" else {})}
             workers[pool] = start(
                 f"worker-{pool}",
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool,
@@ -334,8 +390,8 @@ def prefect_stack(
         for pool in ("cpu", "gpu"):
             start_worker(pool)
         stack = PrefectStack(
-            api_url=api, home=home, env=client, root=root, start_worker=start_worker,
-            workers=workers,
+            api_url=api, home=home, gpu_home=gpu_home, env=client, root=root,
+            start_worker=start_worker, workers=workers,
         )  # fmt: skip
         deadline = time.time() + 60
         while len(stack.call("POST", "/work_pools/gpu/workers/filter", {})) < 1 or not stack.call(

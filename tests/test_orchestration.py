@@ -16,7 +16,7 @@ from tasks.core import settings
 from tasks.core.config import ConfigError, PipelineForm, load_config
 from tasks.core.home import Home
 
-from .conftest import REPO, PrefectStack
+from .conftest import REPO, PrefectStack, S3Server
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -234,7 +234,7 @@ def test_a_source_outside_the_allowlist_fails_at_once_without_retries(
 
 
 def test_a_finetune_run_trains_on_the_gpu_pool_worker(
-    prefect_stack: PrefectStack, mlflow_server: str
+    prefect_stack: PrefectStack, mlflow_server: str, s3_server: S3Server
 ) -> None:
     run = prefect_stack.call(
         "POST",
@@ -276,6 +276,30 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     assert result["status"] == "FINISHED"
     assert result["stages"]["register"]["alias"] == "challenger"
     assert result["mlflow"].startswith(mlflow_server)  # the shared server, not a local store
+
+    # The workers share no folder: the GPU worker took base and data from the run storage
+    # (S3), the CPU worker took the exported model back from it, every file's hash checked.
+    gpu_dir = prefect_stack.gpu_home / "runs" / run_dir.name
+    assert (gpu_dir / "data" / "train.jsonl").read_bytes() == (
+        run_dir / "data" / "train.jsonl"
+    ).read_bytes()
+    assert not (run_dir / "train").joinpath("checkpoints").exists()  # no training here
+    merged = Path(result["stages"]["export"]["merged"])
+    assert merged.is_relative_to(prefect_stack.home) and (merged / "manifest.json").exists()
+    import boto3
+
+    env = s3_server.env
+    bucket = boto3.resource(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    ).Bucket(s3_server.bucket)
+    handed = {o.key.rsplit("/", 1)[1] for o in bucket.objects.filter(
+        Prefix=f"stack/handover/{run_dir.name}/"
+    )}  # fmt: skip
+    assert handed == {f"{s}.json" for s in ("base", "data", "train", "export", "evaluate")}
 
     # Each UI links to the other: the MLflow parent run carries the flow run's id and URL,
     # the flow run has a markdown artifact with the MLflow link, the scores and the gate.
@@ -328,7 +352,7 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     second = json.loads((second_dir / "result.json").read_text())
     assert second["stages"]["export"]["merged"] == result["stages"]["export"]["merged"]
     assert second["stages"]["evaluate"] == result["stages"]["evaluate"]
-    assert not (second_dir / "train" / "checkpoints").exists()  # nothing was trained
+    assert not (prefect_stack.gpu_home / "runs" / second_dir.name / "train").exists()
 
 
 def _flow_run_processes(flow_run_id: str) -> list[int]:
@@ -361,7 +385,7 @@ def _child_at_a_checkpoint(stack: PrefectStack, parent_id: str) -> dict[str, Any
         ]
         for child in kids:
             assert child["state"]["type"] not in ("FAILED", "CRASHED"), child["state"]
-            run_dir = stack.home / "runs" / child["parameters"]["run_id"]
+            run_dir = stack.gpu_home / "runs" / child["parameters"]["run_id"]
             if list(run_dir.glob("train/checkpoints/checkpoint-*/*")):
                 return dict(child)
         time.sleep(0.5)
@@ -399,8 +423,9 @@ def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumab
         time.sleep(0.5)
     assert not _flow_run_processes(child["id"]) and not _flow_run_processes(run["id"])
     run_dir = prefect_stack.home / "runs" / run_id
-    assert not (run_dir / "train" / "ref.json").exists()  # training did not finish
-    assert list((run_dir / "train" / "checkpoints").glob("checkpoint-*"))
+    gpu_dir = prefect_stack.gpu_home / "runs" / run_id  # where training ran
+    assert not (gpu_dir / "train" / "ref.json").exists()  # training did not finish
+    assert list((gpu_dir / "train" / "checkpoints").glob("checkpoint-*"))
 
     # Resumable: the same run picks up from its checkpoint and finishes.
     again = prefect_stack.call(
@@ -441,7 +466,7 @@ def test_a_run_whose_gpu_worker_is_killed_is_rescheduled_and_resumes(
     worker.wait()
     for pid in _flow_run_processes(child["id"]):
         os.kill(pid, signal.SIGKILL)
-    run_dir = prefect_stack.home / "runs" / child["parameters"]["run_id"]
+    run_dir = prefect_stack.gpu_home / "runs" / child["parameters"]["run_id"]
     steps = [
         int(p.name.split("-")[1]) for p in (run_dir / "train" / "checkpoints").glob("checkpoint-*")
     ]

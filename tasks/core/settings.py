@@ -60,6 +60,9 @@ class WorkerSettings(BaseModel):
     #: Absolute local roots and URL prefixes (``s3://bucket/prefix/``); default: the
     #: repository's ``data/`` folder, the sample data and nothing else.
     allowed_sources: tuple[str, ...] = (str(REPO_ROOT / "data"),)
+    #: Where stages hand their outputs to workers on other hosts (tasks/core/storage.py):
+    #: an fsspec URL or a folder every worker mounts; None: the workers share the home.
+    run_storage: str | None = None
 
 
 def _secret_ref(name: str, spec: str) -> SecretRef:
@@ -99,6 +102,13 @@ def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
                     "prefix (s3://bucket/prefix/)"
                 )
         values["allowed_sources"] = entries
+    if storage := env.get("SLOTHFLOW_RUN_STORAGE", "").strip():
+        if "://" not in storage and not Path(storage).is_absolute():
+            raise ConfigError(
+                f"SLOTHFLOW_RUN_STORAGE={storage!r}: neither an fsspec URL (s3://bucket/prefix) "
+                "nor an absolute folder"
+            )
+        values["run_storage"] = storage
     return WorkerSettings(**values)
 
 
