@@ -88,11 +88,19 @@ class _Stages:
 
     def __call__(self, ctx: RunContext, task: Any, *args: Any, **kwargs: Any) -> Any:
         stage = task.name
-        configured = caching.configured(task, self.home.stage_cache, refresh=stage in self.refresh)
+        configured = caching.configured(
+            task,
+            self.home.stage_cache,
+            refresh=stage in self.refresh,
+            shared=self.store.url if self.store else None,
+        )
         state = configured(ctx, *args, return_state=True, **kwargs)
         result = state.result()  # raises the stage's own error when it failed
         if state.name == "Cached":
             self.cached.append(stage)
+            if self.store is not None and result is not None:
+                # the cache is shared by every worker: its files may be on another host
+                result = self.store.localize(result)
             if result is not None:
                 record_ref(ctx.stage_dir(stage), result)
         if self.store is not None and stage in CACHED_STAGES and result is not None:
@@ -182,7 +190,7 @@ def gpu_stages(config: PipelineForm, run_id: str, refresh: list[str] | None = No
         from prefect.states import Cancelled
 
         return Cancelled(message=f"the pipeline run it belongs to has ended ({ended})")
-    ctx = run_mod.open_run(full, home, run_id)
+    ctx = run_mod.open_run(full, home, run_id, joining=True)
     base = stages.take(ctx, "base", BaseModelRef)
     data = stages.take(ctx, "data", DataRef)
     results: dict[str, Any] = {}

@@ -125,22 +125,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         start_new_session=True,  # its workers form a group we can stop together
     )
     uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(
-                "mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:]
-            )
-        time.sleep(0.5)
+    _wait_http(uri + "/health", proc, root / "server.log", timeout=90)
     yield uri
     import signal
 
@@ -189,18 +174,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         start_new_session=True,
     )
     server = S3Server(endpoint=f"http://127.0.0.1:{port}", bucket="slothflow-runs")
-    deadline = time.time() + 60
-    while True:
-        try:
-            req = urllib.request.Request(f"{server.endpoint}/{server.bucket}", method="PUT")
-            with urllib.request.urlopen(req, timeout=2):
-                break  # the bucket exists (moto takes unsigned requests)
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                log_text = (root / "server.log").read_text()
-                raise RuntimeError("moto did not start:\n" + log_text) from None
-            time.sleep(0.3)
+    _wait_http(f"{server.endpoint}/moto-api/", proc, root / "server.log", timeout=60)
+    req = urllib.request.Request(f"{server.endpoint}/{server.bucket}", method="PUT")
+    with urllib.request.urlopen(req, timeout=10):  # the bucket (moto takes unsigned requests)
+        pass
     yield server
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=10)
@@ -239,8 +216,19 @@ class PrefectStack:
                 "authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode(),
             },
         )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
+        import urllib.error
+
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or b"null")
+            except urllib.error.HTTPError as exc:
+                # A busy SQLite server answers 503 for a moment; Prefect's own client
+                # retries those too (PREFECT_CLIENT_MAX_RETRIES).
+                if exc.code != 503 or attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
 
     def deployment_id(self, name: str) -> str:
         found = self.call(

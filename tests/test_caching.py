@@ -19,6 +19,7 @@ import pytest
 
 from tasks.core.home import Home
 from tasks.core.refs import DataRef, RunContext
+from tests.conftest import S3Server
 from tests.test_data import cfg_for, good_rows, tokenizer_dir, write_jsonl
 
 __all__ = ["tokenizer_dir"]  # the fixture, imported for its use here
@@ -191,3 +192,34 @@ def test_a_record_whose_files_are_gone_is_dropped(
 
 def _unused(*_: Any) -> None:  # keep imports honest for linters
     return None
+
+
+def test_workers_with_their_own_homes_share_the_cache_through_the_run_storage(
+    harness: None,
+    tmp_path: Path,
+    tokenizer_dir: str,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two homes (two hosts) and one run storage on S3: what one computed, the other is
+    served from the cache — the record read from the storage with its own home's paths,
+    the files fetched into its home, their hashes checked."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SLOTHFLOW_RUN_STORAGE", f"s3://{s3_server.bucket}/cache-{tmp_path.name}")
+    src = write_jsonl(tmp_path / "in.jsonl", good_rows(30))
+    host_a, host_b = Home(tmp_path / "a"), Home(tmp_path / "b")
+
+    monkeypatch.setenv("SLOTHFLOW_HOME", str(host_a.root))
+    ((state_a, on_a, _),) = _clean_twice(host_a, src, tokenizer_dir, runs=1)
+    monkeypatch.setenv("SLOTHFLOW_HOME", str(host_b.root))
+    ((state_b, on_b, _),) = _clean_twice(host_b, src, tokenizer_dir, runs=1)
+
+    assert (state_a, state_b) == ("Completed", "Cached")
+    assert on_b.fingerprint == on_a.fingerprint
+    b_root = str(host_b.root.resolve())
+    assert on_b.train_path.startswith(b_root) and on_a.train_path.startswith(
+        str(host_a.root.resolve())
+    )
+    assert Path(on_b.train_path).read_bytes() == Path(on_a.train_path).read_bytes()
+    assert not (host_b.stage_cache / "results").exists()  # the records are in the storage

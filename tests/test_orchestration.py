@@ -352,7 +352,9 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     second = json.loads((second_dir / "result.json").read_text())
     assert second["stages"]["export"]["merged"] == result["stages"]["export"]["merged"]
     assert second["stages"]["evaluate"] == result["stages"]["evaluate"]
-    assert not (prefect_stack.gpu_home / "runs" / second_dir.name / "train").exists()
+    # nothing was trained: the GPU worker's folder of the run has the record, no checkpoint
+    second_gpu = prefect_stack.gpu_home / "runs" / second_dir.name / "train"
+    assert (second_gpu / "ref.json").exists() and not (second_gpu / "checkpoints").exists()
 
 
 def _flow_run_processes(flow_run_id: str) -> list[int]:
@@ -392,19 +394,29 @@ def _child_at_a_checkpoint(stack: PrefectStack, parent_id: str) -> dict[str, Any
     raise AssertionError(f"the GPU stages of {parent_id} never reached a checkpoint")
 
 
+def _long_run_at_a_checkpoint(
+    stack: PrefectStack, max_steps: int
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A finetune run with a checkpoint every 10 steps (its form, the run, its GPU-stages
+    run), returned once training has committed its first checkpoint."""
+    form = _form(gpu_pool="gpu")
+    form["train"].update(max_steps=max_steps, eval_steps=10, save_steps=10, logging_steps=10)
+    run = stack.call(
+        "POST",
+        f"/deployments/{stack.deployment_id('finetune')}/create_flow_run",
+        {"parameters": {"config": form}},
+    )
+    return form, run, _child_at_a_checkpoint(stack, run["id"])
+
+
 def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumable(
     prefect_stack: PrefectStack,
 ) -> None:
     import time
 
-    form = _form(gpu_pool="gpu")
-    form["train"].update(max_steps=400, eval_steps=10, save_steps=10, logging_steps=10)
-    fid = prefect_stack.deployment_id("finetune")
-    run = prefect_stack.call(
-        "POST", f"/deployments/{fid}/create_flow_run", {"parameters": {"config": form}}
-    )
     # Wait for the GPU stages' first checkpoint, then cancel the parent as the UI does.
-    child = _child_at_a_checkpoint(prefect_stack, run["id"])
+    form, run, child = _long_run_at_a_checkpoint(prefect_stack, max_steps=400)
+    fid = prefect_stack.deployment_id("finetune")
     run_id = child["parameters"]["run_id"]
     prefect_stack.call(
         "POST",
@@ -452,14 +464,8 @@ def test_a_run_whose_gpu_worker_is_killed_is_rescheduled_and_resumes(
 
     from tasks.core.refs import TrainRef, load_ref
 
-    form = _form(gpu_pool="gpu")
     # not the cancel test's settings: its run is in the cache by now
-    form["train"].update(max_steps=390, eval_steps=10, save_steps=10, logging_steps=10)
-    fid = prefect_stack.deployment_id("finetune")
-    run = prefect_stack.call(
-        "POST", f"/deployments/{fid}/create_flow_run", {"parameters": {"config": form}}
-    )
-    child = _child_at_a_checkpoint(prefect_stack, run["id"])
+    _, run, child = _long_run_at_a_checkpoint(prefect_stack, max_steps=390)
     assert prefect_stack.workers is not None
     worker = prefect_stack.workers["gpu"]
     os.killpg(worker.pid, signal.SIGKILL)

@@ -34,7 +34,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.core.refs import sha256_json
 
@@ -183,16 +183,64 @@ def stage_cache(stage: str, key_of: KeyOf, module: str) -> StageInputs:
     return StageInputs(stage=stage, key_of=key_of, module=module, isolation_level="SERIALIZABLE")
 
 
-def configured(task: Any, cache_root: Path, *, refresh: bool = False) -> Any:
+class HomeJSONSerializer(JSONSerializer):
+    """Prefect's JSON serializer with the home's root written as a token: a record in a
+    cache that workers on several hosts share (the run storage) says ``${SLOTHFLOW_HOME}/
+    runs/...`` and each worker reads it back with its own home's paths."""
+
+    type: str = Field(default="slothflow-home-json", frozen=True)
+
+    def dumps(self, obj: Any) -> bytes:
+        from tasks.core import storage
+        from tasks.core.home import resolve_home
+
+        tree = json.loads(super().dumps(obj))
+        home = str(resolve_home().root.resolve())
+        return json.dumps(storage.tokenize(tree, home)).encode("utf-8")
+
+    def loads(self, blob: bytes) -> Any:
+        from tasks.core import storage
+        from tasks.core.home import resolve_home
+
+        home = str(resolve_home().root.resolve())
+        return super().loads(json.dumps(storage.untokenize(json.loads(blob), home)).encode())
+
+
+@cache
+def _shared_results(url: str) -> Any:
+    """The run storage's result folder as a Prefect block (a task's remote result storage
+    must be a block saved on the server); saved once per process, under a name derived
+    from the URL, holding no credentials (the worker's environment has them)."""
+    from prefect.filesystems import RemoteFileSystem
+
+    block = RemoteFileSystem(basepath=f"{url.rstrip('/')}/stage-cache/results")
+    block.save("slothflow-stage-cache-" + sha256_json(url)[:12], overwrite=True)
+    return block
+
+
+def configured(
+    task: Any, cache_root: Path, *, refresh: bool = False, shared: str | None = None
+) -> Any:
     """``task`` with its cache in ``cache_root`` (``results/`` and ``locks/``): what the
     flow calls each stage with. ``refresh``: run the stage even with a record for its key,
-    and overwrite the record (``slothflow run --refresh STAGE``)."""
+    and overwrite the record (``slothflow run --refresh STAGE``). ``shared``: a run
+    storage URL; the records then live there, shared by every worker, with home-relative
+    paths (the files come from the storage: :meth:`tasks.core.storage.RunStorage.localize`);
+    the locks stay per host."""
     policy = task.cache_policy
     if not isinstance(policy, StageInputs):
         return task.with_options(refresh_cache=refresh) if refresh else task
+    policy = policy.configure(lock_manager=HostLockManager(cache_root / "locks"))
+    if shared:
+        policy.results = None  # files are checked when they are fetched, not here
+        return task.with_options(
+            cache_policy=policy,
+            result_storage=_shared_results(shared),
+            result_serializer=HomeJSONSerializer(),
+            refresh_cache=refresh,
+        )
     results = cache_root / "results"
     results.mkdir(parents=True, exist_ok=True)
-    policy = policy.configure(lock_manager=HostLockManager(cache_root / "locks"))
     policy.results = str(results)
     return task.with_options(
         cache_policy=policy,

@@ -104,14 +104,26 @@ def open_run(
     cfg: PipelineConfig,
     home: Home,
     resume_run_id: str | None = None,
+    *,
+    joining: bool = False,
 ) -> RunContext:
     """Create a run (or re-open ``resume_run_id``): folder, config, hardware, MLflow.
 
     Resuming checks that the configuration is the one the run started with: a run's
-    finished stages are only valid for the config that produced them.
+    finished stages are only valid for the config that produced them. ``joining``: this
+    worker runs some stages of run ``resume_run_id``, which another worker started with
+    its own home; the run's folder here is created on the first visit (its MLflow run is
+    the one the other worker opened).
     """
     chash = config_hash(cfg)
-    if resume_run_id is not None:
+    fresh_here = (
+        resume_run_id is not None and not (home.run_dir(resume_run_id) / "run.json").exists()
+    )
+    if resume_run_id is not None and joining and fresh_here:
+        if not _RUN_ID.match(resume_run_id):
+            raise ConfigError(f"cannot join run {resume_run_id!r}: not a run id")
+        run_id = resume_run_id
+    elif resume_run_id is not None:
         run_id = resume_target(home, cfg, resume_run_id)
     else:
         run_id = new_run_id(cfg, chash)

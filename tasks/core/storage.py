@@ -24,6 +24,7 @@ its last published stage).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -82,13 +83,17 @@ class RunStorage:
             if not self.fs.exists(blob):
                 self.fs.put_file(str(path), blob)
                 uploaded += size
+        tokens = _tokenize(ref.model_dump(mode="json"), str(home))
         record = {
             "run_id": run_id,
             "stage": stage,
             "ref_type": type(ref).__name__,
-            "ref": _tokenize(ref.model_dump(mode="json"), str(home)),
+            "ref": tokens,
             "files": files,
         }
+        # By the reference's content too, so a worker served this reference from a shared
+        # cache can find its files without knowing which run made it (:meth:`localize`).
+        self._write_json(self._remote("refs", f"{_ref_digest(tokens)}.json"), record)
         self._write_json(self._remote("handover", run_id, f"{stage}.json"), record)
         log.info(
             "%s: published %d files (%.1f MB new) to %s",
@@ -111,14 +116,36 @@ class RunStorage:
         """The reference stage ``stage`` of run ``run_id`` handed over, with its files in
         this home (downloaded where missing or different, every hash checked)."""
         remote = self._remote("handover", run_id, f"{stage}.json")
+        record = self._read_json(
+            remote,
+            f"stage {stage} of run {run_id} has not been handed over: no {self.url}/"
+            f"handover/{run_id}/{stage}.json",
+        )
+        return model.model_validate(self._fetch(record, remote))
+
+    def localize(self, ref: T) -> T:
+        """``ref`` (with this home's paths, as a shared cache hands it back) with its files
+        in this home: fetched from the storage where missing, every hash checked."""
+        home = self.home.root.resolve()
+        tokens = _tokenize(ref.model_dump(mode="json"), str(home))
+        remote = self._remote("refs", f"{_ref_digest(tokens)}.json")
+        record = self._read_json(
+            remote,
+            f"{type(ref).__name__}: the cached reference's files were never published to "
+            f"{self.url}",
+        )
+        return type(ref).model_validate(self._fetch(record, remote))
+
+    def _read_json(self, remote: str, missing: str) -> dict[str, Any]:
         try:
             with self.fs.open(remote, "rb") as f:
-                record = json.loads(f.read())
+                return dict(json.loads(f.read()))
         except FileNotFoundError:
-            raise StorageError(
-                f"stage {stage} of run {run_id} has not been handed over: no {self.url}/"
-                f"handover/{run_id}/{stage}.json"
-            ) from None
+            raise StorageError(missing) from None
+
+    def _fetch(self, record: dict[str, Any], remote: str) -> Any:
+        """Bring a record's files into this home; its reference with this home's paths."""
+        stage, run_id = record["stage"], record["run_id"]
         home = self.home.root.resolve()
         fetched = 0
         for rel, meta in record["files"].items():
@@ -131,7 +158,7 @@ class RunStorage:
             self._download(meta["sha256"], local)
             fetched += meta["size"]
         log.info("%s: took %s from %s (%.1f MB fetched)", stage, run_id, self.url, fetched / 1e6)
-        return model.model_validate(_untokenize(record["ref"], str(home)))
+        return _untokenize(record["ref"], str(home))
 
     def _download(self, digest: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +226,21 @@ def _files_of(roots: set[Path]) -> Iterator[Path]:
             for name in sorted(filenames):
                 if not name.endswith((".lock", ".part", ".tmp")):
                     yield Path(dirpath) / name
+
+
+def _ref_digest(tokens: Any) -> str:
+    blob = json.dumps(tokens, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def tokenize(obj: Any, home: str) -> Any:
+    """``obj`` (JSON) with the home's root in every path replaced by :data:`HOME_TOKEN`."""
+    return _tokenize(obj, home)
+
+
+def untokenize(obj: Any, home: str) -> Any:
+    """The inverse of :func:`tokenize`, for this worker's home."""
+    return _untokenize(obj, home)
 
 
 def _tokenize(obj: Any, home: str) -> Any:
