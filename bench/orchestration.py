@@ -201,8 +201,18 @@ class _Stack:
             headers={"content-type": "application/json",
                      "authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()},
         )  # fmt: skip
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
+        import urllib.error
+
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or b"null")
+            except urllib.error.HTTPError as exc:
+                # SQLite busy: the server answers 503 for a moment (Prefect's client retries)
+                if exc.code != 503 or attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for proc, sig in reversed(self.procs):
