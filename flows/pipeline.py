@@ -96,11 +96,21 @@ class _Stages:
         )
         state = configured(ctx, *args, return_state=True, **kwargs)
         result = state.result()  # raises the stage's own error when it failed
+        if state.name == "Cached" and self.store is not None and result is not None:
+            # The cache is shared by every worker: the files may be on another host. A
+            # record whose files were never published (its worker died between the two)
+            # is replaced by running the stage again.
+            try:
+                result = self.store.localize(result)
+            except storage.StorageError as exc:
+                get_run_logger().warning("%s: %s; running it again", stage, exc)
+                again = caching.configured(
+                    task, self.home.stage_cache, refresh=True, shared=self.store.url
+                )
+                state = again(ctx, *args, return_state=True, **kwargs)
+                result = state.result()
         if state.name == "Cached":
             self.cached.append(stage)
-            if self.store is not None and result is not None:
-                # the cache is shared by every worker: its files may be on another host
-                result = self.store.localize(result)
             if result is not None:
                 record_ref(ctx.stage_dir(stage), result)
         if self.store is not None and stage in CACHED_STAGES and result is not None:
@@ -163,7 +173,8 @@ def finetune(
     stages = _stages(home, refresh)
     full = settings.complete(config, settings.from_env())
     settings.require_shared_tracking(full, home, "this run was started from a deployment")
-    resume_run_id = resume_run_id or _earlier_attempt(home)
+    earlier = _earlier_attempt(home)  # always: it also enforces the attempt cap
+    resume_run_id = resume_run_id or earlier
     plan = preflight(full, home, resume_run_id)
     # A cancel from the UI reaches this process as SIGTERM from the worker.
     try:
@@ -415,6 +426,7 @@ def _on_gpu_pool(
     Prefect results."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
     from prefect.states import Cancelling
 
     # timeout=0: create the child and return, so this flow knows its id while it waits and
@@ -429,6 +441,9 @@ def _on_gpu_pool(
         },
         timeout=0,
         as_subflow=True,
+        # A rescheduled attempt of this flow run re-attaches to the GPU stages' run it
+        # started before instead of starting a second one for the same run.
+        idempotency_key=f"{ctx.run_id}:{flow_run.id}:gpu-stages",
     )
     with get_client(sync_client=True) as client:
         try:

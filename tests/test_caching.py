@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tasks.core.home import Home
-from tasks.core.refs import DataRef, RunContext
+from tasks.core.refs import BaseModelRef, DataRef, RunContext
 from tests.conftest import S3Server
 from tests.test_data import cfg_for, good_rows, tokenizer_dir, write_jsonl
 
@@ -97,6 +97,66 @@ def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path: Path) -> None:
     assert fresh.is_locked("k-live")  # this process holds it
     assert fresh.is_locked("k-other-host")  # its holder may be alive on its own host
     assert fresh.acquire_lock("k-dead", "task-run-4", acquire_timeout=1)
+
+
+def test_a_reused_pid_or_an_empty_lock_file_does_not_hold_a_lock_for_ever(tmp_path: Path) -> None:
+    from tasks.core.caching import HostLockManager
+
+    locks = HostLockManager(tmp_path)
+    reused = {
+        "holder": "t",
+        "expiration": None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": "1",
+    }  # this pid, but not this process's start
+    (tmp_path / "k-reused.lock").write_text(json.dumps(reused))  # fmt: skip
+    assert not locks.is_locked("k-reused")
+    (tmp_path / "k-empty.lock").write_bytes(b"")  # killed between creating and writing it
+    assert locks.is_locked("k-empty")  # maybe still being written
+    old = os.stat(tmp_path / "k-empty.lock").st_mtime - 120
+    os.utime(tmp_path / "k-empty.lock", (old, old))
+    assert not locks.is_locked("k-empty") and not (tmp_path / "k-empty.lock").exists()
+
+
+def test_a_hub_id_is_not_a_missing_file() -> None:
+    from tasks.core.caching import _missing_files
+
+    ref = BaseModelRef(
+        stage="base",
+        path="Qwen/Qwen2.5-0.5B",
+        name_or_path="Qwen/Qwen2.5-0.5B",
+        revision="abc",
+        tokenizer_path="Qwen/Qwen2.5-0.5B",
+        chat_template_sha256="t",
+    )
+    assert _missing_files(ref) == []
+
+
+def test_a_record_naming_another_serializer_is_dropped_unread(tmp_path: Path) -> None:
+    """Prefect deserializes with the serializer a record names: a record saying pickle
+    (written by whoever can write the cache's storage) must never be read."""
+    from tasks.core.caching import StageInputs
+
+    policy = StageInputs(stage="data", key_of=lambda a: "k", module="tasks.gate")
+    policy.results = str(tmp_path)
+    (tmp_path / "data-x").write_text(
+        json.dumps({"metadata": {"serializer": {"type": "pickle"}}, "result": "gASV"})
+    )
+    (tmp_path / "data-y").write_text(
+        json.dumps({"metadata": {"serializer": {"type": "json"}}, "result": "{}"})
+    )
+    policy._refuse_foreign("data-x")
+    policy._refuse_foreign("data-y")
+    assert not (tmp_path / "data-x").exists() and (tmp_path / "data-y").exists()
+    assert policy.dropped == ["data-x"]
+
+
+def test_a_folder_run_storage_keeps_the_cache_in_a_plain_folder(tmp_path: Path) -> None:
+    from tasks.core.caching import _shared_results
+
+    where = _shared_results(str(tmp_path / "mnt"))
+    assert where == tmp_path / "mnt" / "stage-cache" / "results" and where.is_dir()
 
 
 # --------------------------------------------------------------------------- in flows

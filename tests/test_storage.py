@@ -121,6 +121,9 @@ def test_a_replaced_file_in_the_storage_is_refused(s3_env: S3Server, tmp_path: P
         RunStorage(url, home_b).take("r1", "train", TrainRef)
     adapter = home_b.root / "runs/r1/train/adapter"
     assert not adapter.exists() or not any(adapter.iterdir())  # nothing half-written left
+    assert not fs.exists(f"{s3_env.bucket}/tamper-{tmp_path.name}/blobs/{digest}")  # dropped
+    RunStorage(url, home).publish("r1", "train", ref)  # so the next publish stores it again
+    RunStorage(url, home_b).take("r1", "train", TrainRef)
 
 
 def test_a_stage_not_handed_over_is_a_clear_error(s3_env: S3Server, tmp_path: Path) -> None:
@@ -149,6 +152,14 @@ def test_a_hand_over_naming_a_path_outside_the_home_is_refused(
     with pytest.raises(StorageError, match="outside the home"):
         RunStorage(url, Home(tmp_path / "b")).take("r1", "train", TrainRef)
     assert not (tmp_path / "outside.txt").exists()
+
+    # inside the home but not a stage output: the cache's records, Prefect's home, ...
+    del record["files"]["../../outside.txt"]
+    record["files"]["stage-cache/results/train-x"] = next(iter(record["files"].values()))
+    fs.pipe(key, json.dumps(record).encode())
+    with pytest.raises(StorageError, match="not a stage output"):
+        RunStorage(url, Home(tmp_path / "b")).take("r1", "train", TrainRef)
+    assert not (tmp_path / "b" / "stage-cache").exists()
 
 
 def test_the_worker_setting_names_the_storage() -> None:

@@ -17,11 +17,14 @@ Imported only where Prefect is installed (:func:`tasks.core.orchestration.stage_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -75,7 +78,8 @@ def _missing_files(result: Any) -> list[str]:
             missing += _missing_files(value)
         elif (name == "path" or name.endswith("_path")) and isinstance(value, str) and value:
             local = value.removeprefix("file://")
-            if "://" not in local and not Path(local).exists():
+            # Only absolute local paths: a hub id ("org/model") or a URL is not a file here.
+            if Path(local).is_absolute() and not Path(local).exists():
                 missing.append(value)
     return missing
 
@@ -90,6 +94,7 @@ class StageInputs(CachePolicy):
     key_of: KeyOf | None = None
     module: str = ""
     results: str | None = None
+    shared: str | None = None  # the run storage's results folder, when the cache is shared
     dropped: list[str] = field(default_factory=list)  # keys dropped (for tests and logs)
 
     def compute_key(
@@ -104,8 +109,35 @@ class StageInputs(CachePolicy):
         key = f"{self.stage}-" + sha256_json(
             {"stage": self.stage, "inputs": self.key_of(inputs), "code": code_digest(self.module)}
         )
+        self._refuse_foreign(key)
         self._drop_if_stale(key)
         return key
+
+    def _refuse_foreign(self, key: str) -> None:
+        """Drop a record that names another serializer than ours before Prefect reads it:
+        Prefect deserializes with whatever the record's metadata says, and a record in
+        shared storage saying ``pickle`` would run code on every worker that reads it."""
+        import fsspec
+
+        where, expected = (
+            (f"{self.shared}/{key}", HomeJSONSerializer().type)
+            if self.shared
+            else (f"{self.results}/{key}", "json")
+        )
+        if self.results is None and self.shared is None:
+            return
+        fs, path = fsspec.core.url_to_fs(where)
+        try:
+            with fs.open(path, "rb") as f:
+                kind = json.loads(f.read())["metadata"]["serializer"]["type"]
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError):
+            kind = "unreadable"
+        if kind != expected:
+            log.warning("%s: cache record %s names serializer %r; dropped", self.stage, key, kind)
+            fs.rm_file(path)
+            self.dropped.append(key)
 
     def _drop_if_stale(self, key: str) -> None:
         if self.results is None:
@@ -133,8 +165,14 @@ class HostLockManager(FileSystemLockManager):
     leave behind. Prefect's lock files name the holder (a task run) but no process and, by
     default, no expiry; a worker killed mid-stage (SIGKILL, OOM, a lost node) never
     releases its lock, and the rescheduled run would wait on it for ever. So each lock
-    also records the host and process that took it, and a lock whose process on this host
-    no longer runs is removed. Locks taken on other hosts are left to their holders."""
+    also records the host, pid and start time of the process that took it, and a lock
+    whose process on this host no longer runs (a reused pid has another start time) is
+    taken over: renamed away atomically, and put back if it turns out to be a fresh lock
+    someone else took meanwhile. A lock file left empty by a kill between its creation and
+    its first write is stale after a minute. Locks taken on other hosts are left to their
+    holders (across hosts the production-stack issue brings Redis locks)."""
+
+    EMPTY_LOCK_STALE_S = 60.0
 
     def acquire_lock(
         self,
@@ -147,25 +185,70 @@ class HostLockManager(FileSystemLockManager):
             return False
         path = Path(self._lock_path_for_key(key))
         info = json.loads(path.read_bytes())
-        info |= {"host": socket.gethostname(), "pid": os.getpid()}
+        me = os.getpid()
+        info |= {"host": socket.gethostname(), "pid": me, "started": _start_time(me)}
         path.write_text(json.dumps(info))
         return True
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        if not super().is_locked(key, use_cache=use_cache):
-            return False
         path = Path(self._lock_path_for_key(key))
+        raw = b""
         try:
-            info = json.loads(path.read_bytes())
-        except (OSError, ValueError):  # gone meanwhile, or being written: as it was
-            return path.exists()
-        pid = info.get("pid")
-        if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-            log.warning("cache lock %s: its process %d is gone; taking the lock over", key, pid)
-            path.unlink(missing_ok=True)
+            raw = path.read_bytes()
+            info = json.loads(raw) if raw else None
+        except FileNotFoundError:
             self._locks.pop(key, None)
             return False
+        except (OSError, ValueError):
+            info = None
+        if info is None:  # empty or half-written: being written, or its writer was killed
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                return False
+            if age > self.EMPTY_LOCK_STALE_S:
+                return not self._take_over(key, path, raw)
+            return True
+        if not super().is_locked(key, use_cache=use_cache):
+            return False
+        pid = info.get("pid")
+        here = info.get("host") == socket.gethostname() and isinstance(pid, int)
+        if here and not _same_process(pid, info.get("started")):
+            log.warning("cache lock %s: its process %d is gone; taking the lock over", key, pid)
+            return not self._take_over(key, path, raw)
         return True
+
+    def _take_over(self, key: str, path: Path, seen: bytes) -> bool:
+        """Remove the stale lock at ``path`` whose content was ``seen``; True if it is gone."""
+        aside = path.with_name(f"{path.name}.stale-{secrets.token_hex(6)}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True  # someone else took it over already
+        if aside.read_bytes() != seen:  # a fresh lock taken in between: not ours to remove
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        self._locks.pop(key, None)
+        return True
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), to tell a reused
+    pid from the process that took a lock."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _same_process(pid: int, started: str | None) -> bool:
+    if not _alive(pid):
+        return False
+    return started is None or _start_time(pid) in (None, started)
 
 
 def _alive(pid: int) -> bool:
@@ -213,6 +296,10 @@ def _shared_results(url: str) -> Any:
     from the URL, holding no credentials (the worker's environment has them)."""
     from prefect.filesystems import RemoteFileSystem
 
+    if "://" not in url:  # a folder every worker mounts: a plain path, no block needed
+        folder = Path(url) / "stage-cache" / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
     block = RemoteFileSystem(basepath=f"{url.rstrip('/')}/stage-cache/results")
     block.save("slothflow-stage-cache-" + sha256_json(url)[:12], overwrite=True)
     return block
@@ -233,6 +320,7 @@ def configured(
     policy = policy.configure(lock_manager=HostLockManager(cache_root / "locks"))
     if shared:
         policy.results = None  # files are checked when they are fetched, not here
+        policy.shared = f"{shared.rstrip('/')}/stage-cache/results"
         return task.with_options(
             cache_policy=policy,
             result_storage=_shared_results(shared),

@@ -44,6 +44,9 @@ T = TypeVar("T", bound=BaseModel)
 
 #: Stands for the home's root in a stored reference.
 HOME_TOKEN = "${SLOTHFLOW_HOME}"
+#: The home's folders a hand-over may write to (run outputs, built base models, the hub's
+#: download cache); anything else in a record is refused.
+HANDED_OVER = frozenset({"runs", "models", "cache"})
 #: Folders never published: resumable training state, locks and caches.
 SKIPPED_DIRS = frozenset({"checkpoints", "__pycache__", ".cache"})
 
@@ -81,7 +84,11 @@ class RunStorage:
             files[rel] = {"sha256": digest, "size": size}
             blob = self._remote("blobs", digest)
             if not self.fs.exists(blob):
-                self.fs.put_file(str(path), blob)
+                # Under a temporary name first: a blob is only ever whole (a publish cut
+                # short would otherwise leave a truncated blob every later one skips).
+                part = self._remote("blobs", f".{digest}.{secrets.token_hex(6)}.part")
+                self.fs.put_file(str(path), part)
+                self.fs.mv(part, blob)
                 uploaded += size
         tokens = _tokenize(ref.model_dump(mode="json"), str(home))
         record = {
@@ -152,6 +159,10 @@ class RunStorage:
             local = home / rel
             if not _inside(local, home):
                 raise StorageError(f"hand-over {remote} names a path outside the home: {rel}")
+            if Path(rel).parts[0] not in HANDED_OVER:
+                # Only stage outputs and models: never the home's stores, caches of
+                # records, or servers' keys, whatever a record in the storage says.
+                raise StorageError(f"hand-over {remote} names {rel}, which is not a stage output")
             same_size = local.is_file() and local.stat().st_size == meta["size"]
             if same_size and sha256_file(local) == meta["sha256"]:
                 continue
@@ -167,6 +178,8 @@ class RunStorage:
             self.fs.get_file(self._remote("blobs", digest), str(tmp))
             got = sha256_file(tmp)
             if got != digest:
+                # Removed, so the next publish of that content stores it again.
+                self.fs.rm_file(self._remote("blobs", digest))
                 raise StorageError(
                     f"{self.url}/blobs/{digest} holds content with sha256 {got}: the stored "
                     f"file for {local} is corrupt or was replaced"
