@@ -15,7 +15,9 @@ before Prefect is first imported (its settings, and the threads of its log and e
 workers, read it from there). Importing a stage module imports Prefect, and the checks
 that run before the server is worth starting import stage modules; so :func:`reserve`
 claims a port and exports the URL first, and :func:`temporary_server` starts the server
-on it once those checks passed.
+on it. The server takes 6-10 s to boot (imports and its database's migrations, in its own
+process): the caller runs the checks and its own imports meanwhile and only then waits
+for it (the ``ready`` callable it yields), so a run does not wait for both in turn.
 """
 
 from __future__ import annotations
@@ -96,9 +98,12 @@ def reserve() -> int:
 @contextlib.contextmanager
 def temporary_server(
     prefect_home: Path, port: int, timeout_s: float = STARTUP_TIMEOUT_S
-) -> Iterator[str]:
-    """Serve Prefect's API on loopback ``port`` (from :func:`reserve`) until the block
-    exits; yields its URL. The server's log goes to ``prefect_home/temporary-server.log``.
+) -> Iterator[Callable[[], str]]:
+    """Start serving Prefect's API on loopback ``port`` (from :func:`reserve`) at once,
+    until the block exits; yields ``ready``, which waits until the server answers and
+    returns its URL (call it before the first API call: work that needs no API can go
+    first and overlap the server's boot). The server's log goes to
+    ``prefect_home/temporary-server.log``.
     """
     spec = importlib.util.find_spec("prefect")
     if spec is None or spec.origin is None:
@@ -145,8 +150,12 @@ def temporary_server(
             start_new_session=True,
             preexec_fn=_die_with_parent(),
         )
-    try:
-        while not _healthy(url):
+    answered = False
+
+    def ready() -> str:
+        nonlocal answered
+        waited = time.monotonic()
+        while not answered and not _healthy(url):
             if proc.poll() is not None:
                 raise TemporaryServerError(
                     f"Prefect's temporary server exited with code {proc.returncode} while "
@@ -157,11 +166,20 @@ def temporary_server(
                     f"Prefect's temporary server did not answer {url}/health within "
                     f"{timeout_s:g}s. Last lines of {log_path}:\n{_log_tail(log_path)}"
                 )
-            time.sleep(0.2)
-        log.debug("Prefect temporary server on %s (%.1fs)", url, time.monotonic() - started)
-        yield url
+            time.sleep(0.1)
+        if not answered:
+            log.debug(
+                "Prefect temporary server on %s (%.1fs after its start, %.1fs waited)",
+                url, time.monotonic() - started, time.monotonic() - waited,
+            )  # fmt: skip
+        answered = True
+        return url
+
+    try:
+        yield ready
     finally:
-        _flush_prefect_services()
+        if answered:  # nothing was sent to a server that never answered
+            _flush_prefect_services()
         _stop(proc)
 
 

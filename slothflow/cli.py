@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -136,15 +136,21 @@ def run(
 
                 # Before preflight: its checks import Prefect, which reads the URL then.
                 port = None if os.environ.get("PREFECT_API_URL") else temporary_server.reserve()
-                from flows.preflight import preflight
+                # The temporary server boots in its own process (6-10 s) while this one
+                # checks the run and imports and opens what the first stages need.
+                with _prefect_api(home, port) as api_ready:
+                    from flows.preflight import preflight
 
-                plan = preflight(cfg, home, resume, set_)
-                for note in plan.notes:
-                    console.print(note, highlight=False, markup=False, soft_wrap=True)
-                run_id = plan.resume_run_id
-                with _prefect_api(home, port):
+                    plan = preflight(cfg, home, resume, set_)
+                    for note in plan.notes:
+                        console.print(note, highlight=False, markup=False, soft_wrap=True)
+                    run_id = plan.resume_run_id
                     from flows.pipeline import pipeline
+                    from tasks.core import models, tracking
 
+                    tracking.open_store(tracking.resolve_tracking_uri(plan.config.tracking, home))
+                    models.preload()
+                    api_ready()
                     if not verbose_logging():
                         quiet_http_logs()
                     summary = pipeline(
@@ -166,17 +172,18 @@ def run(
 
 
 @contextmanager
-def _prefect_api(home: home_mod.Home, port: int | None) -> Iterator[None]:
+def _prefect_api(home: home_mod.Home, port: int | None) -> Iterator[Callable[[], object]]:
     """A configured Prefect server (``PREFECT_API_URL``) as it is (``port`` None); else
-    Prefect's temporary server on ``port``, run so that a signal cannot kill it before
-    the flow has said how it ended (see flows/temporary_server.py)."""
+    Prefect's temporary server on ``port``, started now and run so that a signal cannot
+    kill it before the flow has said how it ended (see flows/temporary_server.py). Yields
+    what to call before the first API call: it waits until the server answers."""
     if port is None:
-        yield
+        yield lambda: None
         return
     from flows.temporary_server import temporary_server
 
-    with temporary_server(home.prefect, port):
-        yield
+    with temporary_server(home.prefect, port) as ready:
+        yield ready
 
 
 def _report_failure(home: home_mod.Home, recipe: str, exc: BaseException) -> None:

@@ -46,6 +46,15 @@ def base_tokenizer_revision(base: BaseModelRef) -> str | None:
     return hub_load_revision(base) if base.tokenizer_path == base.name_or_path else None
 
 
+def preload() -> None:
+    """Import what loading a model takes (transformers' auto classes: ~4 s on two cores)
+    ahead of the first load, while the caller would otherwise only wait (for Prefect's
+    temporary server to boot)."""
+    import transformers
+
+    _ = transformers.AutoTokenizer, transformers.AutoModelForCausalLM
+
+
 def load_tokenizer(path: str, revision: str | None = None) -> Any:
     """A tokenizer from a folder or hub id, never with remote code."""
     from transformers import AutoTokenizer

@@ -189,6 +189,16 @@ def check_reachable(uri: str, timeout_s: float) -> None:
             raise TrackingUnavailableError(f"MLflow SQLite folder {db.parent} is not writable")
 
 
+def open_store(uri: str) -> None:
+    """Open the tracking store at ``uri`` once, so that a local SQLite store's tables exist
+    (their migrations take ~3 s on a fresh home) before the run needs them: called while
+    the caller would otherwise only wait. The engine MLflow caches per URI is the one the
+    run's clients then reuse."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri)
+
+
 def _git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
