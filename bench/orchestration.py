@@ -170,7 +170,9 @@ class _Stack:
                        **run)  # type: ignore[call-overload]  # fmt: skip
         self._start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu"],
                     {**self.client, "PREFECT_HOME": str(root / "worker"),
-                     "MLFLOW_TRACKING_URI": self.mlflow}, sig=signal.SIGINT)  # fmt: skip
+                     "MLFLOW_TRACKING_URI": self.mlflow,
+                     # the README's worker setting: a run is picked up within 2 s
+                     "PREFECT_WORKER_QUERY_SECONDS": "2"}, sig=signal.SIGINT)  # fmt: skip
         while not self.call("POST", "/work_pools/cpu/workers/filter", {}):
             time.sleep(0.5)
 

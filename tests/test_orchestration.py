@@ -15,6 +15,7 @@ import pytest
 from tasks.core import settings
 from tasks.core.config import ConfigError, PipelineForm, load_config
 from tasks.core.home import Home
+from tasks.train import COMPLETE_MARKER
 
 from .conftest import REPO, PrefectStack, S3Server
 
@@ -369,9 +370,19 @@ def _flow_run_processes(flow_run_id: str) -> list[int]:
     return found
 
 
-def _child_at_a_checkpoint(stack: PrefectStack, parent_id: str) -> dict[str, Any]:
-    """The GPU-stages flow run of pipeline run ``parent_id``, once training has committed
-    its first checkpoint."""
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(
+        int(p.name.split("-")[1])
+        for p in (run_dir / "train" / "checkpoints").glob("checkpoint-*")
+        if (p / COMPLETE_MARKER).exists()  # written last: the checkpoint is whole
+    )
+
+
+def _child_at_a_checkpoint(
+    stack: PrefectStack, parent_id: str, beyond: int = 0, not_ids: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The live GPU-stages flow run of pipeline run ``parent_id``, once training has
+    committed a checkpoint past step ``beyond``."""
     import time
 
     deadline = time.time() + 300
@@ -383,40 +394,40 @@ def _child_at_a_checkpoint(stack: PrefectStack, parent_id: str) -> dict[str, Any
                 "/flow_runs/filter",
                 {"deployments": {"id": {"any_": [stack.deployment_id("gpu-stages")]}}},
             )
-            if c["state"]["type"] in ("RUNNING", "PENDING", "SCHEDULED")
+            if c["state"]["type"] in ("RUNNING", "PENDING", "SCHEDULED") and c["id"] not in not_ids
         ]
         for child in kids:
             assert child["state"]["type"] not in ("FAILED", "CRASHED"), child["state"]
             run_dir = stack.gpu_home / "runs" / child["parameters"]["run_id"]
-            if list(run_dir.glob("train/checkpoints/checkpoint-*/*")):
+            if [s for s in _checkpoint_steps(run_dir) if s > beyond]:
                 return dict(child)
         time.sleep(0.5)
     raise AssertionError(f"the GPU stages of {parent_id} never reached a checkpoint")
 
 
-def _long_run_at_a_checkpoint(
-    stack: PrefectStack, max_steps: int
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """A finetune run with a checkpoint every 10 steps (its form, the run, its GPU-stages
-    run), returned once training has committed its first checkpoint."""
-    form = _form(gpu_pool="gpu")
-    form["train"].update(max_steps=max_steps, eval_steps=10, save_steps=10, logging_steps=10)
-    run = stack.call(
-        "POST",
-        f"/deployments/{stack.deployment_id('finetune')}/create_flow_run",
-        {"parameters": {"config": form}},
-    )
-    return form, run, _child_at_a_checkpoint(stack, run["id"])
-
-
-def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumable(
+def test_a_cancelled_run_resumes_and_survives_losing_its_gpu_worker(
     prefect_stack: PrefectStack,
 ) -> None:
+    """One run's whole life as an operator meets it, in one training so CI pays once:
+    cancelled from the UI after a checkpoint (nothing left running, resumable), resumed;
+    then the resumed run loses its node — the GPU worker and the stage's process die at
+    once (SIGKILL, nothing runs a handler). The heartbeats stop, the crash automation
+    (infra/automations/) marks the GPU stages' run Crashed and reschedules it, a
+    replacement worker picks it up and it resumes from its last checkpoint; the pipeline
+    run that waits on it completes."""
+    import signal
     import time
 
-    # Wait for the GPU stages' first checkpoint, then cancel the parent as the UI does.
-    form, run, child = _long_run_at_a_checkpoint(prefect_stack, max_steps=400)
+    from tasks.core.refs import TrainRef, load_ref
+
+    # 1. Wait for the GPU stages' first checkpoint, then cancel the parent as the UI does.
+    form = _form(gpu_pool="gpu")
+    form["train"].update(max_steps=300, eval_steps=10, save_steps=10, logging_steps=10)
     fid = prefect_stack.deployment_id("finetune")
+    run = prefect_stack.call(
+        "POST", f"/deployments/{fid}/create_flow_run", {"parameters": {"config": form}}
+    )
+    child = _child_at_a_checkpoint(prefect_stack, run["id"])
     run_id = child["parameters"]["run_id"]
     prefect_stack.call(
         "POST",
@@ -425,8 +436,8 @@ def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumab
     )
     parent = prefect_stack.wait(run["id"], timeout=120)
     assert parent["state"]["type"] == "CANCELLED"
-    child = prefect_stack.wait(child["id"], timeout=120)
-    assert child["state"]["type"] in ("CANCELLED", "CRASHED"), child["state"]
+    cancelled = prefect_stack.wait(child["id"], timeout=120)
+    assert cancelled["state"]["type"] in ("CANCELLED", "CRASHED"), cancelled["state"]
     # Nothing of either run is left running, and the GPU worker's slot is free again.
     deadline = time.time() + 30
     while (_flow_run_processes(run["id"]) or _flow_run_processes(child["id"])) and (
@@ -437,50 +448,33 @@ def test_cancelling_a_run_stops_training_on_the_gpu_worker_and_leaves_it_resumab
     run_dir = prefect_stack.home / "runs" / run_id
     gpu_dir = prefect_stack.gpu_home / "runs" / run_id  # where training ran
     assert not (gpu_dir / "train" / "ref.json").exists()  # training did not finish
-    assert list((gpu_dir / "train" / "checkpoints").glob("checkpoint-*"))
+    at_cancel = _checkpoint_steps(gpu_dir)
+    assert at_cancel and max(at_cancel) < 300
 
-    # Resumable: the same run picks up from its checkpoint and finishes.
+    # 2. Resumable: the same run picks up from its checkpoint ...
     again = prefect_stack.call(
         "POST",
         f"/deployments/{fid}/create_flow_run",
         {"parameters": {"config": form, "resume_run_id": run_id}},
     )
-    done = prefect_stack.wait(again["id"], timeout=600)
-    assert done["state"]["type"] == "COMPLETED", done["state"]
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "FINISHED" and result["run_id"] == run_id
-    log_text = (prefect_stack.root / "worker-gpu.log").read_text()
-    assert "resum" in log_text.lower()
-
-
-def test_a_run_whose_gpu_worker_is_killed_is_rescheduled_and_resumes(
-    prefect_stack: PrefectStack,
-) -> None:
-    """A lost node: the GPU worker and the stage's process die at once (SIGKILL, nothing
-    runs a handler). The heartbeats stop, the crash automation (infra/automations/) marks
-    the GPU stages' run Crashed and reschedules it, a replacement worker picks it up and it
-    resumes from the last checkpoint; the pipeline run that waits on it completes."""
-    import signal
-
-    from tasks.core.refs import TrainRef, load_ref
-
-    # not the cancel test's settings: its run is in the cache by now
-    _, run, child = _long_run_at_a_checkpoint(prefect_stack, max_steps=390)
+    # ... and, once it has committed a checkpoint of its own, its node dies.
+    child = _child_at_a_checkpoint(
+        prefect_stack, again["id"], beyond=max(at_cancel), not_ids=(child["id"],)
+    )
     assert prefect_stack.workers is not None
     worker = prefect_stack.workers["gpu"]
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     for pid in _flow_run_processes(child["id"]):
         os.kill(pid, signal.SIGKILL)
-    run_dir = prefect_stack.gpu_home / "runs" / child["parameters"]["run_id"]
-    steps = [
-        int(p.name.split("-")[1]) for p in (run_dir / "train" / "checkpoints").glob("checkpoint-*")
-    ]
-    assert steps and not (run_dir / "train" / "ref.json").exists()
+    at_kill = _checkpoint_steps(gpu_dir)
+    assert max(at_kill) > max(at_cancel) and not (gpu_dir / "train" / "ref.json").exists()
     prefect_stack.start_worker("gpu")  # the replacement node
 
-    done = prefect_stack.wait(run["id"], timeout=600)
+    done = prefect_stack.wait(again["id"], timeout=600)
     assert done["state"]["type"] == "COMPLETED", done["state"]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "FINISHED" and result["run_id"] == run_id
     after = prefect_stack.call("GET", f"/flow_runs/{child['id']}")
     assert after["state"]["type"] == "COMPLETED" and after["run_count"] >= 2
     history = [
@@ -488,9 +482,12 @@ def test_a_run_whose_gpu_worker_is_killed_is_rescheduled_and_resumes(
         for h in prefect_stack.call("GET", f"/flow_run_states/?flow_run_id={child['id']}")
     ]
     assert ("CRASHED", "Crashed") in history and ("SCHEDULED", "AwaitingRetry") in history
-    trained = load_ref(run_dir / "train", TrainRef)
-    assert trained.metrics["resumed_from_step"] >= min(steps)
-    assert trained.metrics["global_step"] == 390
+    trained = load_ref(gpu_dir / "train", TrainRef)
+    # the last resume started from a checkpoint the first resume wrote
+    assert trained.metrics["resumed_from_step"] > max(at_cancel)
+    assert trained.metrics["global_step"] == 300
+    log_text = (prefect_stack.root / "worker-gpu.log").read_text()
+    assert "resum" in log_text.lower()
 
 
 CHROMIUM = Path("/usr/bin/chromium")
