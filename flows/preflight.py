@@ -44,7 +44,8 @@ def preflight(
     """Check ``cfg`` (and ``--resume``) against this machine; raise a ``ConfigError``
     (or ``TrackingUnavailableError``) naming what is wrong. ``serving=False`` and
     ``registering=False`` for commands that never serve or register (``slothflow train``)."""
-    decision = hardware.decide(cfg, hardware.probe())
+    # A run with a gpu pool trains there: this machine needs no GPU for it.
+    decision = hardware.decide(cfg, hardware.probe(), trains_here=not cfg.orchestration.gpu_pool)
     notes: list[str] = []
     run_id = None
     if resume is not None:

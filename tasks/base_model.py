@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core import embedded
-from tasks.core.config import EMBEDDED_MODEL, REPO_ROOT, ConfigError, ModelConfig
+from tasks.core.config import (
+    EMBEDDED_MODEL,
+    EMBEDDED_SHAPES,
+    REPO_ROOT,
+    ConfigError,
+    ModelConfig,
+    is_embedded,
+)
 from tasks.core.home import Home
 from tasks.core.models import (
     LOAD_KWARGS,
@@ -79,7 +86,7 @@ def _read_template_file(path_str: str) -> str:
 
 
 def _license(folder: Path | None, name_or_path: str) -> str | None:
-    if name_or_path == EMBEDDED_MODEL:
+    if is_embedded(name_or_path):
         return "Apache-2.0"
     if folder is None:
         return None
@@ -123,8 +130,9 @@ def prepare_base(cfg: ModelConfig, home: Home, tracker: Tracker = NullTracker())
 
     name = cfg.name_or_path
     folder: Path | None
-    if name == EMBEDDED_MODEL:
-        folder = embedded.ensure_built(cfg.embedded, home.models)
+    if is_embedded(name):
+        shape = None if name == EMBEDDED_MODEL else name
+        folder = embedded.ensure_built(cfg.embedded, home.models, shape)
         name_or_path = str(folder)
         revision = resolve_revision(name_or_path)
         load_rev = None
@@ -190,8 +198,13 @@ def check_base(cfg: ModelConfig) -> None:
     can resolve (offline: in the local cache), and a configured chat template exists.
     Run before the first stage, so a typo fails at once, not after minutes of retries."""
     name = cfg.name_or_path
-    if name == EMBEDDED_MODEL:
+    if is_embedded(name):
         pass
+    elif name.startswith("embedded:"):
+        raise ConfigError(
+            f"model.name_or_path={name!r}: no such built-in model; one of "
+            + ", ".join([EMBEDDED_MODEL, *EMBEDDED_SHAPES])
+        )
     elif Path(name).is_dir():
         _check_loadable_folder(Path(name).resolve())
     elif is_hub_id(name):
@@ -217,7 +230,7 @@ def base_inputs_hash(cfg: ModelConfig) -> str:
     instead of reusing a stale reference. The embedded model is built from the config
     alone (its cache is keyed by the sample's hash), so the config stands for it."""
     name = cfg.name_or_path
-    revision = None if name == EMBEDDED_MODEL else resolve_revision(name, cfg.revision)
+    revision = None if is_embedded(name) else resolve_revision(name, cfg.revision)
     template = None
     if cfg.chat_template is not None:
         text = _read_template_file(cfg.chat_template)

@@ -50,6 +50,38 @@ def test_embedded_base(smoke_model_cfg: ModelConfig, session_home: Home, tiny_di
     assert ref.license == "Apache-2.0"
 
 
+def test_a_named_shape_is_built_on_the_spot_over_the_embedded_tokenizer(
+    fresh_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``embedded:llama-3.2-1b`` (configs/gpu-1b.yaml) goes through the named-shape build:
+    grouped-query attention, tied embeddings, the shape's own vocabulary beyond the
+    tokenizer's ids, bfloat16 weights. Here with the dimensions scaled down (the real
+    one is built on the GPU device by tests/test_gpu_e2e.py); a name that is not one is
+    a config error naming the field."""
+    import json
+
+    from tasks.base_model import check_base
+    from tasks.core.config import ConfigError, load_config
+
+    small = dict(embedded.SHAPES["embedded:llama-3.2-1b"], hidden_size=64,
+                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=1024)  # fmt: skip
+    monkeypatch.setitem(embedded.SHAPES, "embedded:llama-3.2-1b", small)
+    cfg = load_config("gpu-1b").model
+    check_base(cfg)
+    ref = prepare_base(cfg, fresh_home)
+    folder = Path(ref.name_or_path)
+    assert folder.name.startswith("llama-3.2-1b-") and folder.parent == fresh_home.models
+    built = json.loads((folder / "config.json").read_text())
+    assert (built["num_key_value_heads"], built["tie_word_embeddings"]) == (2, True)
+    assert built["vocab_size"] == 1024 and built["dtype"] == "bfloat16"
+    assert built["rope_parameters"]["rope_type"] == "llama3"
+    tiny = prepare_base(load_config("default").model, fresh_home)
+    assert Path(tiny.name_or_path).name.startswith("tiny-llama-")  # a build of its own
+    with pytest.raises(ConfigError, match=r"name_or_path='embedded:nope'.*embedded:llama-3\.2-1b"):
+        check_base(load_config("default", ["model.name_or_path=embedded:nope"]).model)
+
+
 def test_hub_id_offline_through_the_cache_layout(
     smoke_model_cfg: ModelConfig, session_home: Home, tiny_dir: Path
 ) -> None:

@@ -2,6 +2,7 @@ import pytest
 
 from tasks.core.config import ConfigError, load_config
 from tasks.core.hardware import Probe, decide, probe
+from tasks.core.home import Home
 
 CPU = Probe(cuda=False)
 H200 = Probe(
@@ -54,3 +55,20 @@ def test_auto_without_unsloth_falls_back_to_peft_and_says_why() -> None:
     assert "Unsloth not installed" in d.reason
     with pytest.raises(ConfigError, match="unsloth is not installed"):
         decide(load_config("default", ["train.backend=unsloth"]), no_unsloth)
+
+
+def test_a_gpu_pool_run_needs_no_gpu_where_it_is_orchestrated(fresh_home: Home) -> None:
+    """The finetune flow of a GPU recipe runs on a CPU node and sends train, export and
+    evaluate to the gpu pool: neither preflight nor the run's opening refuses the recipe
+    there; the GPU worker that joins the run still decides (and refuses) for itself."""
+    from flows.preflight import preflight
+
+    cfg = load_config("gpu-1b", ["orchestration.gpu_pool=gpu"])
+    d = decide(cfg, CPU, trains_here=False)
+    assert d.device == "cpu" and "'gpu' pool" in d.reason
+    assert preflight(cfg, fresh_home, registering=False).hardware.reason == d.reason
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        decide(cfg, CPU)  # the GPU worker's own decision
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        decide(load_config("gpu-1b"), CPU, trains_here=False)  # no pool: it trains here
+    assert decide(cfg, H200, trains_here=False).backend == "unsloth"  # one host: as usual

@@ -177,6 +177,9 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
         runs = client.search_runs([exp.experiment_id], f"tags.`slothflow.stage` = '{stage}'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED", stage
         assert runs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        # what the stage cost (run.stage logs it; on CUDA its peak GPU memory too)
+        assert runs[0].data.metrics["stage_seconds"] > 0, stage
+        assert "stage_gpu_peak_gb" not in runs[0].data.metrics
     (serve_run,) = client.search_runs([exp.experiment_id], "tags.`slothflow.stage` = 'serve'")
     params = serve_run.data.params
     assert params["serve.port"] == str(port_a) and params["serve.port.attempt2"] == str(port_b)

@@ -28,6 +28,14 @@ from pydantic import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "configs"
 EMBEDDED_MODEL = "embedded:tiny-llama"
+#: Real architectures' shapes with random weights over the embedded tokenizer, also built
+#: on the spot (tasks/core/embedded.py): the GPU path end to end with nothing downloaded.
+EMBEDDED_SHAPES = ("embedded:llama-3.2-1b",)
+
+
+def is_embedded(name_or_path: str) -> bool:
+    """A base model built on the spot rather than loaded: the tiny default or a shape."""
+    return name_or_path == EMBEDDED_MODEL or name_or_path in EMBEDDED_SHAPES
 
 
 class ConfigError(ValueError):
@@ -181,7 +189,7 @@ class ModelConfig(_Strict):
     name_or_path: str = Field(
         EMBEDDED_MODEL,
         description=f"Hub id (org/name), local folder, or {EMBEDDED_MODEL!r} for the tiny model "
-        "built on the spot.",
+        f"built on the spot ({', '.join(EMBEDDED_SHAPES)}: a real shape, random weights).",
     )
     revision: str | None = Field(
         None,

@@ -77,12 +77,44 @@ def _strings(obj: object) -> Iterator[str]:
             yield from _strings(v)
 
 
-def build_key(cfg: TinyModelConfig, files: tuple[Path, ...] = SAMPLE_FILES) -> str:
+#: The named shapes (config.EMBEDDED_SHAPES): ``LlamaConfig`` fields, from the published
+#: config of the model they are named after. The vocabulary is the model's (its embedding
+#: and head have the real size); the tokenizer's few hundred ids are a subset of it.
+SHAPES: dict[str, dict[str, Any]] = {
+    "embedded:llama-3.2-1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+}
+
+
+def build_key(
+    cfg: TinyModelConfig, files: tuple[Path, ...] = SAMPLE_FILES, shape: str | None = None
+) -> str:
+    # The tiny model's key is unchanged by the named shapes (its builds stay valid).
+    named = {} if shape is None else {"named": shape, "dims": SHAPES[shape]}
     return sha256_json(
         {
             "builder": BUILDER_VERSION,
             "shape": cfg.model_dump(mode="json"),
             "sample": [sha256_file(p) for p in files],
+            **named,
         }
     )[:16]
 
@@ -119,29 +151,42 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
     return fast
 
 
-def build(cfg: TinyModelConfig, out_dir: Path) -> Path:
-    """Build tokenizer + random tiny Llama into ``out_dir`` (safetensors)."""
+def build(cfg: TinyModelConfig, out_dir: Path, shape: str | None = None) -> Path:
+    """Build tokenizer + random Llama into ``out_dir`` (safetensors): the tiny one of
+    ``cfg``'s shape, or the named ``shape`` (:data:`SHAPES`, saved in bfloat16 as its
+    namesake is)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(sample_texts(), cfg.vocab_size)
-    model_cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if shape is None:
+        model_cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_attention_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=False,
+            **ids,
+        )
+    else:
+        dims = SHAPES[shape]
+        if len(tokenizer) > dims["vocab_size"]:
+            raise ValueError(f"{shape}: the tokenizer has more ids than the shape's vocabulary")
+        model_cfg = LlamaConfig(**dims, **ids)
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         model = LlamaForCausalLM(model_cfg)
+    if shape is not None:
+        model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -157,20 +202,27 @@ def build(cfg: TinyModelConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def ensure_built(cfg: TinyModelConfig, models_dir: Path) -> Path:
-    """The cached build for this shape and sample, building it first if needed.
+def ensure_built(cfg: TinyModelConfig, models_dir: Path, shape: str | None = None) -> Path:
+    """The cached build for this shape and sample, building it first if needed; ``shape``:
+    a named shape (:data:`SHAPES`) instead of ``cfg``'s tiny one.
 
     Built in a temporary folder and renamed into place, so a crash or a concurrent
     builder never leaves a half-written model behind.
     """
-    final = models_dir / f"tiny-llama-{build_key(cfg)}"
+    stem = "tiny-llama" if shape is None else shape.removeprefix("embedded:")
+    final = models_dir / f"{stem}-{build_key(cfg, shape=shape)}"
     if (final / "model.safetensors").exists():
         return final
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=models_dir, prefix=".build-"))
     try:
-        log.info("building the embedded tiny Llama (%s) in %s", cfg.model_dump(), final.name)
-        build(cfg, tmp)
+        log.info(
+            "building the embedded %s (%s) in %s",
+            shape or "tiny Llama",
+            SHAPES.get(shape or "") or cfg.model_dump(),
+            final.name,
+        )
+        build(cfg, tmp, shape)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -9,6 +9,7 @@ a silently flipped flag.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -90,9 +91,22 @@ def probe() -> Probe:
 _CUDA_ONLY_OPTIMIZERS = {"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
 
 
-def decide(cfg: PipelineConfig, hw: Probe) -> HardwareDecision:
-    """Pure: config + probe -> decision with its reason, or ``ConfigError``."""
+def decide(cfg: PipelineConfig, hw: Probe, *, trains_here: bool = True) -> HardwareDecision:
+    """Pure: config + probe -> decision with its reason, or ``ConfigError``.
+
+    ``trains_here=False``: this process orchestrates a run whose GPU stages run on
+    ``orchestration.gpu_pool`` (a CPU node, typically): a GPU recipe is not refused for
+    the GPU this machine lacks; the gpu worker decides for itself when it joins the run."""
     want = cfg.train.backend
+    if not hw.cuda and not trains_here and cfg.orchestration.gpu_pool:
+        return HardwareDecision(
+            device="cpu",
+            backend="peft",
+            dtype="float32",
+            load_in_4bit=False,
+            reason=f"no CUDA on this worker: train, export and evaluate run on the "
+            f"{cfg.orchestration.gpu_pool!r} pool, whose worker decides there",
+        )
     if not hw.cuda:
         if want == "unsloth":
             raise ConfigError("train.backend='unsloth' needs a CUDA GPU; none is visible here")
@@ -202,3 +216,44 @@ def import_unsloth() -> Any:
             "pip install 'slothflow[gpu]' or set train.backend=peft"
         ) from err
     return unsloth
+
+
+# --------------------------------------------------------------------------- GPU memory
+# torch keeps one peak-allocation counter per process; training resets it per logging
+# window (its per-window metric). Windows fold their peak in here before each reset, so
+# the stage's peak (``run.stage`` logs it) survives them.
+_gpu_high_water = 0
+
+
+def _cuda_in_use() -> Any:
+    """torch, when this process has already put something on a GPU; else None (never
+    imports torch or starts CUDA just to ask)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch
+
+
+def start_gpu_peak() -> None:
+    """A stage starts: its peak GPU memory counts from now."""
+    global _gpu_high_water
+    _gpu_high_water = 0
+    if torch := _cuda_in_use():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def reset_gpu_window() -> None:
+    """Start a new peak window (training's per-log metric), keeping the stage's peak."""
+    global _gpu_high_water
+    if torch := _cuda_in_use():
+        _gpu_high_water = max(_gpu_high_water, torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_gb() -> float | None:
+    """Peak allocated GPU memory since :func:`start_gpu_peak`, in GiB; None when this
+    process never used a GPU."""
+    torch = _cuda_in_use()
+    if torch is None:
+        return _gpu_high_water / 2**30 if _gpu_high_water else None
+    return max(_gpu_high_water, torch.cuda.max_memory_allocated()) / 2**30

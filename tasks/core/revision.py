@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from tasks.core.config import EMBEDDED_MODEL, ConfigError
+from tasks.core.config import ConfigError, is_embedded
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 def is_hub_id(name_or_path: str) -> bool:
     return (
-        name_or_path != EMBEDDED_MODEL
+        not is_embedded(name_or_path)
         and not Path(name_or_path).exists()
         and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name_or_path) is not None
     )

@@ -130,7 +130,9 @@ def open_run(
     run_dir = home.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    decision = hardware.decide(cfg, hardware.probe())
+    # The pipeline's side of a gpu-pool run trains nothing here; the joining gpu worker does.
+    trains_here = joining or not cfg.orchestration.gpu_pool
+    decision = hardware.decide(cfg, hardware.probe(), trains_here=trains_here)
     log.info("hardware: %s", decision.reason)
     code = tracking.code_version()
 
@@ -183,11 +185,18 @@ def stage(ctx: RunContext, name: str) -> Iterator[Tracker]:
     t.set_tags(
         {"slothflow.config_hash": ctx.config_hash, "mlflow.source.git.commit": ctx.code_version}
     )
+    started = time.perf_counter()
+    hardware.start_gpu_peak()
     try:
         yield t
     except BaseException as exc:
         t.end(mlflow_status("INTERRUPTED" if is_interrupt(exc) else "FAILED"))
         raise
+    # What each stage costs, comparable across stages and runs (the run's timeline).
+    costs = {"stage_seconds": time.perf_counter() - started}
+    if (peak := hardware.gpu_peak_gb()) is not None:
+        costs["stage_gpu_peak_gb"] = peak
+    t.log_metrics(costs)
     t.end("FINISHED")
 
 

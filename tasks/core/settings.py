@@ -22,7 +22,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.config import (
-    EMBEDDED_MODEL,
     REPO_ROOT,
     ConfigError,
     DeployConfig,
@@ -30,6 +29,7 @@ from tasks.core.config import (
     PipelineForm,
     SecretRef,
     build_config,
+    is_embedded,
 )
 from tasks.core.home import Home
 
@@ -155,7 +155,7 @@ def check_paths(form: PipelineForm, allowed: tuple[str, ...]) -> None:
     if form.model.chat_template is not None:
         named.append(("model.chat_template", form.model.chat_template))
     base = form.model.name_or_path
-    if base != EMBEDDED_MODEL and (base.startswith(("/", ".", "~")) or "://" in base):
+    if not is_embedded(base) and (base.startswith(("/", ".", "~")) or "://" in base):
         named.append(("model.name_or_path", base))  # a hub id (org/name) is not a path
     for field, value in named:
         if not is_allowed(value, allowed):

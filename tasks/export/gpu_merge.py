@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.core.hardware import import_unsloth
+from tasks.core.hardware import import_unsloth, reset_gpu_window
 from tasks.core.models import LOAD_KWARGS
 from tasks.core.refs import BaseModelRef
 
@@ -68,7 +68,7 @@ def merge_16bit(
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    torch.cuda.reset_peak_memory_stats()
+    reset_gpu_window()  # this merge's own peak, keeping the stage's
     try:
         adapter = _adapter_for_base(Path(adapter_dir), base, work / "adapter")
         model, _ = FastLanguageModel.from_pretrained(

@@ -394,6 +394,7 @@ def _record_setup(job: _Job, run_cfg: TrainConfig, model: Any) -> GpuPerf | None
             "train.backend_reason": hw.reason,
             "train.device": hw.device,
             "train.dtype": hw.dtype,
+            "train.load_in_4bit": hw.load_in_4bit,
             "train.trainable_params": n_trainable,
         }
     )

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.core import hardware
 from tasks.core.config import ConfigError, TrainConfig
 from tasks.core.hardware import HardwareDecision
 
@@ -79,7 +80,7 @@ class GpuPerf:
         self.flops_per_token = flops_per_token
         self.peak = peak
         self._run_peak = 0
-        torch.cuda.reset_peak_memory_stats()
+        hardware.reset_gpu_window()
 
     @property
     def run_peak_gb(self) -> float:
@@ -96,7 +97,7 @@ class GpuPerf:
             "gpu_peak_mem_gb": cuda.max_memory_allocated() / 2**30,
             "gpu_peak_reserved_gb": cuda.max_memory_reserved() / 2**30,
         }
-        cuda.reset_peak_memory_stats()
+        hardware.reset_gpu_window()  # keeps the stage's peak (run.stage logs it)
         if tokens_per_s and self.peak:
             out["mfu"] = tokens_per_s * self.flops_per_token / self.peak
         return out
