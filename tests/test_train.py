@@ -209,7 +209,7 @@ def test_rows_over_max_seq_length_are_counted_truncated_and_dropped(
     trainer = build_trainer(cfg.train, cfg.model, CPU, model, tok, rows, rows[:2], tmp_path)
     assert len(trainer.train_dataset) == len(rows) - 1  # the prompt-only row is gone
     with caplog.at_level("WARNING", logger="tasks.train"):
-        fit = length_fit(cfg.train, cfg.model.max_seq_length, tok, rows, len(trainer.train_dataset))
+        fit = length_fit(cfg.train, cfg.model.max_seq_length, lengths, len(trainer.train_dataset))
     assert fit == {"train_rows_truncated": 1, "train_rows_dropped": 1}
     assert "2 of 8 training rows are longer than model.max_seq_length=64" in caplog.text
 
@@ -582,3 +582,27 @@ def test_system_metrics_reach_the_mlflow_run_while_training_on_cuda(
         time.sleep(1.6)
     keys = set(client.get_run(run.info.run_id).data.metrics)
     assert any(k.startswith("system/cpu_utilization") for k in keys), keys
+
+
+def test_auto_padding_pads_rows_of_one_length_and_leaves_ragged_ones_padding_free() -> None:
+    """``train.padding_free: auto`` on Unsloth: rows of about one length (the 8B bench's
+    2048-token rows, rows cut at the limit) get padded batches, so Unsloth's compiled
+    decoder blocks run; ragged rows keep Unsloth's padding-free batches; the PEFT
+    backend, packing and an explicit setting are left alone. The reason names the waste."""
+    from tasks.train import choose_padding, pad_waste
+
+    t = load_config("llama3-8b-qlora", ["train.packing=false"]).train
+    same = [2048] * 64
+    assert pad_waste(same, 4, 2048) == 0.0
+    assert 0.1 < pad_waste([10, 30] * 32, 2, 2048) < 1 / 3  # a mixed pair wastes 1/3
+    assert pad_waste([3000, 2048, 5000, 2048], 4, 2048) == 0.0  # cut at the limit
+    choice = choose_padding(t, H200, same, 2048)
+    assert choice.mode == "off" and "0.0% of the tokens" in choice.reason
+    ragged = [int(40 + 30 * (i % 7)) for i in range(300)]
+    choice = choose_padding(t, H200, ragged, 2048)
+    assert choice.mode == "auto" and "Unsloth's choice" in choice.reason
+    assert choose_padding(t, CPU, same, 2048).mode == "auto"  # TRL pads anyway
+    packed = load_config("llama3-8b-qlora").train
+    assert choose_padding(packed, H200, same, 2048).mode == "auto"
+    off = t.model_copy(update={"padding_free": "off"})
+    assert choose_padding(off, H200, ragged, 2048).mode == "off"

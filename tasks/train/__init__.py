@@ -56,6 +56,7 @@ from tasks.core.refs import (
     record_ref,
     sha256_json,
 )
+from tasks.core.tokens import chat_token_lengths
 from tasks.core.tracking import NullTracker, Tracker
 from tasks.train.backends import BACKENDS, load_peft, load_unsloth, resolve_backend, select_backend
 from tasks.train.callback import StepJournal, TrackerHooks, generate_samples, train_callback_cls
@@ -87,7 +88,14 @@ from tasks.train.perf import (
     peak_flops,
     release_cuda_memory,
 )
-from tasks.train.trainer import build_trainer, check_settings, sft_config
+from tasks.train.trainer import (
+    PaddingChoice,
+    build_trainer,
+    check_settings,
+    choose_padding,
+    pad_waste,
+    sft_config,
+)
 
 # The stage's public names, wherever in the package they live: callers and tests import
 # them from ``tasks.train``.
@@ -111,6 +119,7 @@ __all__ = [
     "carried_loss_sum",
     "check_settings",
     "choose_gradient_checkpointing",
+    "choose_padding",
     "data_ref_from_folder",
     "flops_per_token",
     "generate_samples",
@@ -123,6 +132,7 @@ __all__ = [
     "load_unsloth",
     "mark_complete",
     "oom_message",
+    "pad_waste",
     "peak_flops",
     "read_chat_rows",
     "rotate",
@@ -276,7 +286,9 @@ def _fit(job: _Job, run_cfg: TrainConfig, resume: Path | None) -> TrainRef:
     the trainer runs with (``job.cfg`` unless an out-of-memory retry shrank the
     micro-batch); ``job.cfg`` is what the run records."""
     model, tokenizer = _load(job, run_cfg)
-    perf = _record_setup(job, run_cfg, model)
+    lengths = chat_token_lengths(tokenizer, [r["messages"] for r in job.train_rows])
+    padding = choose_padding(run_cfg, job.hw, lengths, job.model_cfg.max_seq_length)
+    perf = _record_setup(job, run_cfg, model, padding)
     tokens = TokenCounter()
     loss_sum = LossSum(carried_loss_sum(resume))
     hooks = train_callback_cls()(
@@ -292,7 +304,7 @@ def _fit(job: _Job, run_cfg: TrainConfig, resume: Path | None) -> TrainRef:
         loss_sum=loss_sum,
     )
     trainer = build_trainer(
-        run_cfg,
+        run_cfg.model_copy(update={"padding_free": padding.mode}),
         job.model_cfg,
         job.hw,
         model,
@@ -305,9 +317,7 @@ def _fit(job: _Job, run_cfg: TrainConfig, resume: Path | None) -> TrainRef:
         loss_sum,
     )
     _check_trainable(job, trainer)
-    fitted = length_fit(
-        run_cfg, job.model_cfg.max_seq_length, tokenizer, job.train_rows, len(trainer.train_dataset)
-    )
+    fitted = length_fit(run_cfg, job.model_cfg.max_seq_length, lengths, len(trainer.train_dataset))
     t0 = time.perf_counter()
     # its TrainOutput's training_loss leaves out the steps before a resumed checkpoint
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -372,7 +382,9 @@ def _load(job: _Job, run_cfg: TrainConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _record_setup(job: _Job, run_cfg: TrainConfig, model: Any) -> GpuPerf | None:
+def _record_setup(
+    job: _Job, run_cfg: TrainConfig, model: Any, padding: PaddingChoice
+) -> GpuPerf | None:
     """Tags, params and inputs of this attempt; on CUDA the MFU/memory probe."""
     hw, tracker, data = job.hw, job.tracker, job.data
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -386,6 +398,8 @@ def _record_setup(job: _Job, run_cfg: TrainConfig, model: Any) -> GpuPerf | None
             # tags, not params: an out-of-memory retry may change them
             "slothflow.gradient_checkpointing": choice.label,
             "slothflow.gradient_checkpointing_reason": choice.reason,
+            "slothflow.padding_free": padding.mode,
+            "slothflow.padding_free_reason": padding.reason,
         }
     )
     tracker.log_params(

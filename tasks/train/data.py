@@ -10,7 +10,6 @@ from typing import Any
 
 from tasks.core.config import ConfigError, TrainConfig
 from tasks.core.refs import DataRef, data_fingerprint, sha256_file
-from tasks.core.tokens import chat_token_lengths
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +60,23 @@ def _count_rows(path: Path) -> int:
 
 
 def length_fit(
-    t: TrainConfig,
-    max_seq_length: int,
-    tokenizer: Any,
-    train_rows: list[dict[str, Any]],
-    n_prepared: int,
+    t: TrainConfig, max_seq_length: int, lengths: list[int], n_prepared: int
 ) -> dict[str, int]:
     """How many training rows TRL truncated to ``model.max_seq_length`` and how many it
     dropped (truncated until no answer token was left), logged as a warning: rows the
     data stage kept should all fit (``data.max_tokens <= model.max_seq_length``), but
     data cleaned by another tokenizer or with other limits may not."""
     limit = max_seq_length
-    lengths = chat_token_lengths(tokenizer, [r["messages"] for r in train_rows])
     over = sum(n > limit for n in lengths)
     # Packing chunks rows instead of filtering them, so it never drops one.
-    dropped = 0 if t.packing else len(train_rows) - n_prepared
+    dropped = 0 if t.packing else len(lengths) - n_prepared
     if over:
         log.warning(
             "train: %d of %d training rows are longer than model.max_seq_length=%d tokens: "
             "%d truncated, %d dropped (no answer token left); clean the data with the base "
             "model's tokenizer and data.max_tokens <= model.max_seq_length",
             over,
-            len(train_rows),
+            len(lengths),
             limit,
             over - dropped,
             dropped,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,59 @@ def check_settings(t: TrainConfig, hw: HardwareDecision) -> None:
             "train.token_metrics=true needs CUDA: TRL computes them with a Triton kernel "
             f"(this run trains on {hw.device}); set train.token_metrics=false"
         )
+
+
+#: Below this share of pad tokens in a micro-batch, padded batches beat padding-free
+#: ones on the Unsloth backend: padding-free batches skip Unsloth's compiled decoder
+#: blocks, which cost 4-5% on an H200 (bench/results/train_gpu.md: 0.94x vs 0.98x the
+#: raw loop at the same settings), more than padding that little wastes.
+PADDED_BELOW_WASTE = 0.04
+
+
+@dataclass(frozen=True)
+class PaddingChoice:
+    """``train.padding_free`` as the trainer runs it (``auto`` or ``off``), and why."""
+
+    mode: str
+    reason: str
+
+
+def pad_waste(lengths: list[int], micro_batch: int, max_len: int, seed: int = 0) -> float:
+    """Share of a padded micro-batch's tokens that are padding, over the training rows
+    in shuffled order (as the trainer samples them): 1 - real / (rows x longest)."""
+    import random
+
+    order = [min(n, max_len) for n in lengths]
+    random.Random(seed).shuffle(order)
+    real = padded = 0
+    for i in range(0, len(order), micro_batch):
+        batch = order[i : i + micro_batch]
+        real += sum(batch)
+        padded += len(batch) * max(batch)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def choose_padding(
+    t: TrainConfig, hw: HardwareDecision, lengths: list[int], max_len: int
+) -> PaddingChoice:
+    """``auto`` on Unsloth without packing: padded batches (its compiled blocks run) when
+    padding would waste under :data:`PADDED_BELOW_WASTE` of the tokens — rows of about
+    one length, or cut at the limit — else Unsloth's own choice (padding-free on an
+    H200). Explicit settings, packing and the PEFT backend are left as they are."""
+    if t.padding_free == "off":
+        return PaddingChoice("off", "train.padding_free=off: padded batches")
+    if t.packing:
+        return PaddingChoice("auto", "train.packing=true: packed rows are padding-free")
+    if hw.backend != "unsloth":
+        return PaddingChoice("auto", f"{hw.backend}: TRL pads each micro-batch")
+    waste = pad_waste(lengths, t.micro_batch_size, max_len, t.seed)
+    if waste < PADDED_BELOW_WASTE:
+        return PaddingChoice(
+            "off",
+            f"padded batches: padding would be {waste:.1%} of the tokens, less than what "
+            "Unsloth's compiled decoder blocks gain over padding-free ones",
+        )
+    return PaddingChoice("auto", f"Unsloth's choice: padding would be {waste:.1%} of the tokens")
 
 
 def sft_config(
