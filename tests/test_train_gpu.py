@@ -1,6 +1,7 @@
 """Stage ``train`` on CUDA with the Unsloth backend (marked ``gpu``: skipped without CUDA).
 
-Run on the GPU device with the kit (`../shared/gpu/README.md`):
+Run on the GPU device with the kit that ``make gpu-kit`` builds here (``.gpu/``, carried;
+it holds everything these tests import, MLflow and orjson included):
 
     source .gpu/setup.sh && python3 -m pytest tests/test_train_gpu.py -m gpu -v
 
@@ -661,7 +662,7 @@ def test_mlflow_records_gpu_system_metrics_while_training(
     """The stage's MLflow run gets MLflow's own GPU system metrics (utilisation, memory)
     sampled while the trainer runs, beside the training metrics (MLflow carried to the
     device as wheels, a SQLite store in the test's folder)."""
-    pytest.importorskip("mlflow", reason="carry MLflow's wheels to the device (.gpu/mlw)")
+    pytest.importorskip("mlflow", reason="MLflow comes with the GPU kit: make gpu-kit")
     from mlflow.tracking import MlflowClient
 
     from tasks import train as train_mod
