@@ -218,7 +218,7 @@ PINNED_HASHES = {
     "ci-smoke": "96b5335aa2af9f9ac95234a6b9c7b7e3041b4c3a20e70c04230fe8087a02c5fb",
     "default": "b32ece1bd0c732b98f36c9db69170b4853b9c8aa18c946263ed6abb8707ebe6e",
     # added with the GPU end-to-end recipe (issue 14)
-    "gpu-1b": "199e2754fbf239719fbed01786fb87ad49339fa958677aa3e4c3de789f1c3a6b",
+    "gpu-1b": "e533d4176f6b8412257a4876068535b05ad8303b2ceef246c154f7afd7b067c5",
     "llama3-8b-qlora": "fd5ecbf6b510eb5b3ae5dda4a31fe1ccf691fbb03b53a2c3bc3090e8ff062371",
 }
 
