@@ -106,6 +106,11 @@ class TimedTracker:
     def log_input(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def system_metrics(self, interval_s: float) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()  # no sampler thread beside the measured steps
+
     def train_steps(self) -> list[tuple[int, float, dict[str, float]]]:
         return [(s, t, m) for s, t, m in self.metrics if s is not None and "train_loss" in m]
 
