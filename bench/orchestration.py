@@ -1,8 +1,9 @@
 """Benchmark: what Prefect and MLflow add to a run of the embedded default.
 
-    .venv/bin/python bench/orchestration.py [--recipe default] [--set deploy.enabled=false]
+    .venv/bin/python bench/orchestration.py [--recipe default] [--repeat 2] [--set ...]
 
-Three arms, one after the other, each in a fresh SLOTHFLOW_HOME (so every arm builds the
+Three arms, one after the other (``--repeat N``: N rounds, every other one in reverse
+order, the medians compared), each in a fresh SLOTHFLOW_HOME (so every arm builds the
 base, cleans, trains, merges, evaluates and serves from nothing):
 
 * ``direct_s``: the stage functions called in this process, no Prefect and no MLflow
@@ -14,7 +15,8 @@ base, cleans, trains, merges, evaluates and serves from nothing):
   (the server, pool, deployment and worker are started before the clock starts).
 
 Prints a table and writes ``bench/results/orchestration-<UTC stamp>.json`` with the arms'
-wall times under ``arms``. Target: flow and deployment under 5 s over the direct calls.
+median wall times under ``arms`` and every round under ``details``. Target: flow and
+deployment under 5 s over the direct calls.
 """
 
 from __future__ import annotations
@@ -259,38 +261,59 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="default")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of the three arms, the order reversed every other round (a busy "
+        "machine drifts); the table gives each arm's median",
+    )
     args = ap.parse_args()
     from tasks.core.config import load_config
 
     port = load_config(args.recipe, args.overrides).deploy.port
-    arms: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "flow": [], "deployment": []}
     scratch = Path(tempfile.mkdtemp(prefix="bench-orch-"))
     try:
-        for name in ("direct", "flow", "deployment"):
-            home = scratch / f"{name}-home"
-            print(f"arm {name} ...", flush=True)
-            try:
-                if name == "direct":
-                    arms[name] = direct_arm(args.recipe, args.overrides, home)
-                elif name == "flow":
-                    arms[name] = flow_arm(args.recipe, args.overrides, home)
-                else:
-                    (scratch / "stack").mkdir()
-                    arms[name] = deployment_arm(
-                        args.recipe, args.overrides, home, scratch / "stack"
-                    )
-            finally:
-                _stop_serving(home, port)
+        for r in range(args.repeat):
+            order = ["direct", "flow", "deployment"]
+            for name in order if r % 2 == 0 else order[::-1]:
+                home = scratch / f"{name}-home-{r}"
+                print(f"round {r + 1}: arm {name} ...", flush=True)
+                try:
+                    if name == "direct":
+                        rec = direct_arm(args.recipe, args.overrides, home)
+                    elif name == "flow":
+                        rec = flow_arm(args.recipe, args.overrides, home)
+                    else:
+                        (scratch / f"stack-{r}").mkdir()
+                        rec = deployment_arm(
+                            args.recipe, args.overrides, home, scratch / f"stack-{r}"
+                        )
+                    rounds[name].append(rec | {"load_before": os.getloadavg()[0]})
+                finally:
+                    _stop_serving(home, port)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    import statistics
+
+    arms = {
+        name: {
+            "wall_s": statistics.median(x["wall_s"] for x in recs),
+            "gate": all(x["gate"] for x in recs),
+            "score": recs[0]["score"],
+            "rounds_s": [round(x["wall_s"], 1) for x in recs],
+        }
+        for name, recs in rounds.items()
+    }
     direct = arms["direct"]["wall_s"]
-    print(f"\n{'arm':<12} {'wall s':>8} {'over direct s':>14} {'over %':>8}  gate  score")
+    print(f"\n{'arm':<12} {'wall s':>8} {'over direct s':>14} {'over %':>8}  gate  score  rounds")
     for name, a in arms.items():
         over = a["wall_s"] - direct
         print(
             f"{name:<12} {a['wall_s']:8.1f} {over:14.1f} {100 * over / direct:7.1f}%  "
-            f"{'pass' if a['gate'] else 'FAIL'}  {a['score']:.4f}"
+            f"{'pass' if a['gate'] else 'FAIL'}  {a['score']:.4f}  {a['rounds_s']}"
         )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = REPO / "bench" / "results" / f"orchestration-{stamp}.json"
@@ -305,7 +328,8 @@ def main() -> None:
                     for k, v in arms.items()
                     if k != "direct"
                 },
-                "details": arms,
+                "repeat": args.repeat,
+                "details": rounds,
                 "target_over_direct_s": 5.0,
                 "machine": {
                     "cpus": os.cpu_count(),
