@@ -264,6 +264,21 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
         time.sleep(0.5)
 
 
+def stack_client_env(root: Path, api: str) -> dict[str, str]:
+    """What a client of a test Prefect server needs: this environment without Prefect's
+    and slothflow's variables, a fake $HOME under ``root``, the API URL and its auth."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SLOTHFLOW_"))}
+    return {
+        **base,
+        "HOME": str(root / "fakehome"),
+        "PREFECT_HOME": str(root / "client"),
+        "PREFECT_API_URL": api,
+        "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
 def _all_ok(commands: list[list[str]], env: dict[str, str]) -> None:
     """Run ``commands`` side by side; raise with the output of any that failed."""
     procs = [
@@ -304,16 +319,7 @@ def prefect_stack(
     root = tmp_path_factory.mktemp("prefect-stack")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SLOTHFLOW_"))}
-    client = {
-        **base,
-        "HOME": str(root / "fakehome"),
-        "PREFECT_HOME": str(root / "client"),
-        "PREFECT_API_URL": api,
-        "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    client = stack_client_env(root, api)
     server_env = {
         **client,
         "PREFECT_HOME": str(root / "server"),

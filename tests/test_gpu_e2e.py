@@ -40,6 +40,7 @@ from tests.conftest import (
     _wait_http,
     clean_env,
     free_port,
+    stack_client_env,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e, pytest.mark.slow]
@@ -59,15 +60,7 @@ def one_host_stack(root: Path) -> Iterator[tuple[PrefectStack, str]]:
     api = f"http://127.0.0.1:{port}/api"
     mlflow_uri = f"http://127.0.0.1:{mport}"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SLOTHFLOW_"))}
-    client = {
-        **base,
-        "HOME": str(root / "fakehome"),
-        "PREFECT_HOME": str(root / "client"),
-        "PREFECT_API_URL": api,
-        "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    client = stack_client_env(root, api)
     (root / "fakehome").mkdir(parents=True, exist_ok=True)
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
     logs = []

@@ -502,6 +502,8 @@ def test_a_run_started_from_the_prefect_ui_form_completes(prefect_stack: Prefect
         if os.environ.get("CI") == "true":
             pytest.fail("CI needs Debian's chromium for the UI test (make test installs it)")
         pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
+    import time
+
     from playwright.sync_api import sync_playwright
 
     from .conftest import PREFECT_AUTH
@@ -539,12 +541,23 @@ def test_a_run_started_from_the_prefect_ui_form_completes(prefect_stack: Prefect
                 json.dumps(_form(gpu_pool="gpu"), indent=2)
             )
             page.get_by_role("button", name="Submit").click()
-            page.get_by_text("scheduled to start").first.wait_for(timeout=30_000)
-            (new,) = [
-                r
-                for r in prefect_stack.call("POST", "/flow_runs/filter", {})
-                if r["id"] not in before and r["deployment_id"] == fid
-            ]
+            # The run exists once the form posted it (the UI's toast for it is gone in a
+            # few seconds, and a busy machine may draw it late: the API is the witness).
+            deadline = time.time() + 60
+            while not (
+                created := [
+                    r
+                    for r in prefect_stack.call("POST", "/flow_runs/filter", {})
+                    if r["id"] not in before and r["deployment_id"] == fid
+                ]
+            ):
+                if time.time() > deadline:
+                    page.screenshot(path=str(ARTIFACTS / "submit-failed.png"))
+                    raise AssertionError(
+                        "the form created no run:\n" + page.inner_text("body")[-2000:]
+                    )
+                time.sleep(0.5)
+            (new,) = created
             done = prefect_stack.wait(new["id"])
             assert done["state"]["type"] == "COMPLETED", done["state"]
             assert done["parameters"]["config"]["name"] == "ci-smoke"

@@ -49,27 +49,6 @@ TINY_SETS = [
     # the recipe says "off" (for CPU); on the GPU let the stage size it
     "train.gradient_checkpointing=auto",
 ]
-# Llama-3.2-1B's decoder shape (hidden 2048, 16 layers, GQA 32/8, MLP 8192, tied
-# embeddings, its 128,256-id vocabulary) with random weights, over the embedded tokenizer.
-SHAPE_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=131072,
-    tie_word_embeddings=True,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
 QLORA_1B_SETS = [
     "model.load_in_4bit=true",
     "train.optimizer=paged_adamw_8bit",
@@ -168,35 +147,21 @@ def test_unsloth_fine_tunes_the_embedded_default(
 
 
 @pytest.fixture(scope="module")
-def base_1b(session_home: Home, tmp_path_factory: pytest.TempPathFactory) -> BaseModelRef:
-    """A random-weight Llama-3.2-1B-shaped model, built on the device, over the
-    embedded tokenizer (its few hundred ids are a subset of the 128,256)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def base_1b(session_home: Home) -> BaseModelRef:
+    """A random-weight Llama-3.2-1B-shaped model over the embedded tokenizer (its few
+    hundred ids are a subset of the 128,256), built on the spot by the base stage:
+    ``embedded:llama-3.2-1b`` (tasks/core/embedded.py, configs/gpu-1b.yaml)."""
+    from safetensors import safe_open
 
-    tiny = prepare_base(load_config("default").model, session_home)
-    tok = AutoTokenizer.from_pretrained(tiny.tokenizer_path)
-    folder = tmp_path_factory.mktemp("llama-1b-shape")
-    config = LlamaConfig(
-        **SHAPE_1B,
-        rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        dtype="bfloat16",
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    n = sum(p.numel() for p in model.parameters())
-    del model
-    torch.cuda.empty_cache()
+    cfg = load_config("default", ["model.name_or_path=embedded:llama-3.2-1b", *QLORA_1B_SETS])
+    ref = prepare_base(cfg.model, session_home)
+    n = 0
+    for shard in Path(ref.name_or_path).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
     _report("build-1b", params=n)
     assert 1.2e9 < n < 1.3e9
-    cfg = load_config("default", [f"model.name_or_path={folder}", *QLORA_1B_SETS])
-    return prepare_base(cfg.model, session_home)
+    return ref
 
 
 @pytest.fixture(scope="module")
