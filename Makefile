@@ -80,8 +80,10 @@ lock-vllm:
 # The GPU worker's wheels for the lent H200 (no network there): .gpu/ from scratch, ~30 s,
 # checked (every requirement carried, on the image or deliberately dropped) and sized
 # (fails over 58 MiB). Pins: requirements/gpu-worker.txt. Needs only python3 and PyPI.
-#   make gpu-kit GPU_KIT_ARGS=--mlflow-server    also the full mlflow, for `mlflow server`
-GPU_KIT_ARGS ?=
+# By default with the rest of mlflow for `mlflow server` (+1.9 MiB): a run on workers
+# records to a server, and tests/test_gpu_e2e.py starts one there.
+#   make gpu-kit GPU_KIT_ARGS=                   the client alone (mlflow-skinny)
+GPU_KIT_ARGS ?= --mlflow-server
 gpu-kit:
 	$(PYTHON) bench/gpu_kit.py $(GPU_KIT_ARGS)
 

@@ -276,18 +276,10 @@ def fetch(pins: list[Pin], raw: Path, jobs: int = 8) -> None:
 def build_project(raw: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # a copy of the tracked tree: the build's build/ and egg-info stay out of the checkout
-        files = subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        ).stdout.split(b"\0")
         src = Path(tmp) / "src"
-        for f in files:
-            rel = f.decode()
-            if rel and (REPO / rel).is_file():
-                (src / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / rel, src / rel)
+        for rel in tracked_files():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
         pip("wheel", "-q", "--no-deps", "-w", str(raw), str(src))
 
 
@@ -484,16 +476,20 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def repo_bytes() -> int:
+def tracked_files() -> list[str]:
+    """The checkout's files that travel to the device: tracked, and untracked but not
+    ignored (what the device tool sends)."""
     out = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=REPO,
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
-    return sum(
-        (REPO / f.decode()).stat().st_size for f in out if f and (REPO / f.decode()).is_file()
-    )
+    return [f.decode() for f in out if f and (REPO / f.decode()).is_file()]
+
+
+def repo_bytes() -> int:
+    return sum((REPO / rel).stat().st_size for rel in tracked_files())
 
 
 def size_table(gpu: Path, kit: Kit, wheels: list[Wheel]) -> tuple[int, str]:
