@@ -23,10 +23,14 @@ the tokenizer, each cut at 2048 tokens, so every micro-batch is 4 x 2048 real to
 like the baseline's (no padding, no packing) and the loss is on every token
 (``assistant_only_loss=false``), as the baseline's ``labels=input_ids``.
 
-tokens/s of a project arm: tokens of the optimizer steps after the first two (compile
-and warm-up), over the wall time between the tracker's log calls that close them
-(``wall``), and over the stage's own per-step busy time (``busy``). Both include
-everything the stage does per step (callbacks, logging, the sync). ``project:GC:trl``
+tokens/s of a project arm: tokens of the optimizer steps after the first four (compile
+and warm-up; 16 micro-batches measured), over the wall time between the tracker's log
+calls that close them (``wall``), and over the stage's own busy time inside those steps
+(``busy``, from CUDA events). Both include everything the stage does per step
+(callbacks, logging). The arm logs every 4 steps (``--log-every``; the recipe's default
+is 10): a log is a host sync (the trainer reads the loss), and logging every step, as
+this bench did until 2026-12-04, drained the GPU once per optimizer step, a cost a
+real run pays once per ``train.logging_steps``. ``project:GC:trl``
 is the same arm with ``train.token_metrics=true`` (TRL's fused LM head computes the
 loss, entropy and token accuracy, with its host syncs): the cost of that head;
 ``project:GC:padded`` sets ``train.padding_free=off`` (padded batches: on the H200 Unsloth
@@ -168,7 +172,7 @@ def cmd_project(a: argparse.Namespace) -> None:
     overrides = [
         f"train.max_steps={a.steps}",
         "train.num_epochs=1",
-        "train.logging_steps=1",
+        f"train.logging_steps={a.log_every}",
         "train.eval_steps=1000",
         "train.save_steps=1000",
         "train.early_stopping_patience=null",
@@ -204,10 +208,16 @@ def cmd_project(a: argparse.Namespace) -> None:
 
     steps = rec.train_steps()
     tokens_step = t.micro_batch_size * t.grad_accum * SEQ
-    skip = a.skip
-    meas = steps[skip:]
-    wall = meas[-1][1] - steps[skip - 1][1]
-    busy = sum(tokens_step / m["tokens_per_s"] for _, _, m in meas)
+    # the window: from the log call that closes step --skip to the last one; each log
+    # record covers the steps since the previous one
+    start = next(i for i, (s, _, _) in enumerate(steps) if s >= a.skip)
+    meas = steps[start + 1 :]
+    n_meas = meas[-1][0] - steps[start][0]
+    wall = meas[-1][1] - steps[start][1]
+    prev = [steps[start][0]] + [s for s, _, _ in meas[:-1]]
+    busy = sum(
+        (s - p) * tokens_step / m["tokens_per_s"] for (s, _, m), p in zip(meas, prev, strict=True)
+    )
     from transformers import AutoConfig
 
     mcfg = AutoConfig.from_pretrained(a.model)
@@ -227,10 +237,11 @@ def cmd_project(a: argparse.Namespace) -> None:
         "optimizer": t.optimizer,
         "lora": t.lora.model_dump(),
         "steps": len(steps),
-        "measured_steps": len(meas),
-        "measured_micro_batches": len(meas) * t.grad_accum,
-        "tokens_per_s": len(meas) * tokens_step / wall,
-        "tokens_per_s_busy": len(meas) * tokens_step / busy,
+        "logging_steps": a.log_every,
+        "measured_steps": n_meas,
+        "measured_micro_batches": n_meas * t.grad_accum,
+        "tokens_per_s": n_meas * tokens_step / wall,
+        "tokens_per_s_busy": n_meas * tokens_step / busy,
         "step_tokens_per_s": [m["tokens_per_s"] for _, _, m in steps],
         "mfu_per_step": [m.get("mfu") for _, _, m in steps],
         "gpu_peak_mem_gb_per_step": [m.get("gpu_peak_mem_gb") for _, _, m in steps],
@@ -394,6 +405,7 @@ def cmd_all(a: argparse.Namespace) -> None:
             continue
         argv = [sys.executable, __file__, "project", "--model", str(model), "--gc", gc]
         argv += ["--steps", str(a.steps), "--skip", str(a.skip), "--json", str(jf)]
+        argv += ["--log-every", str(a.log_every)]
         for s in [*a.sets, *(VARIANTS[v] for v in variant)]:
             argv += ["--set", s]
         argv += ["--name", name]
@@ -498,13 +510,15 @@ def main() -> None:
     p = sp.add_parser("project", help="one project arm (its own process)")
     p.add_argument("--model", required=True)
     p.add_argument("--gc", default="auto", choices=["auto", "unsloth", "on", "off"])
-    p.add_argument("--steps", type=int, default=7, help="optimizer steps (x grad_accum 4)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps (x grad_accum 4)")
     p.add_argument(
         "--skip",
         type=_positive,
-        default=2,
-        help="first steps left out (compile), >= 1: the clock starts at the last of them",
+        default=4,
+        help="first steps left out (compile, warm-up), >= 1: the clock starts at the log "
+        "call that closes the last of them (a multiple of --log-every)",
     )
+    p.add_argument("--log-every", type=_positive, default=4, help="train.logging_steps")
     p.add_argument("--json", required=True)
     p.add_argument("--name", default=None, help="the arm's name in the results")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one step here")
@@ -519,8 +533,9 @@ def main() -> None:
         # the three ratios in one call; more arms do not fit 10 minutes
         default="base:unsloth,base:hf_qlora,project:auto,project:unsloth",
     )
-    p.add_argument("--steps", type=int, default=7)
-    p.add_argument("--skip", type=_positive, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--skip", type=_positive, default=4)
+    p.add_argument("--log-every", type=_positive, default=4)
     p.add_argument("--deadline", type=float, default=560)
     # three base arms take ~100 s each with their model loads (two fit in 300 s)
     p.add_argument("--base-deadline", type=float, default=420)

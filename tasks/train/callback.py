@@ -110,18 +110,43 @@ class TrackerHooks:
     # Only the time inside optimizer steps counts for tokens/s: evaluation,
     # sample generation and checkpoint writes would otherwise dilute it.
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._step_t0 = time.perf_counter()
+        if self.perf is not None:
+            self.perf.step_begin()
+        else:
+            self._step_t0 = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.perf is None:
+            self._add_busy(time.perf_counter() - self._step_t0)
+            state.num_input_tokens_seen += self.tokens.take()
+            return
+        # CUDA runs ahead of Python: the step's time comes from its events, and both
+        # it and the token count (a device sum) are read only when this step ends in
+        # a log, a save, an evaluation or the stop, where the trainer syncs anyway
+        # (DefaultFlowCallback, which sets those flags, runs before this callback).
+        self.perf.step_end()
+        if (
+            control.should_log
+            or control.should_save
+            or control.should_evaluate
+            or control.should_training_stop
+            or state.global_step >= state.max_steps
+        ):
+            self.flush(state)
+
+    def flush(self, state: Any) -> None:
+        """Fold the steps since the last flush into the busy time and the trainer state
+        (so a checkpoint carries the token count and a resume continues it)."""
         if self.perf is not None:
-            # CUDA runs ahead of Python: wait for the step's kernels, or its time
-            # would land in whichever later step happens to synchronise.
-            self.perf.synchronize()
-        busy = time.perf_counter() - self._step_t0
+            self._add_busy(self.perf.take_busy_s())
+        state.num_input_tokens_seen += self.tokens.take()
+
+    def _add_busy(self, busy: float) -> None:
         self._busy_s += busy
         self.busy_total_s += busy
-        # into the trainer state, so checkpoints carry it and a resume continues it
-        state.num_input_tokens_seen += self.tokens.take()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.flush(state)  # an early stop between flags; a no-op when nothing is pending
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any

@@ -80,6 +80,8 @@ class GpuPerf:
         self.flops_per_token = flops_per_token
         self.peak = peak
         self._run_peak = 0
+        self._begin: Any = None
+        self._pending: list[tuple[Any, Any]] = []
         hardware.reset_gpu_window()
 
     @property
@@ -87,8 +89,28 @@ class GpuPerf:
         """Peak allocated GPU memory over the whole run (all windows and now)."""
         return max(self._run_peak, self._torch.cuda.max_memory_allocated()) / 2**30
 
-    def synchronize(self) -> None:
-        self._torch.cuda.synchronize()
+    # Step time from CUDA events instead of a synchronize per optimizer step: a sync
+    # drains the GPU, which then idles while the trainer fetches and collates the next
+    # micro-batches and launches their kernels (raw Unsloth never syncs). The events are
+    # read only where the trainer syncs anyway (a log, a save, an evaluation, the end).
+    def step_begin(self) -> None:
+        self._begin = self._torch.cuda.Event(enable_timing=True)
+        self._begin.record()
+
+    def step_end(self) -> None:
+        end = self._torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((self._begin, end))
+
+    def take_busy_s(self) -> float:
+        """Seconds the GPU spent inside the optimizer steps since the last call, from
+        each step's begin event to its end event (waits for the last one)."""
+        if not self._pending:
+            return 0.0
+        self._pending[-1][1].synchronize()
+        busy = sum(b.elapsed_time(e) for b, e in self._pending) / 1e3
+        self._pending.clear()
+        return busy
 
     def window(self, tokens_per_s: float | None) -> dict[str, float]:
         cuda = self._torch.cuda
@@ -183,8 +205,8 @@ class TokenCounter:
     transformers' own counter (``include_num_input_tokens_seen``) calls ``.item()`` on
     every micro-batch: on CUDA a host sync that stalls the CPU until the GPU drains,
     so the next batch is collated and launched only then. Here the sum stays a device
-    tensor until :meth:`take`, which the callback calls at the end of each optimizer
-    step, where it synchronises anyway.
+    tensor until :meth:`take`, which the callback calls only at the end of a step that
+    logs, saves, evaluates or stops, where the trainer synchronises anyway.
     """
 
     def __init__(self) -> None:
