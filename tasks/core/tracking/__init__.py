@@ -245,6 +245,16 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self._mlflow_run_id = mlflow_run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        # This run's params as logged so far: read from the store once (a resumed stage
+        # re-attaches to a run that has some), then kept here, so each log_params is one
+        # request instead of a read and a write (a run makes ~200 requests; over HTTP to
+        # a tracking server each costs a round trip).
+        self._params: dict[str, str] | None = None
+
+    def _logged_params(self) -> dict[str, str]:
+        if self._params is None:
+            self._params = dict(self.client.get_run(self._mlflow_run_id).data.params)
+        return self._params
 
     @property
     def mlflow_run_id(self) -> str:
@@ -277,7 +287,7 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.mlflow_run_id).data.params
+        existing = self._logged_params()
         # MLflow params are write-once; a resumed stage re-logs the same values, so
         # skip those already there (a *different* value is a real conflict and raises).
         new = [
@@ -292,6 +302,7 @@ class MlflowTracker:
                 )
         for i in range(0, len(new), 100):
             self.client.log_batch(self.mlflow_run_id, params=new[i : i + 100])
+            existing.update((p.key, p.value) for p in new[i : i + 100])
 
     def log_attempt_params(self, params: Mapping[str, Any]) -> None:
         """Settings that may change when a run is resumed (serving, tracking, hardware):
@@ -299,7 +310,7 @@ class MlflowTracker:
         values as ``<name>.attempt<N>``, so every attempt's values stay on record and no
         logged param is ever rewritten (MLflow refuses that)."""
         run = self.client.get_run(self.mlflow_run_id)
-        existing = run.data.params
+        existing = self._params = dict(run.data.params)
         attempt = int(run.data.tags.get(TAG_ATTEMPT, "1"))
         out: dict[str, str] = {}
         for k, v in params.items():
@@ -334,8 +345,11 @@ class MlflowTracker:
         self.client.log_text(self.mlflow_run_id, text, name)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.mlflow_run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(batch), 100):  # one request per 100 tags, not one per tag
+            self.client.log_batch(self.mlflow_run_id, tags=batch[i : i + 100])
 
     def log_input(
         self, name: str, source: str, sha256: str, context: str, num_rows: int | None = None
