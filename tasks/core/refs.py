@@ -278,6 +278,9 @@ class DeployRef(StageRef):
     metrics: dict[str, float]
     sample_prompt: str
     sample_answer: str
+    # Behind the stable endpoint (``endpoint``/``port`` are then the endpoint's): the
+    # version's own vLLM server on loopback. None: served directly on ``port``.
+    backend_port: int | None = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.config import ConfigError, DeployConfig
 from tasks.core.home import Home
 from tasks.core.refs import ResolvedModel, write_json_atomic
-from tasks.serve.command import build_command, resolve_command, server_environment
+from tasks.serve.command import build_command, server_environment
 from tasks.serve.errors import PortBusyError, ServeError, ServerStartError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class ServerState(BaseModel):
     log_path: str
     command: list[str]
     run_id: str | None = None
+    endpoint_port: int | None = None  # the stable endpoint this server runs behind
 
     @property
     def base_url(self) -> str:
@@ -243,41 +244,13 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def check_serving_plan(cfg: DeployConfig, home: Home) -> None:
-    """What :func:`start_server` would refuse, checked before a run trains for minutes:
-    the vLLM command exists and ``deploy.port`` is free, or already served by this home
-    (a restart when ``deploy.replace``). The port can still be taken in between; the
-    start checks again."""
-    resolve_command(cfg.vllm_command)
-    ours = next((s for s in servers(home) if s.port == cfg.port), None)
-    if ours is not None:
-        if not cfg.replace:
-            raise PortBusyError(
-                f"deploy.port {cfg.port} already serves {ours.model_spec} (pid {ours.pid}); "
-                f"stop it with `slothflow serve stop --port {cfg.port}`, set "
-                "deploy.replace=true, or choose another deploy.port"
-            )
-        return
-    if port_in_use(cfg.host, cfg.port):
-        raise PortBusyError(
-            f"deploy.port {cfg.port} on {cfg.host} is already in use by another program; "
-            "choose another with --set deploy.port=N (or stop that program)"
-        )
-
-
 def _api_key(cfg: DeployConfig, folder: Path) -> tuple[str, str]:
     """(key, where it lives). Configured secret, else a fresh key in a 0600 file."""
     if cfg.api_key is not None:
         value, source = cfg.api_key.resolve_with_source(required=True)
         assert value is not None  # required=True raises instead
         return value, source
-    key = secrets.token_urlsafe(32)
-    path = folder / KEY_FILE
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key, f"file:{path}"
+    return new_api_key(folder)
 
 
 @dataclass
@@ -308,12 +281,15 @@ def start_server(
     host: str | None = None,
     port: int | None = None,
     run_id: str | None = None,
+    api_key: tuple[str, str] | None = None,
+    endpoint_port: int | None = None,
 ) -> Server:
     """Start vLLM for ``model`` and wait until ``/health`` answers.
 
     Fails within ``cfg.health_timeout_s`` with the log tail, stopping the server,
     when it exits or stays unhealthy; a busy port or a missing environment fail
-    before anything starts.
+    before anything starts. ``api_key`` (key, where it lives) is the endpoint's, shared
+    by the versions behind it; else the configured key or a fresh one for this server.
     """
     host = host or cfg.host
     port = port or cfg.port
@@ -324,10 +300,10 @@ def start_server(
 
     folder = server_dir(home, port)
     folder.mkdir(parents=True, exist_ok=True)
-    api_key, key_source = _api_key(cfg, folder)
+    key, key_source = api_key or _api_key(cfg, folder)
     log_path = folder / LOG_FILE
     log.info("starting vLLM on %s:%d for %s: %s", host, port, model.spec, " ".join(argv))
-    proc = _spawn(argv, server_environment(cfg, home, api_key, model), model.path, log_path)
+    proc = _spawn(argv, server_environment(cfg, home, key, model), model.path, log_path)
     try:  # from here on, any way out but success stops what was started
         state = ServerState(
             pid=proc.pid,
@@ -346,6 +322,7 @@ def start_server(
             log_path=str(log_path),
             command=argv,
             run_id=run_id,
+            endpoint_port=endpoint_port,
         )
         write_json_atomic(folder / STATE_FILE, state.model_dump(mode="json"))
         wait_healthy(proc, state, cfg.health_timeout_s)
@@ -355,7 +332,26 @@ def start_server(
         (folder / STATE_FILE).unlink(missing_ok=True)
         (folder / KEY_FILE).unlink(missing_ok=True)
         raise
-    return Server(state, api_key)
+    return Server(state, key)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free now (a backend binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def new_api_key(folder: Path) -> tuple[str, str]:
+    """A fresh random key in a 0600 file in ``folder``: (key, where it lives)."""
+    key = secrets.token_urlsafe(32)
+    path = folder / KEY_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, f"file:{path}"
 
 
 def _free_port(cfg: DeployConfig, home: Home, host: str, port: int) -> None:

@@ -13,13 +13,11 @@ from tasks.core.artifacts import GENERATIONS_FILE, heldout_rows, offline_answers
 from tasks.core.config import ConfigError, DeployConfig
 from tasks.core.home import Home, resolve_home
 from tasks.core.interrupt import signals_as_interrupt
-from tasks.core.orchestration import stage_task
-from tasks.core.refs import DeployRef, EvalRef, RunContext, write_json_atomic
+from tasks.core.refs import DeployRef, EvalRef, write_json_atomic
 from tasks.core.tracking import NullTracker, Tracker
-from tasks.core.tracking.registry import cache_dir
 from tasks.serve.checks import prove
 from tasks.serve.errors import ServeError
-from tasks.serve.model import Resolver, registry_resolver, resolve_model
+from tasks.serve.model import Resolver, resolve_model
 from tasks.serve.process import (
     Server,
     ServerState,
@@ -67,6 +65,8 @@ def deploy(
     port: int | None = None,
     resolver: Resolver | None = None,
     run_id: str | None = None,
+    api_key: tuple[str, str] | None = None,
+    endpoint_port: int | None = None,
 ) -> DeployRef:
     """Serve ``model`` and prove it before traffic: health, warm-up, smoke, load + SLOs.
 
@@ -99,7 +99,9 @@ def deploy(
         )
         t0 = time.perf_counter()
         try:
-            server = start_server(cfg, resolved, home, run_id=run_id)
+            server = start_server(
+                cfg, resolved, home, run_id=run_id, api_key=api_key, endpoint_port=endpoint_port
+            )
         except ServeError as exc:
             tracker.log_text(str(exc), "serve/start-failure.txt")
             raise
@@ -244,40 +246,3 @@ def _key_hint(source: str) -> str:
     if kind == "env":
         return f"KEY=${where}"
     return f"the Prefect Secret block {where!r}"
-
-
-@stage_task(name=STAGE, retries=0)
-def deploy_task(
-    ctx: RunContext,
-    cfg: DeployConfig,
-    model: str,
-    *,
-    heldout_path: str | None,
-    evaluation: EvalRef | None,
-) -> DeployRef | None:
-    """The pipeline's last stage. No retries: a model that answers badly or misses its
-    SLOs will do so again, and a busy port needs a person.
-
-    ``model`` is a folder or a registry spec (``NAME/VERSION``). ``evaluation`` (the
-    evaluation stage's reference) supplies the offline per-item answers of the
-    candidate on ``heldout_path``; the smoke test compares the served answers with
-    them row by row (:func:`judge_smoke`)."""
-    if not cfg.enabled:
-        log.info("deploy.enabled is false; not serving")
-        return None
-    from tasks.core.run import stage
-
-    home = resolve_home()
-    uri = (ctx.tracking or {}).get("tracking_uri")
-    offline = offline_answers_of(evaluation) if evaluation is not None and heldout_path else None
-    with stage(ctx, STAGE) as tracker:
-        return deploy(
-            cfg,
-            model,
-            home=home,
-            tracker=tracker,
-            heldout=heldout_path,
-            offline=offline,
-            resolver=registry_resolver(uri, cache_dir(home, uri)) if uri else None,
-            run_id=ctx.run_id,
-        )

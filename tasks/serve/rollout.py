@@ -1,0 +1,325 @@
+"""A rollout: a new version behind the stable endpoint, proven on its own port first.
+
+1. Under the endpoint's lock (two rollouts to one endpoint never interleave), the new
+   version's vLLM server starts on a free loopback port with the endpoint's API key and
+   passes the serving checks there (:func:`~tasks.serve.stage.deploy`: health, warm-up,
+   smoke test against the offline answers, load test with SLOs). Nothing has changed
+   for clients yet; a failure stops the new server and leaves the old one serving.
+2. The endpoint switches to it: nginx starts (the first version) or reloads with the
+   new routing (later ones); :func:`~tasks.serve.endpoint.route` returns once answers
+   come from the new configuration.
+3. The versions it replaced drain (their in-flight requests finish: vLLM's own
+   ``vllm:num_requests_running``/``waiting`` gauges reach 0) and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import DeployConfig
+from tasks.core.home import Home, resolve_home
+from tasks.core.orchestration import stage_task
+from tasks.core.refs import DeployRef, EvalRef, RunContext
+from tasks.core.tracking import NullTracker, Tracker
+from tasks.core.tracking.registry import cache_dir
+from tasks.serve.command import resolve_command
+from tasks.serve.endpoint import (
+    KEY_FILE,
+    Backend,
+    EndpointState,
+    endpoint_dir,
+    endpoint_lock,
+    endpoints,
+    read_endpoint,
+    resolve_nginx,
+    route,
+    start_endpoint,
+    stop_endpoint,
+)
+from tasks.serve.errors import PortBusyError, ServeError
+from tasks.serve.model import Resolver, registry_resolver
+from tasks.serve.process import (
+    ServerState,
+    free_port,
+    new_api_key,
+    port_in_use,
+    read_state,
+    server_dir,
+    servers,
+    stop_server,
+)
+from tasks.serve.stage import STAGE, deploy, offline_answers_of, with_overrides
+
+log = logging.getLogger(__name__)
+
+#: Backends bind loopback only: clients reach them through the endpoint.
+BACKEND_HOST = "127.0.0.1"
+
+
+def check_endpoint_plan(cfg: DeployConfig, home: Home) -> None:
+    """What :func:`rollout` would refuse, checked before a run trains for minutes: nginx
+    exists, and ``deploy.port`` is free or this home's endpoint (which the new version
+    then replaces, unless ``deploy.replace`` is false)."""
+    resolve_command(cfg.vllm_command)
+    resolve_nginx(cfg.nginx_command)
+    current = read_endpoint(home, cfg.port)
+    if current is not None:
+        if not cfg.replace:
+            raise PortBusyError(
+                f"deploy.port {cfg.port} already serves {_versions(current)}; with "
+                "deploy.replace=false a rollout over it is refused (stop it with "
+                f"`slothflow serve stop --port {cfg.port}`)"
+            )
+        return
+    if port_in_use(cfg.host, cfg.port):
+        raise PortBusyError(
+            f"deploy.port {cfg.port} on {cfg.host} is already in use by another program; "
+            "choose another with --set deploy.port=N (or stop that program)"
+        )
+
+
+def rollout(
+    cfg: DeployConfig,
+    model: str | os.PathLike[str],
+    *,
+    home: Home | None = None,
+    tracker: Tracker | None = None,
+    heldout: Sequence[Mapping[str, Any]] | Path | str | None = None,
+    expected_score: float | None = None,
+    offline: Mapping[str, str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    resolver: Resolver | None = None,
+    run_id: str | None = None,
+) -> DeployRef:
+    """Serve ``model`` behind the stable endpoint on ``deploy.port`` (see the module
+    docstring). Returns the new version's reference, its ``endpoint`` the stable URL."""
+    home = home or resolve_home()
+    tracker = tracker or NullTracker()
+    cfg = with_overrides(cfg, host=host, port=port)
+    resolve_nginx(cfg.nginx_command)  # before a server starts
+    with endpoint_lock(home, cfg.port):
+        current = read_endpoint(home, cfg.port)
+        if current is None or not cfg.replace:
+            check_endpoint_plan(cfg, home)
+        backend_port = free_port(BACKEND_HOST)
+        t0 = time.perf_counter()
+        ref = deploy(
+            cfg,
+            model,
+            home=home,
+            tracker=tracker,
+            heldout=heldout,
+            expected_score=expected_score,
+            offline=offline,
+            host=BACKEND_HOST,
+            port=backend_port,
+            resolver=resolver,
+            run_id=run_id,
+            api_key=_endpoint_key(cfg, home, current),
+            endpoint_port=cfg.port,
+        )
+        new = Backend(
+            port=backend_port, version=_short(ref.version), model_spec=ref.model_spec, weight=100
+        )
+        try:
+            state = _switch(home, cfg, current, ref, new)
+        except BaseException:
+            _stop_backend(home, backend_port, cfg.stop_timeout_s)
+            raise
+        replaced = [b for b in (current.backends if current else []) if b.port != backend_port]
+        for b in replaced:
+            drain(b.port, cfg.stop_timeout_s * 3)
+            _stop_backend(home, b.port, cfg.stop_timeout_s)
+        switch_s = time.perf_counter() - t0 - ref.metrics.get("startup_s", 0.0)
+        tracker.log_metrics({"rollout_replaced_versions": float(len(replaced))})
+        tracker.set_tags(
+            {
+                "slothflow.serve.endpoint": state.base_url,
+                "slothflow.serve.backend_port": str(backend_port),
+                "slothflow.serve.replaced": ", ".join(b.version for b in replaced) or "-",
+            }
+        )
+        log.info(
+            "%s serves %s (replaced: %s; checks and switch %.1fs)",
+            state.base_url,
+            new.version,
+            ", ".join(b.version for b in replaced) or "nothing",
+            switch_s,
+        )
+    return ref.model_copy(
+        update={
+            "endpoint": state.base_url,
+            "host": state.host,
+            "port": state.port,
+            "backend_port": backend_port,
+            "api_key_source": state.api_key_source,
+        }
+    )
+
+
+def _switch(
+    home: Home,
+    cfg: DeployConfig,
+    current: EndpointState | None,
+    ref: DeployRef,
+    new: Backend,
+) -> EndpointState:
+    """All traffic to ``new``: a new endpoint, or the current one re-routed."""
+    if current is None:
+        return start_endpoint(
+            home,
+            cfg.nginx_command,
+            cfg.host,
+            cfg.port,
+            ref.served_model_name,
+            ref.api_key_source,
+            [new],
+        )
+    if current.served_model_name != ref.served_model_name:
+        raise ServeError(
+            f"deploy.port {cfg.port} serves the model name {current.served_model_name!r} and "
+            f"{ref.model_spec} would answer as {ref.served_model_name!r}: clients keep one "
+            "name across versions. Serve it on another deploy.port, or stop the endpoint first"
+        )
+    return route(home, cfg.nginx_command, current, [new])
+
+
+def _endpoint_key(cfg: DeployConfig, home: Home, current: EndpointState | None) -> tuple[str, str]:
+    """The key every version behind the endpoint takes: the configured one, else the
+    endpoint's own file (created with its first version)."""
+    if cfg.api_key is not None:
+        value, source = cfg.api_key.resolve_with_source(required=True)
+        assert value is not None  # required=True raises instead
+        return value, source
+    d = endpoint_dir(home, cfg.port)
+    path = d / KEY_FILE
+    if current is not None and path.exists():
+        return path.read_text(encoding="utf-8").strip(), f"file:{path}"
+    d.mkdir(parents=True, exist_ok=True)
+    return new_api_key(d)
+
+
+def _short(version: str) -> str:
+    """``NAME/3 (champion)`` -> ``NAME/3``: the version a response header names."""
+    return version.split(" (", 1)[0]
+
+
+def _versions(state: EndpointState) -> str:
+    return ", ".join(f"{b.model_spec} ({b.version})" for b in state.serving) or "nothing"
+
+
+# --------------------------------------------------------------------------- drain, stop
+
+
+def _gauge(text: str, name: str) -> float:
+    """Sum of a Prometheus gauge's samples (all label sets) in a /metrics page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return total
+
+
+def in_flight(port: int, timeout_s: float = 2.0) -> float | None:
+    """Requests a backend is running or holding (vLLM's gauges), None if it is gone."""
+    try:
+        with urllib.request.urlopen(
+            f"http://{BACKEND_HOST}:{port}/metrics", timeout=timeout_s
+        ) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return None
+    return _gauge(text, "vllm:num_requests_running") + _gauge(text, "vllm:num_requests_waiting")
+
+
+def drain(port: int, timeout_s: float) -> None:
+    """Wait until the backend on ``port`` holds no request (nginx sends it no new ones
+    after the switch), at most ``timeout_s``: then it stops anyway."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        n = in_flight(port)
+        if n is None:
+            return
+        quiet = quiet + 1 if n == 0 else 0
+        if quiet >= 2:  # two reads in a row: a request between them would show
+            return
+        time.sleep(0.5)
+    log.warning(
+        "the version on port %d still had requests after %.0fs; stopping it", port, timeout_s
+    )
+
+
+def _stop_backend(home: Home, port: int, timeout_s: float) -> None:
+    state = read_state(server_dir(home, port) / "state.json")
+    if state is not None:
+        stop_server(state, home, timeout_s)
+
+
+def stop_serving(
+    home: Home, port: int | None = None, timeout_s: float = 20.0
+) -> tuple[list[EndpointState], list[ServerState]]:
+    """Stop the endpoint on ``port`` and every version behind it (all endpoints and
+    servers of this home when ``port`` is None; a plain server's port stops that one).
+    The endpoint first, so no request is routed to a stopping server."""
+    stopped_endpoints = []
+    for ep in endpoints(home):
+        if port is None or ep.port == port:
+            stop_endpoint(home, ep, timeout_s)
+            stopped_endpoints.append(ep)
+    ports = {ep.port for ep in stopped_endpoints}
+    stopped = []
+    for s in servers(home):
+        if port is None or s.port == port or s.endpoint_port in ports or s.endpoint_port == port:
+            stop_server(s, home, timeout_s)
+            stopped.append(s)
+    return stopped_endpoints, stopped
+
+
+@stage_task(name=STAGE, retries=0)
+def deploy_task(
+    ctx: RunContext,
+    cfg: DeployConfig,
+    model: str,
+    *,
+    heldout_path: str | None,
+    evaluation: EvalRef | None,
+) -> DeployRef | None:
+    """The pipeline's last stage. No retries: a model that answers badly or misses its
+    SLOs will do so again, and a busy port needs a person.
+
+    ``model`` is a folder or a registry spec (``NAME/VERSION``). ``evaluation`` (the
+    evaluation stage's reference) supplies the offline per-item answers of the
+    candidate on ``heldout_path``; the smoke test compares the served answers with
+    them row by row (:func:`judge_smoke`). It is rolled out behind the stable endpoint
+    on ``deploy.port`` (:func:`rollout`), replacing the version served there."""
+    if not cfg.enabled:
+        log.info("deploy.enabled is false; not serving")
+        return None
+    from tasks.core.run import stage
+
+    home = resolve_home()
+    uri = (ctx.tracking or {}).get("tracking_uri")
+    offline = offline_answers_of(evaluation) if evaluation is not None and heldout_path else None
+    with stage(ctx, STAGE) as tracker:
+        return rollout(
+            cfg,
+            model,
+            home=home,
+            tracker=tracker,
+            heldout=heldout_path,
+            offline=offline,
+            resolver=registry_resolver(uri, cache_dir(home, uri)) if uri else None,
+            run_id=ctx.run_id,
+        )
