@@ -262,3 +262,103 @@ def models_list(
     lines.append("aliases: " + "; ".join(f"{a} = {d}" for a, d in registry.ALIASES.items()))
     for line in lines:
         out.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="Recipe (tracking store, deploy section).")
+]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field.")]
+
+
+@models_app.command("promote")
+def models_promote(
+    spec: Annotated[
+        str, typer.Argument(help="NAME/VERSION: a registered version that passed its gate.")
+    ],
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+) -> None:
+    """Roll NAME/VERSION out behind the stable endpoint (deploy.port) and make it the champion.
+
+    The version starts beside the serving one and passes the serving checks on its own port before the endpoint switches; the old champion becomes previous. A failed rollout leaves the old version serving and the aliases untouched."""
+    with friendly_errors():
+        from tasks.core.tracking import registry
+
+        name, alias, version = registry.parse_spec(spec)
+        if alias is not None or version is None:
+            raise ConfigError(f"{spec!r}: promote takes NAME/VERSION (e.g. {name}/3)")
+        _release(name, version, recipe, set_, "promoted")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="Registered model (default: the recipe's tracking.registered_model)."
+        ),
+    ] = None,
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+) -> None:
+    """Bring the previous champion back into service, the same way as a promotion, and swap the aliases (champion <-> previous)."""
+    with friendly_errors():
+        from tasks.core import home as home_mod
+        from tasks.core import tracking
+        from tasks.core.tracking import registry
+
+        cfg = load_recipe(recipe, set_)
+        model = name or cfg.tracking.registered_model
+        uri = tracking.resolve_tracking_uri(cfg.tracking, home_mod.resolve_home())
+        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+        aliases = registry.model_aliases(registry.client(uri), model)
+        if aliases is None:
+            raise ConfigError(f"no registered model {model!r} in {tracking.redact_uri(uri)}")
+        if registry.PREVIOUS not in aliases:
+            raise ConfigError(
+                f"{model} has no 'previous' version to roll back to (aliases: "
+                + (", ".join(f"{a}={v}" for a, v in sorted(aliases.items())) or "none")
+                + ")"
+            )
+        _release(model, aliases[registry.PREVIOUS], recipe, set_, "rolled back to")
+
+
+def _release(name: str, version: int, recipe: str, set_: list[str] | None, verb: str) -> None:
+    """Roll ``name/version`` out behind the endpoint, then move the aliases (only once it
+    serves: a failed rollout raises before they change)."""
+    from tasks.core import home as home_mod
+    from tasks.core import tracking
+    from tasks.core.tracking import registry
+    from tasks.serve import registry_resolver, rollout, summary_lines
+
+    cfg = load_recipe(recipe, set_)
+    home = home_mod.resolve_home()
+    uri = tracking.resolve_tracking_uri(cfg.tracking, home)
+    tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+    client = registry.client(uri)
+    try:
+        tags = registry.version_tags(client, name, version)
+    except Exception as exc:  # MLflow's not-found, named for a person
+        raise ConfigError(f"{name}/{version}: no such registered version ({exc})") from None
+    if tags.get("gate") != "passed":
+        raise ConfigError(
+            f"{name}/{version} did not pass its gate (tag gate={tags.get('gate', 'missing')!r}): "
+            "only gated versions are rolled out"
+        )
+    with home_mod.exclusive(home, f"slothflow models {verb} {name}/{version}"):
+        ref = rollout(
+            cfg.deploy,
+            f"{name}/{version}",
+            home=home,
+            resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
+        )
+        registry.promote(name, version, uri)
+    aliases = registry.model_aliases(client, name) or {}
+    out.print(
+        f"{verb} {name}/{version}: champion; previous: {aliases.get(registry.PREVIOUS, 'none')}",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
+    for line in summary_lines(ref):
+        out.print(line, soft_wrap=True, highlight=False, markup=False)

@@ -279,11 +279,14 @@ def logs(
     port: Annotated[int | None, typer.Option("--port", "-p", help="Server port.")] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Lines from the end.")] = 50,
 ) -> None:
-    """Print the end of a server's log (also after it stopped or failed to start)."""
-    from tasks.serve import LOG_FILE, log_tail, serve_root, server_dir, servers
+    """Print the end of a server's log (also after it stopped or failed to start); the endpoint's port shows the version it serves."""
+    from tasks.serve import LOG_FILE, log_tail, read_endpoint, serve_root, server_dir, servers
 
     with serve_errors():
         home = _home()
+        front = read_endpoint(home, port) if port is not None else None
+        if front is not None and front.serving:
+            port = front.serving[-1].port
         if port is None:
             running = servers(home)
             if len(running) > 1:

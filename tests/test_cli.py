@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,6 +101,46 @@ def _client(home: Path):  # type: ignore[no-untyped-def]
     return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
 
 
+def _endpoint_backends(home: Path, port: int) -> list[int]:
+    state = json.loads((home / "serve" / f"endpoint-{port}" / "endpoint.json").read_text())
+    return [b["port"] for b in state["backends"] if b["weight"] > 0]
+
+
+def _stream_while(client: Any, prompt: Any, action: Any) -> tuple[tuple[Any, list[str]], list[Any]]:
+    """``action()`` while four clients stream chat completions through the endpoint;
+    returns (action's result, the streamed answers) and the clients' errors."""
+    import threading
+
+    streamed: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                chunks = client.chat.completions.create(
+                    model="slothflow-embedded",
+                    messages=prompt,
+                    max_tokens=8,
+                    temperature=0,
+                    stream=True,
+                )
+                streamed.append("".join(c.choices[0].delta.content or "" for c in chunks))
+            except BaseException as exc:  # recorded: the assertion names it
+                errors.append(exc)
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        result = action()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    return (result, streamed), errors
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
@@ -135,6 +176,57 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
             )
             right += out.choices[0].message.content.strip() == want
         assert right >= 17, f"{right}/20 served answers correct"
+        # behind the stable endpoint (nginx), the answering version named; now champion
+        raw = client.chat.completions.with_raw_response.create(
+            model="slothflow-embedded", messages=prompt, max_tokens=2
+        )
+        assert raw.headers["x-slothflow-version"] == "slothflow-embedded/1"
+        assert result["stages"]["promote"]["aliases"] == {"champion": 1}
+        assert "promote:" in r.stdout
+        assert json.loads((home / "serve" / f"endpoint-{port}" / "endpoint.json").read_text())
+
+        # A second, weaker run in the same home: its evaluation scores the champion on
+        # the same held-out set and the gate blocks the regression; v1 keeps serving.
+        weak = _run(
+            ["run", "--set", f"deploy.port={port}", "--set", "train.max_steps=2"],
+            tmp_path,
+            timeout=900,
+        )
+        assert weak.returncode == 3, weak.stdout[-3000:] + weak.stderr[-3000:]
+        (second,) = [d for d in (home / "runs").iterdir() if d != run_dir]
+        gate = json.loads((second / "result.json").read_text())["gate"]
+        assert gate["passed"] is False and gate["champion"] >= 0.9, gate
+        assert any("vs champion" in reason for reason in gate["reasons"]), gate["reasons"]
+        again = client.chat.completions.with_raw_response.create(
+            model="slothflow-embedded", messages=prompt, max_tokens=2
+        )
+        assert again.headers["x-slothflow-version"] == "slothflow-embedded/1"
+        registered = _client(home).get_registered_model("slothflow-embedded")
+        assert {k: int(v) for k, v in registered.aliases.items()} == {"champion": 1}
+
+        # `models promote` of the champion itself: a second v1 server starts beside the
+        # first and the endpoint switches to it while four clients stream through it.
+        (first_backend,) = _endpoint_backends(home, port)
+        answers, errors = _stream_while(
+            client,
+            prompt,
+            lambda: _run(
+                ["models", "promote", "slothflow-embedded/1", "--set", f"deploy.port={port}"],
+                tmp_path,
+                timeout=600,
+            ),
+        )
+        promoted, streamed = answers
+        assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-3000:]
+        assert not errors, errors[:3]
+        assert len(streamed) >= 8 and all(streamed), streamed  # whole answers, none cut
+        (second_backend,) = _endpoint_backends(home, port)
+        assert second_backend != first_backend  # switched, and the first one stopped
+        assert "promoted slothflow-embedded/1: champion" in promoted.stdout
+        # no previous champion yet: a rollback says so and changes nothing
+        rb = _run(["models", "rollback", "--set", f"deploy.port={port}"], tmp_path)
+        assert rb.returncode == 2 and "no 'previous' version" in rb.stderr, rb.stderr
+        assert _endpoint_backends(home, port) == [second_backend]
     finally:
         stop = _run(["serve", "stop"], tmp_path)
     assert stop.returncode == 0, stop.stderr

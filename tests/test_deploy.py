@@ -618,8 +618,9 @@ def served(
             mp.setenv(name, value)
         shared = _on_a_free_port(serve_flow)
     yield shared
-    d.stop_servers(session_home, shared.ref.port)
+    d.stop_serving(session_home, shared.ref.port)
     assert d.group_members(shared.ref.pid) == []
+    assert d.endpoints(session_home) == []
 
 
 def _client(ref: d.DeployRef, key: str | None = None) -> Any:
@@ -646,16 +647,45 @@ class TestSharedServer:
 
     def test_the_flow_deployed_it(self, served: Shared, session_home: Home) -> None:
         ref = served.ref
-        assert ref.stage == "serve" and ref.path == str(d.server_dir(session_home, ref.port))
+        # behind the stable endpoint on deploy.port; the version's own server elsewhere
+        assert ref.backend_port is not None and ref.backend_port != ref.port
+        assert ref.stage == "serve" and ref.path == str(
+            d.server_dir(session_home, ref.backend_port)
+        )
         assert ref.endpoint == f"http://127.0.0.1:{ref.port}/v1" and ref.host == "127.0.0.1"
+        (front,) = d.endpoints(session_home)
+        assert front.port == ref.port and [b.port for b in front.serving] == [ref.backend_port]
         assert ref.served_model_name == "digit-good" and ref.version == "local:digit-good"
         assert Path(ref.model_path).name == "digit-good" and ref.model_spec.endswith("digit-good")
         assert d.process_alive(ref.pid) and 0 < ref.startup_s < 240
         assert ref.api_key_source.startswith("file:") and Path(ref.log_path).exists()
         saved = json.loads((Path(ref.path) / "deploy.json").read_text())
         assert saved == ref.model_dump(mode="json")
-        (state,) = [s for s in d.servers(session_home) if s.port == ref.port]
+        (state,) = [s for s in d.servers(session_home) if s.port == ref.backend_port]
         assert state.phase == "ready" and state.run_id == served.run_id
+        assert state.endpoint_port == ref.port and state.host == "127.0.0.1"
+
+    def test_the_endpoint_names_the_version_and_keeps_metrics_private(self, served: Shared) -> None:
+        import urllib.error
+        import urllib.request
+
+        ref = served.ref
+        key = Path(ref.api_key_source.removeprefix("file:")).read_text().strip()
+        req = urllib.request.Request(
+            f"{ref.endpoint}/models", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers[d.VERSION_HEADER] == ref.version
+            assert json.loads(r.read())["data"][0]["id"] == ref.served_model_name
+        base = ref.endpoint.removesuffix("/v1")
+        with pytest.raises(urllib.error.HTTPError) as blocked:
+            urllib.request.urlopen(f"{base}/metrics", timeout=10)
+        assert blocked.value.code == 404
+        # ... while the version's own port still has them (the canary reads them there)
+        assert d.in_flight(ref.backend_port) == 0
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{ref.endpoint}/models", timeout=10)
+        assert refused.value.code == 401  # vLLM's key check, through the endpoint
 
     def test_the_server_process_gets_no_secrets(self, served: Shared) -> None:
         key = Path(served.ref.api_key_source.removeprefix("file:")).read_text().strip()
@@ -708,7 +738,7 @@ class TestSharedServer:
             ).read_text()
         )
         assert load["requests"] == m["load_requests"]
-        assert run.data.params["serve.port"] == str(ref.port)
+        assert run.data.params["serve.port"] == str(ref.backend_port)
         assert run.data.tags["slothflow.serve.endpoint"] == ref.endpoint
         assert ref.sample_answer.isdigit() and ref.sample_answer in ref.sample_prompt
         summary = d.serving_summary(ref)
@@ -723,7 +753,7 @@ class TestSharedServer:
     def test_impossible_slo_fails_the_check_and_records_numbers(
         self, served: Shared, session_home: Home
     ) -> None:
-        state = next(s for s in d.servers(session_home) if s.port == served.ref.port)
+        state = next(s for s in d.servers(session_home) if s.port == served.ref.backend_port)
         server = d.Server(state, d.api_key_of(state))
         cfg = _cfg(
             smoke={"enabled": False},
@@ -739,8 +769,8 @@ class TestSharedServer:
         r = _cli("status", "--json")
         assert r.returncode == 0, r.stderr
         rows = {row["port"]: row for row in json.loads(r.stdout)}
-        row = rows[ref.port]
-        assert row["pid"] == ref.pid and row["phase"] == "ready"
+        row = rows[ref.backend_port]
+        assert row["pid"] == ref.pid and row["phase"] == "ready" and row["weight"] == 100
         assert row["version"] == ref.version and row["endpoint"] == ref.endpoint
         assert row["started_at"] <= time.time()
         r = _cli("logs", "--port", str(ref.port), "-n", "5")
@@ -748,10 +778,14 @@ class TestSharedServer:
 
     def test_stop_stops_it(self, served: Shared, session_home: Home) -> None:
         ref = served.ref
+        (front,) = d.endpoints(session_home)
         r = _cli("stop", "--port", str(ref.port))
-        assert r.returncode == 0 and f"stopped {ref.model_spec} on port {ref.port}" in r.stdout
-        assert d.group_members(ref.pid) == []
-        assert all(s.port != ref.port for s in d.servers(session_home))
+        assert r.returncode == 0, r.stderr
+        assert f"stopped the endpoint on port {ref.port}" in r.stdout
+        assert f"stopped {ref.model_spec} on port {ref.backend_port}" in r.stdout
+        assert d.group_members(ref.pid) == [] and d.group_members(front.pid) == []
+        assert all(s.port != ref.backend_port for s in d.servers(session_home))
+        assert d.endpoints(session_home) == []
         assert "nothing to stop" in _cli("stop", "--port", str(ref.port)).stdout
 
 
@@ -813,13 +847,14 @@ def test_model_that_will_not_load_fails_with_the_log_tail(
         _assert_nothing_left(spawned, session_home, port)
 
 
-def _wait_for_state(home: Home, port: int, timeout: float = 60) -> d.ServerState:
-    path = d.server_dir(home, port) / d.STATE_FILE
+def _wait_for_state(home: Home, endpoint_port: int, timeout: float = 60) -> d.ServerState:
+    """The state of the version being rolled out behind the endpoint on ``endpoint_port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = d.read_state(path)
-        if state is not None:
-            return state
+        for path in d.serve_root(home).glob(f"*/{d.STATE_FILE}"):
+            state = d.read_state(path)
+            if state is not None and state.endpoint_port == endpoint_port:
+                return state
         time.sleep(0.2)
     raise AssertionError("the server never started")
 
@@ -854,16 +889,18 @@ def test_interrupted_deploy_leaves_no_server(
         if sig == signal.SIGKILL:
             assert d.group_members(state.pid), "the server outlives a SIGKILLed owner..."
             r = _cli("status", "--json")
-            assert r.returncode == 0 and port not in [row["port"] for row in json.loads(r.stdout)]
+            rows = json.loads(r.stdout)
+            assert r.returncode == 0 and state.port not in [row["port"] for row in rows]
         deadline = time.monotonic() + 30
         while d.group_members(state.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        _assert_nothing_left([state.pid], session_home, port)
+        _assert_nothing_left([state.pid], session_home, state.port)
+        assert d.endpoints(session_home) == []  # interrupted before any switch
     finally:
         if cli.poll() is None:
             cli.kill()
         cli.communicate()
-        d.stop_servers(session_home, port)
+        d.stop_serving(session_home, port)
 
 
 def test_heldout_file_round_trip(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from tasks.core.config import DeployConfig
 from tasks.core.home import Home, resolve_home
 from tasks.core.orchestration import stage_task
-from tasks.core.refs import DeployRef, EvalRef, RunContext
+from tasks.core.refs import DeployRef, EvalRef, RunContext, write_json_atomic
 from tasks.core.tracking import NullTracker, Tracker
 from tasks.core.tracking.registry import cache_dir
 from tasks.serve.command import resolve_command
@@ -139,7 +139,8 @@ def rollout(
             drain(b.port, cfg.stop_timeout_s * 3)
             _stop_backend(home, b.port, cfg.stop_timeout_s)
         switch_s = time.perf_counter() - t0 - ref.metrics.get("startup_s", 0.0)
-        tracker.log_metrics({"rollout_replaced_versions": float(len(replaced))})
+        rollout_metrics = {"rollout_replaced_versions": float(len(replaced))}
+        tracker.log_metrics(rollout_metrics)
         tracker.set_tags(
             {
                 "slothflow.serve.endpoint": state.base_url,
@@ -154,15 +155,18 @@ def rollout(
             ", ".join(b.version for b in replaced) or "nothing",
             switch_s,
         )
-    return ref.model_copy(
+    served = ref.model_copy(
         update={
             "endpoint": state.base_url,
             "host": state.host,
             "port": state.port,
             "backend_port": backend_port,
             "api_key_source": state.api_key_source,
+            "metrics": {**ref.metrics, **rollout_metrics},
         }
     )
+    write_json_atomic(Path(ref.path) / "deploy.json", served.model_dump(mode="json"))
+    return served
 
 
 def _switch(
