@@ -60,7 +60,7 @@ from tasks.evaluate import evaluate_task
 from tasks.evaluate.report import scores_table
 from tasks.export import export_task
 from tasks.gate import gate_task
-from tasks.registry import champion_task, promote_task, register_task
+from tasks.registry import champion_task, register_task
 from tasks.serve import deploy_task, summary_lines
 from tasks.train import train_task
 
@@ -518,11 +518,9 @@ def _release(
     if served is not None:
         results["serve"] = {"endpoint": served.endpoint}
         summary["serving"] = summary_lines(served)
-        if registered is not None:
-            # Serving behind the endpoint is what makes a version the champion.
-            promoted = stages(ctx, promote_task, registered, served.version)
-            if promoted:
-                results["promote"] = promoted
+        if served.aliases is not None:
+            # Serving behind the endpoint is what made the registered version champion.
+            results["promote"] = {"model": spec, "aliases": served.aliases}
 
 
 def _link_flow_run(ctx: RunContext, summary: dict[str, Any]) -> None:

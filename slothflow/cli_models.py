@@ -324,36 +324,19 @@ def models_rollback(
 
 
 def _release(name: str, version: int, recipe: str, set_: list[str] | None, verb: str) -> None:
-    """Roll ``name/version`` out behind the endpoint, then move the aliases (only once it
-    serves: a failed rollout raises before they change)."""
+    """Release ``name/version`` (tasks.serve.release): behind the endpoint, then champion."""
     from tasks.core import home as home_mod
     from tasks.core import tracking
     from tasks.core.tracking import registry
-    from tasks.serve import registry_resolver, rollout, summary_lines
+    from tasks.serve import release, summary_lines
 
     cfg = load_recipe(recipe, set_)
     home = home_mod.resolve_home()
     uri = tracking.resolve_tracking_uri(cfg.tracking, home)
     tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
-    client = registry.client(uri)
-    try:
-        tags = registry.version_tags(client, name, version)
-    except Exception as exc:  # MLflow's not-found, named for a person
-        raise ConfigError(f"{name}/{version}: no such registered version ({exc})") from None
-    if tags.get("gate") != "passed":
-        raise ConfigError(
-            f"{name}/{version} did not pass its gate (tag gate={tags.get('gate', 'missing')!r}): "
-            "only gated versions are rolled out"
-        )
     with home_mod.exclusive(home, f"slothflow models {verb} {name}/{version}"):
-        ref = rollout(
-            cfg.deploy,
-            f"{name}/{version}",
-            home=home,
-            resolver=registry_resolver(uri, registry.cache_dir(home, uri)),
-        )
-        registry.promote(name, version, uri)
-    aliases = registry.model_aliases(client, name) or {}
+        ref = release(cfg.deploy, f"{name}/{version}", uri, home=home)
+    aliases = ref.aliases or {}
     out.print(
         f"{verb} {name}/{version}: champion; previous: {aliases.get(registry.PREVIOUS, 'none')}",
         soft_wrap=True,

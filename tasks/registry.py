@@ -286,24 +286,3 @@ def register_task(
         )
     record_ref(out, ref)
     return ref
-
-
-@stage_task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def promote_task(ctx: RunContext, registered: RegistryRef, served_version: str) -> dict[str, Any]:
-    """Prefect task: once ``registered`` serves behind the stable endpoint (the rollout
-    succeeded), it becomes the ``champion``; the old champion becomes ``previous`` and
-    ``challenger`` is cleared. The next run's evaluation scores this champion on its own
-    held-out set and its gate compares against it. Idempotent, so retried."""
-    if ctx.tracking is None:
-        return {}
-    uri = ctx.tracking["tracking_uri"]
-    reg.promote(registered.name, registered.version, uri)
-    aliases = reg.model_aliases(reg.client(uri), registered.name) or {}
-    log.info(
-        "%s/%d (serving as %s) is the champion; previous: %s",
-        registered.name,
-        registered.version,
-        served_version,
-        aliases.get(reg.PREVIOUS, "none"),
-    )
-    return {"model": f"{registered.name}/{registered.version}", "aliases": aliases}

@@ -366,6 +366,8 @@ def prefect_stack(
             # watches.
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "PREFECT_WORKER_QUERY_SECONDS": "2",  # as the README sets it
+            # the stable endpoint of a rollout on this worker (tests run side by side)
+            "SLOTHFLOW_SERVE_PORT": str(free_port()),
         }
         (root / "fakehome").mkdir(exist_ok=True)
         # The crash automations, as the README creates them, with a shorter silence window

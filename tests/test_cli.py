@@ -128,6 +128,9 @@ def _stream_while(client: Any, prompt: Any, action: Any) -> tuple[tuple[Any, lis
                 streamed.append("".join(c.choices[0].delta.content or "" for c in chunks))
             except BaseException as exc:  # recorded: the assertion names it
                 errors.append(exc)
+            # steady, light traffic: on two cores a client loop with no pause starves the
+            # new version's start (its engine took 3 min to come up under it)
+            stop.wait(0.5)
 
     threads = [threading.Thread(target=loop) for _ in range(4)]
     for t in threads:

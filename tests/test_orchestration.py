@@ -176,6 +176,8 @@ def test_deployments_come_from_prefect_yaml(prefect_stack: PrefectStack) -> None
     deployments = {d["name"]: d for d in prefect_stack.call("POST", "/deployments/filter", {})}
     assert deployments["finetune"]["work_pool_name"] == "cpu"
     assert deployments["gpu-stages"]["work_pool_name"] == "gpu"
+    assert deployments["rollout"]["work_pool_name"] == "cpu"
+    assert deployments["rollout"]["concurrency_limit"] == 1
     assert all(d["enforce_parameter_schema"] for d in deployments.values())
     schema = deployments["finetune"]["parameter_openapi_schema"]
     # The UI's form: every field with its description, the recipe's values as defaults.
@@ -356,6 +358,65 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
     # nothing was trained: the GPU worker's folder of the run has the record, no checkpoint
     second_gpu = prefect_stack.gpu_home / "runs" / second_dir.name / "train"
     assert (second_gpu / "ref.json").exists() and not (second_gpu / "checkpoints").exists()
+
+
+def test_the_rollout_deployment_serves_a_registered_version_and_makes_it_champion(
+    prefect_stack: PrefectStack, mlflow_server: str
+) -> None:
+    """After the finetune test (same file, same session): its registered version, rolled
+    out by the ``rollout`` deployment on the cpu worker behind that worker's endpoint."""
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks.core.home import Home
+    from tasks.serve import VERSION_HEADER, endpoints, stop_serving
+
+    client = MlflowClient(mlflow_server)
+    passed = [
+        int(v.version)
+        for v in client.search_model_versions("name='slothflow-ci-smoke'")
+        if v.tags.get("gate") == "passed"
+    ]
+    assert passed, "needs the version the finetune test registers (it runs first in this file)"
+    version = max(passed)
+    form = _form()
+    # ci-smoke's six steps do not teach the model to stop: the EOS smoke check would fail
+    # it, which is the smoke test's business (test_deploy), not this one's
+    form["deploy"].update(smoke={"enabled": False}, load_test={"enabled": False})
+    rollout_id = prefect_stack.deployment_id("rollout")
+
+    # a path is not a version: refused before anything is served
+    bad = prefect_stack.call(
+        "POST",
+        f"/deployments/{rollout_id}/create_flow_run",
+        {"parameters": {"model": "/etc/passwd", "config": form}},
+    )
+    refused = prefect_stack.wait(bad["id"])
+    assert refused["state"]["type"] == "FAILED" and "not a path" in refused["state"]["message"]
+
+    run = prefect_stack.call(
+        "POST",
+        f"/deployments/{rollout_id}/create_flow_run",
+        {"parameters": {"model": f"slothflow-ci-smoke/{version}", "config": form}},
+    )
+    home = Home(prefect_stack.home)
+    try:
+        done = prefect_stack.wait(run["id"])
+        log = (prefect_stack.root / "worker-cpu.log").read_text()[-4000:]
+        assert done["state"]["type"] == "COMPLETED", log
+        aliases = client.get_registered_model("slothflow-ci-smoke").aliases
+        assert int(aliases["champion"]) == version and "challenger" not in aliases
+        (front,) = endpoints(home)
+        key = (home.root / "serve" / f"endpoint-{front.port}" / "api_key").read_text().strip()
+        req = urllib.request.Request(
+            f"{front.base_url}/models", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.headers[VERSION_HEADER] == f"slothflow-ci-smoke/{version}"
+    finally:
+        stop_serving(home)
+    assert endpoints(home) == []
 
 
 def _flow_run_processes(flow_run_id: str) -> list[int]:

@@ -281,6 +281,9 @@ class DeployRef(StageRef):
     # Behind the stable endpoint (``endpoint``/``port`` are then the endpoint's): the
     # version's own vLLM server on loopback. None: served directly on ``port``.
     backend_port: int | None = None
+    # A registered version released behind the endpoint: the model's aliases after it
+    # became champion. None: not a registered version (a folder), or not released.
+    aliases: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import DeployConfig
+from tasks.core.config import ConfigError, DeployConfig
 from tasks.core.home import Home, resolve_home
 from tasks.core.orchestration import stage_task
-from tasks.core.refs import DeployRef, EvalRef, RunContext, write_json_atomic
-from tasks.core.tracking import NullTracker, Tracker
+from tasks.core.refs import DeployRef, EvalRef, RunContext, load_ref, write_json_atomic
+from tasks.core.tracking import TAG_RUN_ID, NullTracker, Tracker
+from tasks.core.tracking import registry as reg
 from tasks.core.tracking.registry import cache_dir
 from tasks.serve.command import resolve_command
 from tasks.serve.endpoint import (
@@ -220,6 +221,124 @@ def _versions(state: EndpointState) -> str:
     return ", ".join(f"{b.model_spec} ({b.version})" for b in state.serving) or "nothing"
 
 
+# --------------------------------------------------------------------------- registered versions
+
+
+def check_release_spec(spec: str) -> None:
+    """A rollout takes a registered version, never a path: a run form or a webhook may
+    not name files on the worker to serve."""
+    if not reg.is_spec(spec):
+        raise ConfigError(
+            f"model {spec!r}: a rollout takes a registered version, NAME/VERSION or "
+            "NAME@alias (e.g. slothflow-embedded/3), not a path"
+        )
+
+
+def resolve_version(spec: str, tracking_uri: str) -> tuple[str, int]:
+    """``NAME/VERSION`` or ``NAME@alias`` -> (name, version number)."""
+    check_release_spec(spec)
+    name, alias, version = reg.parse_spec(spec)
+    if version is not None:
+        return name, version
+    aliases = reg.model_aliases(reg.client(tracking_uri), name)
+    if aliases is None:
+        raise ConfigError(f"{spec}: no registered model {name!r}")
+    if alias not in aliases:
+        raise ConfigError(
+            f"{spec}: {name} has no alias {alias!r} (aliases: "
+            + (", ".join(f"{a}={v}" for a, v in sorted(aliases.items())) or "none")
+            + ")"
+        )
+    return name, aliases[alias]
+
+
+def _offline_of(home: Home, tags: Mapping[str, str]) -> tuple[str | None, dict[str, str] | None]:
+    """The held-out rows and offline answers of the run that registered a version, when
+    that run's folder is in this home: the rollout's smoke test then compares the served
+    answers with them item by item, as the run's own serve stage did."""
+    run_id = tags.get(TAG_RUN_ID)
+    if not run_id:
+        return None, None
+    run_dir = home.run_dir(run_id)
+    heldout = run_dir / "data" / "validation.jsonl"
+    try:
+        evaluation = load_ref(run_dir / "evaluate", EvalRef)
+    except (FileNotFoundError, ValueError):
+        return None, None
+    if not heldout.exists():
+        return None, None
+    return str(heldout), offline_answers_of(evaluation)
+
+
+def release(
+    cfg: DeployConfig,
+    spec: str,
+    tracking_uri: str,
+    *,
+    home: Home | None = None,
+    tracker: Tracker | None = None,
+    heldout: str | None = None,
+    offline: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> DeployRef:
+    """A registered version whose gate passed, rolled out behind the endpoint, then made
+    ``champion`` (the old champion becomes ``previous``, ``challenger`` is cleared). The
+    aliases move only once it serves: a failed rollout raises before. The pipeline's
+    serve stage, ``slothflow models promote``/``rollback`` and the ``rollout``
+    deployment all release through here."""
+    home = home or resolve_home()
+    tracker = tracker or NullTracker()
+    name, version = resolve_version(spec, tracking_uri)
+    client = reg.client(tracking_uri)
+    try:
+        tags = reg.version_tags(client, name, version)
+    except Exception as exc:  # MLflow's not-found, named for a person
+        raise ConfigError(f"{name}/{version}: no such registered version ({exc})") from None
+    if tags.get("gate") != "passed":
+        raise ConfigError(
+            f"{name}/{version} did not pass its gate (tag gate={tags.get('gate', 'missing')!r}): "
+            "only gated versions are rolled out"
+        )
+    if heldout is None:
+        heldout, offline = _offline_of(home, tags)
+    ref = rollout(
+        cfg,
+        f"{name}/{version}",
+        home=home,
+        tracker=tracker,
+        heldout=heldout,
+        offline=offline,
+        resolver=registry_resolver(tracking_uri, cache_dir(home, tracking_uri)),
+        run_id=run_id,
+    )
+    reg.promote(name, version, tracking_uri)
+    aliases = reg.model_aliases(client, name) or {}
+    tracker.set_tags({"slothflow.serve.champion": f"{name}/{version}"})
+    log.info(
+        "%s/%d serves behind %s and is the champion; previous: %s",
+        name,
+        version,
+        ref.endpoint,
+        aliases.get(reg.PREVIOUS, "none"),
+    )
+    served = ref.model_copy(update={"aliases": aliases})
+    write_json_atomic(Path(ref.path) / "deploy.json", served.model_dump(mode="json"))
+    return served
+
+
+@stage_task(name="rollout", retries=0)
+def release_task(cfg: DeployConfig, model: str, tracking_uri: str) -> dict[str, Any]:
+    """The ``rollout`` deployment's one task: :func:`release`. Not retried: a version
+    that fails its checks will again, and a half-done rollout has already been undone."""
+    ref = release(cfg, model, tracking_uri, home=resolve_home())
+    return {
+        "model": ref.model_spec,
+        "endpoint": ref.endpoint,
+        "backend_port": ref.backend_port,
+        "aliases": ref.aliases,
+    }
+
+
 # --------------------------------------------------------------------------- drain, stop
 
 
@@ -317,6 +436,18 @@ def deploy_task(
     uri = (ctx.tracking or {}).get("tracking_uri")
     offline = offline_answers_of(evaluation) if evaluation is not None and heldout_path else None
     with stage(ctx, STAGE) as tracker:
+        if uri and reg.is_spec(model):
+            # a registered version: served, then champion
+            return release(
+                cfg,
+                model,
+                uri,
+                home=home,
+                tracker=tracker,
+                heldout=heldout_path,
+                offline=offline,
+                run_id=ctx.run_id,
+            )
         return rollout(
             cfg,
             model,
