@@ -177,7 +177,8 @@ def test_deployments_come_from_prefect_yaml(prefect_stack: PrefectStack) -> None
     assert deployments["finetune"]["work_pool_name"] == "cpu"
     assert deployments["gpu-stages"]["work_pool_name"] == "gpu"
     assert deployments["rollout"]["work_pool_name"] == "cpu"
-    assert deployments["rollout"]["concurrency_limit"] == 1
+    assert deployments["rollout"]["global_concurrency_limit"]["limit"] == 1
+    assert deployments["rollout"]["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert all(d["enforce_parameter_schema"] for d in deployments.values())
     schema = deployments["finetune"]["parameter_openapi_schema"]
     # The UI's form: every field with its description, the recipe's values as defaults.
