@@ -214,7 +214,12 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
             client,
             prompt,
             lambda: _run(
-                ["models", "promote", "slothflow-embedded/1", "--set", f"deploy.port={port}"],
+                # two cores shared with the serving version's live traffic: the new
+                # version's own load test gets a p99 SLO that load can meet
+                [
+                    *("models", "promote", "slothflow-embedded/1"),
+                    *("--set", f"deploy.port={port}", "--set", "deploy.load_test.slo_p99_s=30"),
+                ],
                 tmp_path,
                 timeout=600,
             ),

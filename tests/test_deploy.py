@@ -742,7 +742,8 @@ class TestSharedServer:
             ).read_text()
         )
         assert load["requests"] == m["load_requests"]
-        assert run.data.params["serve.port"] == str(ref.backend_port)
+        assert run.data.params["serve.port"] == str(ref.port)  # the endpoint's
+        assert run.data.params["serve.backend_port"] == str(ref.backend_port)
         assert run.data.tags["slothflow.serve.endpoint"] == ref.endpoint
         assert ref.sample_answer.isdigit() and ref.sample_answer in ref.sample_prompt
         summary = d.serving_summary(ref)

@@ -146,7 +146,9 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
         tmp_path,
         "serve.log",
     )
-    _wait_for(proc, str(home / "serve" / str(port_a) / "state.json"), log)
+    # the version's own server behind the endpoint on port_a (its port is chosen free)
+    backend_state = str(home / "serve" / "[0-9]*" / "state.json")
+    _wait_for(proc, backend_state, log)
     os.kill(proc.pid, signal.SIGTERM)
     rc, _ = _stopped_within(proc, log, STOP_WITHIN_S + 20)  # + vLLM's own stop grace
     text = log.read_text()
@@ -154,7 +156,8 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
     assert "resuming from checkpoint-" in " ".join(text.split()), text[-3000:]  # Rich wraps
     _assert_clean_exit(home)
     assert json.loads((run_dir / "result.json").read_text())["status"] == "INTERRUPTED"
-    assert not (home / "serve" / str(port_a) / "state.json").exists()
+    assert not glob.glob(backend_state)
+    assert not (home / "serve" / f"endpoint-{port_a}" / "endpoint.json").exists()
 
     # 4. Resume once more with only a new port: serving stays on (the run's own setting,
     #    said out loud), the port changes without clashing with the logged params.

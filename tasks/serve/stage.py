@@ -94,7 +94,9 @@ def deploy(
                 "serve.version": resolved.label,
                 "serve.kind": resolved.kind,
                 "serve.host": cfg.host,
-                "serve.port": cfg.port,
+                # behind the endpoint: its port (what clients use), and the version's own
+                "serve.port": endpoint_port or cfg.port,
+                **({"serve.backend_port": cfg.port} if endpoint_port else {}),
             }
         )
         t0 = time.perf_counter()
