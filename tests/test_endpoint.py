@@ -268,3 +268,19 @@ def test_two_rollouts_to_one_endpoint_never_interleave(home: Home) -> None:
     first.join()
     second.join()
     assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_a_rollout_that_fails_after_the_reload_routes_back_to_the_old_version(
+    home: Home, endpoint: ep.EndpointState, backends: tuple[_Backend, _Backend]
+) -> None:
+    """What the rollout does when its switch is interrupted after nginx reloaded (a
+    signal while it waits for the new configuration): the old routing comes back."""
+    from tasks.core.config import DeployConfig
+    from tasks.serve.rollout import _restore
+
+    ep.route(home, NGINX, endpoint, [_backend(backends[1])])
+    assert _get(endpoint, "/v1/models")[1][ep.VERSION_HEADER] == "m/2"
+    _restore(home, DeployConfig(nginx_command=NGINX), endpoint)
+    assert _get(endpoint, "/v1/models")[1][ep.VERSION_HEADER] == "m/1"
+    restored = ep.read_endpoint(home, endpoint.port)
+    assert restored is not None and restored.backends == endpoint.backends

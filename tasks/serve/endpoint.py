@@ -367,8 +367,10 @@ def route(
     new = state.model_copy(update={"backends": list(backends), "generation": state.generation + 1})
     _write_checked(command, d, render_conf(d, new.host, new.port, new.backends, new.generation))
     os.kill(state.pid, signal.SIGHUP)  # nginx's graceful reload
-    _wait_generation(new, d, state.pid, timeout_s)
+    # Recorded before the wait: from here nginx may route by the new configuration, so a
+    # rollout interrupted while waiting knows to route back (rollout._restore).
     write_json_atomic(d / STATE_FILE, new.model_dump(mode="json"))
+    _wait_generation(new, d, state.pid, timeout_s)
     log.info("endpoint %s now routes to %s", new.base_url, _routes(new))
     return new
 

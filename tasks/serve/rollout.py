@@ -133,6 +133,10 @@ def rollout(
         try:
             state = _switch(home, cfg, current, ref, new)
         except BaseException:
+            # A reload may already route to the new version (a signal while waiting for
+            # it to take): traffic goes back to the old one first, then the new one stops.
+            if current is not None:
+                _restore(home, cfg, current)
             _stop_backend(home, backend_port, cfg.stop_timeout_s)
             raise
         replaced = [b for b in (current.backends if current else []) if b.port != backend_port]
@@ -195,6 +199,19 @@ def _switch(
             "name across versions. Serve it on another deploy.port, or stop the endpoint first"
         )
     return route(home, cfg.nginx_command, current, [new])
+
+
+def _restore(home: Home, cfg: DeployConfig, before: EndpointState) -> None:
+    """Route the endpoint as it was before this rollout, if it changed (best effort: a
+    failure here is logged, the rollout's own error is what gets raised)."""
+    now = read_endpoint(home, before.port)
+    if now is None or now.backends == before.backends:
+        return
+    try:
+        route(home, cfg.nginx_command, now, before.backends)
+        log.warning("the endpoint on port %d routes to %s again", before.port, _versions(before))
+    except Exception:
+        log.exception("could not route the endpoint on port %d back", before.port)
 
 
 def _endpoint_key(cfg: DeployConfig, home: Home, current: EndpointState | None) -> tuple[str, str]:
