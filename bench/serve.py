@@ -66,6 +66,70 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 
 
+def _closed_loop(
+    client: Any,
+    model: str,
+    prompts: list[Any],
+    concurrency: int,
+    max_requests: int,
+    max_tokens: int,
+) -> Any:
+    """Closed-loop load with the ``openai`` client: ``concurrency`` workers, each prompt
+    once, exactly ``max_tokens`` tokens (``ignore_eos``). The bench keeps its own loop,
+    not vLLM's benchmark tool (which the serving stage's load test uses): the arms must
+    send the very prompts the ``generate`` arm answers, and the tool draws its own."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from tasks.serve import percentile
+
+    lock = threading.Lock()
+    issued, tokens = 0, 0
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+
+    def worker() -> None:
+        nonlocal issued, tokens
+        while True:
+            with lock:
+                if issued >= max_requests:
+                    return
+                k = issued
+                issued += 1
+            t0 = time.perf_counter()
+            try:
+                r = client.chat.completions.create(
+                    model=model,
+                    messages=prompts[k % len(prompts)],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    timeout=120,
+                    extra_body={"ignore_eos": True},
+                )
+            except Exception as exc:  # every failure kind counts as an error
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                tokens += r.usage.completion_tokens if r.usage else 0
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - start
+    return SimpleNamespace(
+        requests=len(latencies) + len(errors),
+        errors=len(errors),
+        duration_s=wall,
+        tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        p50_s=percentile(latencies, 50),
+        p99_s=percentile(latencies, 99),
+    )
+
+
 def build_models(root: Path, shape: str) -> dict[str, Path]:
     """The base, a random LoRA adapter on it, and the two merged (fp32 safetensors)."""
     import torch
@@ -206,7 +270,7 @@ def bench_vllm(
     from openai import OpenAI
 
     from tasks import serve as d
-    from tasks.core.config import DeployConfig, LoadTestConfig
+    from tasks.core.config import DeployConfig
     from tasks.serve.endpoint import start_endpoint, stop_endpoint
 
     cfg = DeployConfig(dtype="float32", health_timeout_s=400)
@@ -229,22 +293,16 @@ def bench_vllm(
             )
         d.warm_up(clients[arm], name, prompts, 4)
         for c in concurrencies:
-            lt = LoadTestConfig(
-                concurrency=c,
-                duration_s=3600,
-                max_requests=len(prompts),
-                max_tokens=max_tokens,
-                ignore_eos=True,
-                request_timeout_s=120,
-                slo_p99_s=None,
-            )
+            lt = {"concurrency": c, "max_requests": len(prompts), "max_tokens": max_tokens}
             # ``rounds`` times, the arms' order reversed every other round (the arm that
             # runs first at a concurrency warms what the second finds ready), medians kept
             runs: dict[str, list[Any]] = {a: [] for a in clients}
             for i in range(rounds):
                 order = list(clients) if i % 2 == 0 else list(clients)[::-1]
                 for name_of_arm in order:
-                    runs[name_of_arm].append(d.load_test(clients[name_of_arm], name, prompts, lt))
+                    runs[name_of_arm].append(
+                        _closed_loop(clients[name_of_arm], name, prompts, **lt)
+                    )
             for name_of_arm, reports in runs.items():
                 tps = [r.tokens_per_s for r in reports]
                 mid = sorted(reports, key=lambda r: r.tokens_per_s)[len(reports) // 2]

