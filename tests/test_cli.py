@@ -1,6 +1,7 @@
 """The `slothflow` command as a user runs it (subprocesses, real Prefect and MLflow)."""
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +216,16 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
             prompt,
             lambda: _run(
                 # two cores shared with the serving version's live traffic: the new
-                # version's own load test gets a p99 SLO that load can meet
+                # version's own load test gets a p99 SLO that load can meet, and one
+                # short canary step with the p99 room of tests/test_rollout.py
                 [
                     *("models", "promote", "slothflow-embedded/1"),
                     *("--set", f"deploy.port={port}", "--set", "deploy.load_test.slo_p99_s=30"),
+                    *("--set", "deploy.canary.steps=[50]", "--set", "deploy.canary.window_s=6"),
+                    *("--set", "deploy.canary.min_requests=10"),
+                    *("--set", "deploy.canary.max_p99_latency_ratio=2"),
+                    *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
+                    *("--set", "deploy.canary.latency_slack_s=0.25"),
                 ],
                 tmp_path,
                 timeout=600,
@@ -231,6 +238,10 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
         (second_backend,) = _endpoint_backends(home, port)
         assert second_backend != first_backend  # switched, and the first one stopped
         assert "promoted slothflow-embedded/1: champion" in promoted.stdout
+        logged = " ".join(promoted.stderr.split())  # Rich wraps log lines at 80 columns
+        assert "canary step 1: 50% to slothflow-embedded/1" in logged, logged[-3000:]
+        # the probe asked its run's held-out rows, and agreed with the offline answers
+        assert re.search(r"probe (\d\.\d{3}) vs \1 offline", logged), logged[-3000:]
         # no previous champion yet: a rollback says so and changes nothing
         rb = _run(["models", "rollback", "--set", f"deploy.port={port}"], tmp_path)
         assert rb.returncode == 2 and "no 'previous' version" in rb.stderr, rb.stderr

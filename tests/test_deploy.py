@@ -16,6 +16,7 @@ that starts a server of its own; those tests check that nothing else is running.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -1001,3 +1002,47 @@ def test_gpu_serving_example_is_a_valid_deploy_section() -> None:
     assert not any(a.startswith("VLLM_API_KEY=") or a == "--api-key" for a in cmd)
     assert d.is_loopback(cfg.host) and "--network" in cmd
     assert not cfg.enforce_eager
+
+
+def test_canary_quantiles_and_judgement_from_vllm_metrics() -> None:
+    """A step's figures from two /metrics pages of each version (counters and histogram
+    buckets as vLLM writes them), quantiles as Prometheus' histogram_quantile gives them."""
+    from tasks.core.config import CanaryConfig
+    from tasks.serve.canary import VersionStats, histogram_quantile, judge_step, parse_metrics
+
+    def page(ok: int, bad: int, e2e: list[int], ttft: list[int]) -> str:
+        lines = [
+            f'http_requests_total{{handler="/v1/chat/completions",method="POST",status="2xx"}} {ok}',
+            f'http_requests_total{{handler="/v1/chat/completions",method="POST",status="4xx"}} {bad}',
+            f'http_requests_total{{handler="/health",method="GET",status="2xx"}} {ok * 3}',
+            f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="m"}} {ok}',
+            'vllm:request_success_total{engine="0",finished_reason="error",model_name="m"} 0',
+        ]
+        for le, n in zip(["0.3", "0.5", "1.0", "+Inf"], e2e, strict=True):
+            lines.append(f'vllm:e2e_request_latency_seconds_bucket{{engine="0",le="{le}"}} {n}')
+        for le, n in zip(["0.01", "0.1", "1.0", "+Inf"], ttft, strict=True):
+            lines.append(f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="{le}"}} {n}')
+        return "# TYPE http_requests_total counter\n" + "\n".join(lines) + "\n"
+
+    assert histogram_quantile(0.5, {0.3: 50.0, 0.5: 100.0, math.inf: 100.0}) == 0.3
+    assert histogram_quantile(0.99, {0.3: 0.0, 0.5: 100.0, math.inf: 100.0}) == pytest.approx(0.498)
+    assert histogram_quantile(0.99, {0.3: 0.0, math.inf: 10.0}) == 0.3  # in +Inf: last bound
+    assert math.isnan(histogram_quantile(0.99, {0.3: 0.0, math.inf: 0.0}))
+
+    before = parse_metrics(page(10, 0, [10, 10, 10, 10], [10, 10, 10, 10]))
+    good = VersionStats.of(
+        parse_metrics(page(110, 0, [110, 110, 110, 110], [110, 110, 110, 110])).minus(before)
+    )
+    assert (good.requests, good.errors) == (100.0, 0.0)  # /health is not counted
+    assert good.p99_latency_s == pytest.approx(0.297) and good.p99_ttft_s == pytest.approx(0.0099)
+    slow = VersionStats.of(
+        parse_metrics(page(40, 2, [10, 12, 42, 42], [10, 10, 42, 42])).minus(before)
+    )
+    assert slow.requests == 32 and slow.error_rate == pytest.approx(2 / 32)
+    c = CanaryConfig(min_requests=20)
+    assert judge_step(good, good, c) == []
+    missed = judge_step(slow, good, c)
+    assert [m.split(" ")[0] for m in missed] == ["error", "p99", "p99"], missed
+    assert "too little traffic" in judge_step(slow, good, CanaryConfig(min_requests=50))[0]
+    with pytest.raises(ValueError, match="rising"):
+        CanaryConfig(steps=[50, 10])

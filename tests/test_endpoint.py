@@ -214,6 +214,29 @@ def test_a_weighted_configuration_splits_traffic(
     assert set(seen) == {"m/1", "m/2"}, seen
 
 
+def test_the_canary_header_reaches_the_canary_whatever_the_weights(
+    home: Home, endpoint: ep.EndpointState, backends: tuple[_Backend, _Backend]
+) -> None:
+    """The quality probe's route: ``X-Slothflow-Route: canary`` goes to the version under
+    canary even at a 10% share; without it the weights decide; after the switch the
+    header has no canary to reach and the weights decide again."""
+    a, b = backends
+    canary = _backend(b, 10).model_copy(update={"canary": True})
+    state = ep.route(home, NGINX, endpoint, [_backend(a, 90), canary])
+
+    def version(headers: dict[str, str]) -> str:
+        req = urllib.request.Request(f"http://127.0.0.1:{state.port}/v1/models", headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return str(r.headers[ep.VERSION_HEADER])
+
+    assert {version({ep.ROUTE_HEADER: "canary"}) for _ in range(10)} == {"m/2"}
+    plain = [version({}) for _ in range(20)]
+    assert plain.count("m/2") == 2, plain  # nginx's weighted round robin: exactly 10%
+    assert {version({ep.ROUTE_HEADER: "something-else"}) for _ in range(5)} <= {"m/1", "m/2"}
+    state = ep.route(home, NGINX, state, [_backend(a)])
+    assert {version({ep.ROUTE_HEADER: "canary"}) for _ in range(5)} == {"m/1"}
+
+
 def test_a_configuration_nginx_refuses_changes_nothing(
     home: Home, endpoint: ep.EndpointState
 ) -> None:

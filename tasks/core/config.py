@@ -518,6 +518,14 @@ class CanaryConfig(_Strict):
         description="Fail when the new version's p99 time to first token exceeds this times "
         "the serving one's.",
     )
+    latency_slack_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="Seconds added to the allowed p99s (new <= ratio x serving + this): room for "
+        "noise where p99s are milliseconds and the versions share a few CPU cores (on two cores "
+        "a p99 over ~60 requests moved 2-10x between identical windows). 0 on GPUs.",
+    )
     probe_rows: int = Field(
         16,
         ge=0,

@@ -18,7 +18,7 @@ Each step (``deploy.canary``):
    (``vllm:time_to_first_token_seconds``), quantiles computed from the buckets the way
    Prometheus' ``histogram_quantile`` does. The step holds when the new version's
    error rate is at most the serving one's plus ``max_error_rate_increase`` and its
-   p99s at most ``max_p99_*_ratio`` times the serving one's.
+   p99s at most ``max_p99_*_ratio`` times the serving one's (plus ``latency_slack_s``).
 
 A step that does not hold raises :class:`CanaryError`; the rollout then routes every
 request back to the serving version and stops the new one. Every step, its numbers
@@ -208,8 +208,11 @@ def judge_step(new: VersionStats, old: VersionStats, c: CanaryConfig) -> list[st
         ("p99 time to first token", new.p99_ttft_s, old.p99_ttft_s, c.max_p99_ttft_ratio),
     ):
         # no figure for the serving side (no requests in the window): nothing to compare
-        if math.isfinite(theirs) and not mine <= theirs * ratio:
-            failures.append(f"{what} {mine:.3f}s vs {theirs:.3f}s serving (allowed {ratio:g}x)")
+        if math.isfinite(theirs) and not mine <= theirs * ratio + c.latency_slack_s:
+            slack = f" + {c.latency_slack_s:g}s" if c.latency_slack_s else ""
+            failures.append(
+                f"{what} {mine:.3f}s vs {theirs:.3f}s serving (allowed {ratio:g}x{slack})"
+            )
     return failures
 
 
