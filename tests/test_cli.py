@@ -225,7 +225,7 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
                     *("--set", "deploy.canary.min_requests=10"),
                     *("--set", "deploy.canary.max_p99_latency_ratio=2"),
                     *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
-                    *("--set", "deploy.canary.latency_slack_s=0.25"),
+                    *("--set", "deploy.canary.latency_slack_s=1.5"),
                 ],
                 tmp_path,
                 timeout=600,

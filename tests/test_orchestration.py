@@ -60,12 +60,14 @@ def test_worker_settings_come_from_the_environment() -> None:
             "SLOTHFLOW_SERVE_HOST": "10.0.0.5",
             "SLOTHFLOW_SERVE_PORT": "8100",
             "SLOTHFLOW_SERVE_API_KEY": "prefect-block:vllm-key",
+            "SLOTHFLOW_BENCH_COMMAND": "vllm bench serve",
             "SLOTHFLOW_ALLOWED_SOURCES": "/srv/data, s3://bucket/datasets/",
         }
     )
     cfg = settings.complete(PipelineForm(), s.model_copy(update={"allowed_sources": (str(REPO),)}))
     assert cfg.deploy.vllm_command[0] == "/opt/vllm/bin/python"
     assert cfg.deploy.extra_args == ["--max-model-len", "4096"]
+    assert cfg.deploy.bench_command == ["vllm", "bench", "serve"]
     assert (cfg.deploy.host, cfg.deploy.port) == ("10.0.0.5", 8100)
     assert cfg.deploy.api_key is not None and cfg.deploy.api_key.prefect_block == "vllm-key"
     assert s.allowed_sources == ("/srv/data", "s3://bucket/datasets/")

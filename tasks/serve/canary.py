@@ -102,7 +102,7 @@ def parse_metrics(text: str) -> Sample:
                 s.finished[reason] = s.finished.get(reason, 0.0) + m.value
             elif m.name in (f"{E2E}_bucket", f"{TTFT}_bucket"):
                 le = float(m.labels["le"])
-                hist = s.e2e if m.name.startswith(E2E) else s.ttft
+                hist: dict[float, float] = s.e2e if m.name.startswith(E2E) else s.ttft
                 hist[le] = hist.get(le, 0.0) + m.value
     return s
 
@@ -177,15 +177,16 @@ def merge(stats: Sequence[VersionStats], deltas: Sequence[Sample]) -> VersionSta
     if len(deltas) == 1:
         return stats[0]
     total = Sample()
+
+    def add(mine: dict[Any, float], theirs: Mapping[Any, float]) -> None:
+        for k, v in theirs.items():
+            mine[k] = mine.get(k, 0.0) + v
+
     for d in deltas:
-        for mine, theirs in (
-            (total.http, d.http),
-            (total.finished, d.finished),
-            (total.e2e, d.e2e),
-            (total.ttft, d.ttft),
-        ):
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0.0) + v
+        add(total.http, d.http)
+        add(total.finished, d.finished)
+        add(total.e2e, d.e2e)
+        add(total.ttft, d.ttft)
     return VersionStats.of(total)
 
 
@@ -251,7 +252,10 @@ def probe(
     """Held-out ``rows`` through the endpoint, routed to the new version by
     :data:`ROUTE_HEADER`, greedy; the exact match must be at least the offline
     evaluation's on the same rows minus ``probe_tolerance``."""
-    served_ok, offline_ok, wrong_version, samples = [], [], 0, []
+    served_ok: list[bool] = []
+    offline_ok: list[bool] = []
+    samples: list[dict[str, str]] = []
+    wrong_version = 0
     for row, off in zip(rows, offline, strict=True):
         prompt, ref = split_row(row)
         raw = client.chat.completions.with_raw_response.create(
