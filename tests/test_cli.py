@@ -107,7 +107,9 @@ def _endpoint_backends(home: Path, port: int) -> list[int]:
     return [b["port"] for b in state["backends"] if b["weight"] > 0]
 
 
-def _stream_while(client: Any, prompt: Any, action: Any) -> tuple[tuple[Any, list[str]], list[Any]]:
+def _stream_while(
+    client: Any, prompt: Any, action: Any, model: str = "slothflow-embedded"
+) -> tuple[tuple[Any, list[str]], list[Any]]:
     """``action()`` while four clients stream chat completions through the endpoint;
     returns (action's result, the streamed answers) and the clients' errors."""
     import threading
@@ -120,7 +122,7 @@ def _stream_while(client: Any, prompt: Any, action: Any) -> tuple[tuple[Any, lis
         while not stop.is_set():
             try:
                 chunks = client.chat.completions.create(
-                    model="slothflow-embedded",
+                    model=model,
                     messages=prompt,
                     max_tokens=8,
                     temperature=0,
@@ -208,44 +210,14 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
         registered = _client(home).get_registered_model("slothflow-embedded")
         assert {k: int(v) for k, v in registered.aliases.items()} == {"champion": 1}
 
-        # `models promote` of the champion itself: a second v1 server starts beside the
-        # first and the endpoint switches to it while four clients stream through it.
+        # A version rolled out over a serving one (checks, canary under streaming
+        # clients, switch) is the next test's (ci-smoke: seconds, not minutes, per run)
+        # and tests/test_rollout.py's; `models rollback` with no previous changes nothing.
         (first_backend,) = _endpoint_backends(home, port)
-        answers, errors = _stream_while(
-            client,
-            prompt,
-            lambda: _run(
-                # two cores shared with the serving version's live traffic: the new
-                # version's own load test gets a p99 SLO that load can meet, and one
-                # short canary step with the p99 room of tests/test_rollout.py
-                [
-                    *("models", "promote", "slothflow-embedded/1"),
-                    *("--set", f"deploy.port={port}", "--set", "deploy.load_test.slo_p99_s=30"),
-                    *("--set", "deploy.canary.steps=[50]", "--set", "deploy.canary.window_s=6"),
-                    *("--set", "deploy.canary.min_requests=10"),
-                    *("--set", "deploy.canary.max_p99_latency_ratio=2"),
-                    *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
-                    *("--set", "deploy.canary.latency_slack_s=1.5"),
-                ],
-                tmp_path,
-                timeout=600,
-            ),
-        )
-        promoted, streamed = answers
-        assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-3000:]
-        assert not errors, errors[:3]
-        assert len(streamed) >= 8 and all(streamed), streamed  # whole answers, none cut
-        (second_backend,) = _endpoint_backends(home, port)
-        assert second_backend != first_backend  # switched, and the first one stopped
-        assert "promoted slothflow-embedded/1: champion" in promoted.stdout
-        logged = " ".join(promoted.stderr.split())  # Rich wraps log lines at 80 columns
-        assert "canary step 1: 50% to slothflow-embedded/1" in logged, logged[-3000:]
-        # the probe asked its run's held-out rows, and agreed with the offline answers
-        assert re.search(r"probe (\d\.\d{3}) vs \1 offline", logged), logged[-3000:]
         # no previous champion yet: a rollback says so and changes nothing
         rb = _run(["models", "rollback", "--set", f"deploy.port={port}"], tmp_path)
         assert rb.returncode == 2 and "no 'previous' version" in rb.stderr, rb.stderr
-        assert _endpoint_backends(home, port) == [second_backend]
+        assert _endpoint_backends(home, port) == [first_backend]
     finally:
         stop = _run(["serve", "stop"], tmp_path)
     assert stop.returncode == 0, stop.stderr
@@ -254,29 +226,78 @@ def test_default_pipeline_learns_and_serves(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_failed_gate_stops_registration_and_serving(tmp_path: Path) -> None:
-    """Through the flow: a candidate below the bar is not registered or served, the run
-    is marked, every artifact stays, and the command exits 3 (not a crash, not success)."""
-    r = _run(
-        ["run", "-r", "ci-smoke", "--set", "eval.threshold=1.0", "--set", "deploy.enabled=true"],
-        tmp_path,
-        timeout=1200,
-    )
-    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "gate FAILED" in r.stdout and "gate:        FAILED" in r.stdout
-    assert "exact_match 0.0000 (need >= 1)" in r.stdout  # the failing rule, with numbers
+@pytest.mark.slow
+def test_a_second_run_rolls_out_over_the_first_and_a_failed_gate_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """`slothflow run -r ci-smoke` with serving on, twice in one home: the second version
+    goes through the canary and the switch while four clients stream through the
+    endpoint, and none of their requests fails. A third run whose candidate misses the
+    bar is not registered or served, keeps every artifact and exits 3; version 2 keeps
+    serving."""
+    from openai import OpenAI
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    serve = [
+        *("run", "-r", "ci-smoke", "--set", "deploy.enabled=true", "--set", f"deploy.port={port}"),
+        # ci-smoke's six steps do not teach the model to stop: the EOS smoke check would
+        # fail it, which is the smoke test's business (test_deploy), not this one's
+        *("--set", "deploy.smoke.enabled=false", "--set", "deploy.load_test.slo_p99_s=30"),
+        *("--set", "deploy.canary.steps=[50]", "--set", "deploy.canary.window_s=6"),
+        *("--set", "deploy.canary.min_requests=10", "--set", "deploy.canary.latency_slack_s=1.5"),
+        *("--set", "deploy.canary.max_p99_latency_ratio=2"),
+        *("--set", "deploy.canary.max_p99_ttft_ratio=2"),
+    ]
     home = tmp_path / "home"
-    (run_dir,) = (home / "runs").iterdir()
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "FINISHED" and result["gate"]["passed"] is False
-    assert "register" not in result["stages"] and "serve" not in result["stages"]
-    assert (run_dir / "export" / "merged" / "model.safetensors").exists()
-    assert not (run_dir / "register").exists() and not (run_dir / "serve").exists()
-    client = _client(home)
-    exp = client.get_experiment_by_name("slothflow")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
-    assert parent.data.tags["slothflow.gate"] == "failed"
-    assert client.search_registered_models() == []
+    try:
+        first = _run(serve, tmp_path, timeout=900)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert f"endpoint: http://127.0.0.1:{port}/v1" in first.stdout
+        (v1_backend,) = _endpoint_backends(home, port)
+        key = next((home / "serve").rglob("api_key")).read_text().strip()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        prompt = [{"role": "user", "content": "Name the topic of the sentence: a goal!"}]
+        (second, streamed), errors = _stream_while(
+            client, prompt, lambda: _run(serve, tmp_path, timeout=900), "slothflow-ci-smoke"
+        )
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert not errors, errors[:3]
+        assert len(streamed) >= 8, streamed
+        logged = " ".join(second.stderr.split())
+        assert "canary step 1: 50% to slothflow-ci-smoke/2" in logged, logged[-3000:]
+        # the probe asked the run's held-out rows and agreed with its offline answers
+        assert re.search(r"probe (\d\.\d{3}) vs \1 offline", logged), logged[-3000:]
+        (v2_backend,) = _endpoint_backends(home, port)
+        assert v2_backend != v1_backend
+        raw = client.chat.completions.with_raw_response.create(
+            model="slothflow-ci-smoke", messages=prompt, max_tokens=2
+        )
+        assert raw.headers["x-slothflow-version"] == "slothflow-ci-smoke/2"
+        aliases = _client(home).get_registered_model("slothflow-ci-smoke").aliases
+        assert {k: int(v) for k, v in aliases.items()} == {"champion": 2, "previous": 1}
+
+        failed = _run([*serve, "--set", "eval.threshold=1.0"], tmp_path, timeout=900)
+        assert failed.returncode == 3, failed.stdout[-3000:] + failed.stderr[-3000:]
+        assert "gate FAILED" in failed.stdout and "gate:        FAILED" in failed.stdout
+        assert "exact_match 0.0000 (need >= 1)" in failed.stdout  # the rule, with numbers
+        (third,) = [d for d in (home / "runs").iterdir() if not (d / "register").exists()]
+        result = json.loads((third / "result.json").read_text())
+        assert result["status"] == "FINISHED" and result["gate"]["passed"] is False
+        assert "register" not in result["stages"] and "serve" not in result["stages"]
+        assert {"data", "train", "export", "evaluate"} <= set(result["stages"])
+        assert not (third / "serve").exists()
+        client_ml = _client(home)
+        exp = client_ml.get_experiment_by_name("slothflow")
+        runs = client_ml.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
+        assert sorted(r.data.tags["slothflow.gate"] for r in runs) == ["failed", "passed", "passed"]
+        versions = client_ml.search_model_versions("name='slothflow-ci-smoke'")
+        assert sorted(int(v.version) for v in versions) == [1, 2]  # nothing new registered
+        assert _endpoint_backends(home, port) == [v2_backend]  # version 2 keeps serving
+    finally:
+        stop = _run(["serve", "stop"], tmp_path)
+    assert stop.returncode == 0, stop.stderr
 
 
 def test_train_refuses_a_failed_data_folder_before_loading_a_model(tmp_path: Path) -> None:

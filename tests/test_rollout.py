@@ -72,13 +72,13 @@ def _cfg(port: int, **kw: Any) -> DeployConfig:
         "load_test": {"requests": 40, "max_tokens": 8, "slo_p99_s": 30},
         "canary": {
             "steps": [50],
-            "window_s": 8,
+            "window_s": 6,
             "min_requests": 10,
             "probe_rows": 12,
             "max_p99_latency_ratio": 2.0,
             "max_p99_ttft_ratio": 2.0,
             "latency_slack_s": 1.5,
-            "load": {"request_rate": 6, "input_len": 16, "max_tokens": 8},
+            "load": {"request_rate": 8, "input_len": 16, "max_tokens": 8},
         },
     }
     for k, v in kw.items():
@@ -212,7 +212,7 @@ def test_a_candidate_that_fails_requests_is_caught_by_its_metrics(
         smoke={"enabled": False},
         load_test={"enabled": False},
         extra_args=["--max-model-len", "128"],
-        canary={"load": {"request_rate": 6, "input_len": 200, "max_tokens": 8}},
+        canary={"load": {"request_rate": 8, "input_len": 200, "max_tokens": 8}},
     )
     tracker = RecordingTracker()
     with pytest.raises(d.ServeError, match=r"canary step 1 .*error rate \d+\.\d% vs 0.0% serving"):
