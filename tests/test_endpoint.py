@@ -218,8 +218,7 @@ def test_the_canary_header_reaches_the_canary_whatever_the_weights(
     home: Home, endpoint: ep.EndpointState, backends: tuple[_Backend, _Backend]
 ) -> None:
     """The quality probe's route: ``X-Slothflow-Route: canary`` goes to the version under
-    canary even at a 10% share; without it the weights decide; after the switch the
-    header has no canary to reach and the weights decide again."""
+    canary even at a 10% share; without it the weights decide."""
     a, b = backends
     canary = _backend(b, 10).model_copy(update={"canary": True})
     state = ep.route(home, NGINX, endpoint, [_backend(a, 90), canary])
@@ -233,8 +232,6 @@ def test_the_canary_header_reaches_the_canary_whatever_the_weights(
     plain = [version({}) for _ in range(20)]
     assert plain.count("m/2") == 2, plain  # nginx's weighted round robin: exactly 10%
     assert {version({ep.ROUTE_HEADER: "something-else"}) for _ in range(5)} <= {"m/1", "m/2"}
-    state = ep.route(home, NGINX, state, [_backend(a)])
-    assert {version({ep.ROUTE_HEADER: "canary"}) for _ in range(5)} == {"m/1"}
 
 
 def test_a_configuration_nginx_refuses_changes_nothing(
