@@ -72,7 +72,12 @@ from tasks.train import PEAK_FLOPS  # noqa: E402 (after the path; imports no tra
 #: stage's behaviour before it used the model's own loss), to measure what it costs.
 #: ``padded``: padded batches instead of the padding-free ones Unsloth picks on an H200
 #: (whose variable-length path skips its compiled decoder blocks).
-VARIANTS = {"trl": "train.token_metrics=true", "padded": "train.padding_free=off"}
+VARIANTS = {
+    "trl": "train.token_metrics=true",
+    "padded": "train.padding_free=off",
+    # the raw loop's optimizer (torch AdamW) instead of the recipe's paged 8-bit AdamW
+    "adamw": "train.optimizer=adamw_torch",
+}
 
 MODELS_DIR = Path(os.environ.get("GP_MODELS", "/tmp/gp_models"))
 SEQ = 2048
@@ -360,6 +365,9 @@ def cmd_all(a: argparse.Namespace) -> None:
     log = open(out / "bench_log.txt", "a")  # noqa: SIM115 (closed at the end)
     left = lambda: a.deadline - (time.time() - t0)  # noqa: E731
     arms = [x.split(":") for x in a.arms.split(",") if x]
+    unknown = {v for kind, _, *vs in arms if kind == "project" for v in vs} - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown arm variant(s) {sorted(unknown)}: one of {[*VARIANTS]}")
     base_arms = [arm[0] for kind, *arm in arms if kind == "base"]
     model = MODELS_DIR / "llama_8b"
     result: dict[str, Any] = {
@@ -376,6 +384,12 @@ def cmd_all(a: argparse.Namespace) -> None:
         plan = ",".join(f"8b:{x}" for x in base_arms)
         argv = [sys.executable, a.baseline, "all", "--out", str(out / "base")]
         argv += ["--deadline", str(a.base_deadline), "--plan", plan, "--xformers-probe", "0"]
+        # the raw arms' window matched to the project arms' by default: as many warm-up
+        # micro-batches as the project skips, as many measured as it measures
+        mb = 4  # the recipe's grad_accum: micro-batches per project step
+        warm = a.base_warmup if a.base_warmup is not None else a.skip * mb
+        steps = a.base_steps if a.base_steps is not None else (a.steps - a.skip) * mb
+        argv += ["--warmup", str(warm), "--steps", str(steps)]
         _run("baseline " + plan, argv, a.base_deadline + 30, log)
     if base_arms and f.exists():
         baseline = json.loads(f.read_text())
@@ -536,6 +550,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip", type=_positive, default=4)
     p.add_argument("--log-every", type=_positive, default=4)
+    p.add_argument(
+        "--base-warmup",
+        type=int,
+        default=None,
+        help="raw arms' warm-up micro-batches (default: --skip x 4, the project's)",
+    )
+    p.add_argument(
+        "--base-steps",
+        type=int,
+        default=None,
+        help="raw arms' measured micro-batches (default: (--steps - --skip) x 4)",
+    )
     p.add_argument("--deadline", type=float, default=560)
     # three base arms take ~100 s each with their model loads (two fit in 300 s)
     p.add_argument("--base-deadline", type=float, default=420)
