@@ -97,7 +97,9 @@ class TimedTracker:
     def log_params(self, params: Any) -> None:
         self.params.update(params)
 
-    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Any, step: int | None = None, timestamp_ms: int | None = None
+    ) -> None:
         self.metrics.append((step, time.perf_counter(), dict(metrics)))
 
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:

@@ -37,7 +37,12 @@ class RecordingTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.params.update(params)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
         self.metrics.append((step, dict(metrics)))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

