@@ -140,7 +140,8 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
     # 3. Resume, serving on port A; SIGTERM to the main pid alone (what systemd and
     #    Kubernetes send) while vLLM starts. Training went on from its checkpoint.
     port_a, port_b = free_port(), free_port()
-    serve = ["--set", "deploy.enabled=true", "--set", "deploy.load_test.requests=20"]
+    # the load test is test_deploy's; here serving has to start, stop and start again
+    serve = ["--set", "deploy.enabled=true", "--set", "deploy.load_test.enabled=false"]
     proc, log = _start(
         ["run", *LONG, "--resume", "last", *serve, "--set", f"deploy.port={port_a}"],
         tmp_path,

@@ -226,6 +226,13 @@ http {{
     map $http_{ROUTE_HEADER.lower().replace("-", "_")} $slothflow_upstream {{
         default slothflow_backends;{canary_route}
     }}
+    # No keep-alive to clients: on each reload (every rollout step) an old worker closes
+    # its idle keep-alive connections at once, and a client that sends its next request
+    # on one at that moment gets a reset, which no client retries for a POST (measured:
+    # one of 375 streamed requests lost across a rollout; nginx pull 437). A connection
+    # per request costs a loopback/LAN handshake, nothing beside generating tokens.
+    # A newer nginx's keepalive_min_timeout would allow keep-alive; Debian 12 has 1.22.
+    keepalive_timeout 0;
     server {{
         listen {_listen(host, port)};
         location /v1/ {{
