@@ -17,7 +17,7 @@ Every arm runs in its own process (clean memory statistics) on the same model fo
 and sequence length (2048). A ``project:GC`` arm runs the real stage functions,
 ``prepare_base`` + ``tasks.train.train`` with the ``llama3-8b-qlora`` recipe, shortened
 to a few optimizer steps, with ``train.gradient_checkpointing=GC``: Unsloth loader, TRL
-``SFTTrainer``, paged 8-bit AdamW, the tracker callback, checkpoints off (steps past the
+``SFTTrainer``, torch AdamW, the tracker callback, checkpoints off (steps past the
 run), one evaluation and the adapter export at the end. Its rows are random words of
 the tokenizer, each cut at 2048 tokens, so every micro-batch is 4 x 2048 real tokens
 like the baseline's (no padding, no packing) and the loss is on every token
@@ -75,8 +75,10 @@ from tasks.train import PEAK_FLOPS  # noqa: E402 (after the path; imports no tra
 VARIANTS = {
     "trl": "train.token_metrics=true",
     "padded": "train.padding_free=off",
-    # the raw loop's optimizer (torch AdamW) instead of the recipe's paged 8-bit AdamW
-    "adamw": "train.optimizer=adamw_torch",
+    # the seed tutorial's paged 8-bit AdamW instead of the recipe's torch AdamW (1.5%
+    # slower on an H100: train_gpu-optimizer-ablation-20261207T170942Z.json, whose
+    # arms were named before the recipe changed: project:unsloth there is this variant)
+    "paged8bit": "train.optimizer=paged_adamw_8bit",
 }
 
 MODELS_DIR = Path(os.environ.get("GP_MODELS", "/tmp/gp_models"))

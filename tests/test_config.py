@@ -48,7 +48,7 @@ def test_gpu_recipe_has_the_seed_hyperparameters() -> None:
         1.0,
     )
     assert (t.micro_batch_size, t.grad_accum, t.num_epochs) == (4, 4, 3)
-    assert (cfg.model.max_seq_length, t.packing, t.optimizer) == (2048, True, "paged_adamw_8bit")
+    assert (cfg.model.max_seq_length, t.packing, t.optimizer) == (2048, True, "adamw_torch")
     assert t.gradient_checkpointing == "auto" and cfg.model.load_in_4bit
 
 
@@ -219,7 +219,7 @@ PINNED_HASHES = {
     "default": "b32ece1bd0c732b98f36c9db69170b4853b9c8aa18c946263ed6abb8707ebe6e",
     # added with the GPU end-to-end recipe (issue 14)
     "gpu-1b": "e533d4176f6b8412257a4876068535b05ad8303b2ceef246c154f7afd7b067c5",
-    "llama3-8b-qlora": "fd5ecbf6b510eb5b3ae5dda4a31fe1ccf691fbb03b53a2c3bc3090e8ff062371",
+    "llama3-8b-qlora": "1efa6af706d804b26e0360be06ef89ab2188171791653cd94fc24aab0dccc662",
 }
 
 
