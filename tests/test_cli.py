@@ -261,7 +261,9 @@ def test_a_second_run_rolls_out_over_the_first_under_streaming_load(tmp_path: Pa
                 time.sleep(0.5)
             spec = d.LoadSpec(
                 concurrency=4,
-                requests=5 * 66,  # 66 s at 5/s: past the switch (~50 s after this here)
+                # 120 s at 5/s: past the switch, which came 97 s after the server's start
+                # on a busy CI-sized machine (66 s of load ended 19 s before it)
+                requests=5 * 120,
                 request_rate=5.0,
                 input_len=16,
                 max_tokens=8,
