@@ -95,20 +95,26 @@ decision = hardware.decide(cfg, hardware.probe())
 ctx = RunContext(run_id=run_id, run_dir=str(home.run_dir(run_id)), config_hash=chash,
     code_version=tracking.code_version(), tracking=None,
     hardware={{k.removeprefix("hardware."): v for k, v in decision.as_params().items()}})
-base = prepare_base_task.fn(ctx, cfg.model)
-data = clean_task.fn(ctx, cfg.data, base, None)
-trained = train_task.fn(ctx, cfg.train, cfg.model, base, data,
+stages = {{"imports": time.perf_counter() - t0}}
+def timed(name, task, *args, **kwargs):
+    t = time.perf_counter()
+    out = task.fn(*args, **kwargs)
+    stages[name] = time.perf_counter() - t
+    return out
+base = timed("base", prepare_base_task, ctx, cfg.model)
+data = timed("data", clean_task, ctx, cfg.data, base, None)
+trained = timed("train", train_task, ctx, cfg.train, cfg.model, base, data,
     max_new_tokens=cfg.eval.max_new_tokens, resolved_config=dump_config(cfg), system_metrics=False)
-exported = export_task.fn(ctx, cfg.export, trained, data,
+exported = timed("export", export_task, ctx, cfg.export, trained, data,
     served_model_name=cfg.tracking.registered_model, max_new_tokens=cfg.eval.max_new_tokens,
     max_seq_length=cfg.model.max_seq_length)
-ev = evaluate_task.fn(ctx, cfg.eval, data, exported, None)
-gate = gate_task.fn(ctx, cfg.eval, ev)
+ev = timed("evaluate", evaluate_task, ctx, cfg.eval, data, exported, None)
+gate = timed("gate", gate_task, ctx, cfg.eval, ev)
 if gate.passed and cfg.deploy.enabled:
-    deploy_task.fn(ctx, cfg.deploy, exported.candidate_path, heldout_path=data.validation_path,
-        evaluation=ev)
+    timed("serve", deploy_task, ctx, cfg.deploy, exported.candidate_path,
+        heldout_path=data.validation_path, evaluation=ev)
 print(json.dumps({{"wall_s": time.perf_counter() - t0, "gate": gate.passed,
-    "score": ev.scores[ev.candidate][ev.primary_metric]}}))
+    "score": ev.scores[ev.candidate][ev.primary_metric], "stages": stages}}))
 """
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -118,7 +124,7 @@ print(json.dumps({{"wall_s": time.perf_counter() - t0, "gate": gate.passed,
     if proc.returncode != 0:
         raise RuntimeError("direct arm failed:\n" + proc.stderr[-3000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "gate": out["gate"], "score": out["score"]}
+    return {"wall_s": wall, "gate": out["gate"], "score": out["score"], "stages": out["stages"]}
 
 
 def flow_arm(recipe: str, overrides: list[str], home: Path) -> dict[str, Any]:
@@ -228,6 +234,30 @@ class _Stack:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _ts(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _timeline(stack: _Stack, flow_run_id: str, t0: float) -> dict[str, float]:
+    """Where the deployment arm's seconds went, from the server's records: the wait for a
+    worker and its new process (created -> Running), each stage task's run time, and what
+    is left after the last task (the flow's end, the state's round trip)."""
+    fr = stack.call("GET", f"/flow_runs/{flow_run_id}")
+    tasks = stack.call(
+        "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    )
+    out: dict[str, float] = {"to_running": _ts(fr["start_time"]) - t0}
+    for t in tasks:
+        if t["start_time"] and t["end_time"]:
+            out[t["name"].split("-")[0]] = _ts(t["end_time"]) - _ts(t["start_time"])
+    ends = [_ts(t["end_time"]) for t in tasks if t["end_time"]]
+    if ends and fr["end_time"]:
+        out["after_last_task"] = _ts(fr["end_time"]) - max(ends)
+    return out
+
+
 def deployment_arm(recipe: str, overrides: list[str], home: Path, root: Path) -> dict[str, Any]:
     from tasks.core.config import load_config
     from tasks.core.settings import form_of
@@ -236,7 +266,7 @@ def deployment_arm(recipe: str, overrides: list[str], home: Path, root: Path) ->
     try:
         fid = stack.call("POST", "/deployments/filter", {})[0]["id"]
         form = form_of(load_config(recipe, overrides)).model_dump(mode="json")
-        t0 = time.perf_counter()
+        t0, t0_wall = time.perf_counter(), time.time()
         run = stack.call("POST", f"/deployments/{fid}/create_flow_run",
                          {"parameters": {"config": form}})  # fmt: skip
         while True:
@@ -252,7 +282,8 @@ def deployment_arm(recipe: str, overrides: list[str], home: Path, root: Path) ->
             )
         result = json.loads(next(iter(sorted(home.glob("runs/*/result.json")))).read_text())
         return {"wall_s": wall, "gate": result["gate"]["passed"],
-                "score": result["gate"]["candidate"]}  # fmt: skip
+                "score": result["gate"]["candidate"],
+                "stages": _timeline(stack, run["id"], t0_wall)}  # fmt: skip
     finally:
         stack.stop()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import events
 from flows.pipeline import DEFAULT_FORM
 from tasks.core import home as home_mod
 from tasks.core import settings
@@ -22,10 +23,11 @@ from tasks.core.config import PipelineForm
 from tasks.core.interrupt import signals_as_interrupt
 from tasks.core.tracking import resolve_tracking_uri
 from tasks.serve import check_release_spec, release_task
+from tasks.serve.canary import CanaryError
 
 
 @flow(name="slothflow-rollout", validate_parameters=True)
-def rollout(model: str, config: PipelineForm = DEFAULT_FORM) -> dict[str, Any]:
+def rollout(model: str, config: PipelineForm = DEFAULT_FORM) -> Any:
     """Roll ``model`` out behind this worker's stable endpoint and make it the champion.
 
     ``model``: ``NAME/VERSION`` or ``NAME@alias`` of a registered version whose gate
@@ -39,5 +41,17 @@ def rollout(model: str, config: PipelineForm = DEFAULT_FORM) -> dict[str, Any]:
     uri = resolve_tracking_uri(full.tracking, home)
     # A cancel from the UI reaches this process as SIGTERM: the new server is stopped and
     # the old one keeps serving.
-    with signals_as_interrupt():
-        return release_task(full.deploy, model, uri)
+    try:
+        with signals_as_interrupt():
+            return release_task(full.deploy, model, uri)
+    except CanaryError as exc:
+        # Traffic is back on the serving version and the aliases are unchanged: say so to
+        # the notification automation, and end as a failed rollout that was rolled back.
+        events.emit_from_flow(
+            events.ROLLED_BACK,
+            events.model_resource(full.tracking.registered_model),
+            {"model": model, "reason": str(exc)},
+        )
+        from prefect.states import Failed
+
+        return Failed(name="RolledBack", message=str(exc))

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from slothflow.cli_models import evaluate_cmd, models_app
+from slothflow.cli_notify import data_notify, notifications_app
 from slothflow.cli_serve import serve_app
 from slothflow.cli_train import train_cmd
 from slothflow.common import (
@@ -45,7 +46,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect and validate recipes.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(
-    help="Clean instruction data (the pipeline's data stage).", no_args_is_help=True
+    help="Clean instruction data (the pipeline's data stage); announce new data.",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 
@@ -416,8 +418,10 @@ def data_clean(
 # models, serve.
 app.command("evaluate")(evaluate_cmd)
 app.command("train")(train_cmd)
+data_app.command("notify")(data_notify)
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
+app.add_typer(notifications_app, name="notifications")
 
 
 if __name__ == "__main__":

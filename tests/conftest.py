@@ -201,6 +201,8 @@ class PrefectStack:
     root: Path
     start_worker: Any = None  # (pool) -> Popen: starts (or restarts) the pool's worker
     workers: dict[str, subprocess.Popen[bytes]] | None = None
+    # A folder the workers' allowlist accepts besides the repository's data/ (new data)
+    data: Path | None = None
 
     def call(self, method: str, path: str, body: object = None) -> Any:
         import base64
@@ -368,7 +370,12 @@ def prefect_stack(
             "PREFECT_WORKER_QUERY_SECONDS": "2",  # as the README sets it
             # the stable endpoint of a rollout on this worker (tests run side by side)
             "SLOTHFLOW_SERVE_PORT": str(free_port()),
+            # the repository's data, a folder where tests drop new data, and a bucket prefix
+            "SLOTHFLOW_ALLOWED_SOURCES": ",".join(
+                [str(REPO / "data"), str(root / "data"), f"s3://{s3_server.bucket}/incoming/"]
+            ),
         }
+        (root / "data").mkdir()
         (root / "fakehome").mkdir(exist_ok=True)
         # The crash automations, as the README creates them, with a shorter silence window
         # (40 s rather than 90 s: the least that still spans a 30 s heartbeat) so the
@@ -400,8 +407,16 @@ def prefect_stack(
         ], client)  # fmt: skip
         stack = PrefectStack(
             api_url=api, home=home, gpu_home=gpu_home, env=client, root=root,
-            start_worker=start_worker, workers=workers,
+            start_worker=start_worker, workers=workers, data=root / "data",
         )  # fmt: skip
+        # The retrain schedule stays off here: a run it fired during the session would
+        # train the default recipe beside the tests (they start retrain runs themselves).
+        retrain = stack.call("GET", "/deployments/name/slothflow-retrain/retrain")
+        for schedule in retrain["schedules"]:
+            stack.call(
+                "PATCH", f"/deployments/{retrain['id']}/schedules/{schedule['id']}",
+                {"active": False},
+            )  # fmt: skip
         deadline = time.time() + 60
         while len(stack.call("POST", "/work_pools/gpu/workers/filter", {})) < 1 or not stack.call(
             "POST", "/work_pools/cpu/workers/filter", {}

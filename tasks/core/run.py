@@ -150,6 +150,8 @@ def open_run(
     parent.set_tags(
         {
             "slothflow.config_hash": chash,
+            # what a retrain looks its recipe's last runs up by (tasks.core.tracking)
+            tracking.TAG_RECIPE: cfg.name,
             "slothflow.hardware": decision.reason,
             "mlflow.source.git.commit": code,
             "slothflow.code_version": code,

@@ -30,6 +30,7 @@ from tasks.core.config import DataConfig
 from tasks.core.orchestration import retry_transient, stage_task
 from tasks.core.refs import DataRef, RunContext, record_ref, sha256_file, sha256_json
 from tasks.core.tracking import NullTracker, Tracker
+from tasks.data.fingerprint import of_hashes
 from tasks.data.layout import (
     FAILED_SUFFIX,
     MANIFEST,
@@ -69,10 +70,12 @@ def inputs_hash(
     tokenizer: TokenizerSpec,
     previous_manifest: str | Path | None = None,
     sources: list[Source] | None = None,
+    hashes: list[str] | None = None,
 ) -> str:
     """What the stage's output depends on: its config, every source's content, the
     tokenizer, the previous manifest and the cleaning rules' version. ``sources``:
-    ``cfg.sources`` already resolved (:func:`resolve_all`), else they are resolved here."""
+    ``cfg.sources`` already resolved (:func:`resolve_all`), else they are resolved here;
+    ``hashes``: their content hashes, already computed."""
     if sources is None:
         sources = resolve_all(cfg.sources)
     manifest = None
@@ -84,7 +87,7 @@ def inputs_hash(
         {
             "version": CLEAN_VERSION,
             "config": cfg.model_dump(mode="json"),
-            "sources": [source_sha256(s) for s in sources],
+            "sources": hashes if hashes is not None else [source_sha256(s) for s in sources],
             "tokenizer": tokenizer_identity(tokenizer),
             "previous_manifest": manifest,
         }
@@ -272,6 +275,7 @@ def clean(
         train_rows=counts["train"],
         validation_rows=counts["validation"],
         report_path=str(out_dir / REPORT_JSON),
+        new_rows=report["new_records"],
     )
 
 
@@ -308,9 +312,12 @@ def clean_task(
             tracker,
             sources=sources,
         )
+        hashes = [source_sha256(s) for s in sources]
+        ref = ref.model_copy(update={"source_fingerprint": of_hashes(hashes)})
         tracker.log_params(
-            {"data.inputs_hash": inputs_hash(cfg, tokenizer, previous_manifest, sources)}
+            {"data.inputs_hash": inputs_hash(cfg, tokenizer, previous_manifest, sources, hashes)}
         )
+        tracker.set_tags({"slothflow.source_fingerprint": ref.source_fingerprint or ""})
         record_ref(stage_dir, ref)
         return ref
 

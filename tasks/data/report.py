@@ -91,6 +91,8 @@ def build_report(
             "kept": int((prev & passes.keep).sum()),
             "evicted_as_near_duplicate": int((prev & ~passes.keep).sum()),
         },
+        # what a retrain adds: kept rows the previous run's manifest did not hold
+        "new_records": kept - int((prev & passes.keep).sum()),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "config": cfg.model_dump(mode="json"),
     }
@@ -258,6 +260,7 @@ def _md_dedup_and_timings(r: dict[str, Any]) -> list[str]:
         "",
         f"- {r['previous_manifest']['path'] or 'none'}: {r['previous_manifest']['rows']} rows, "
         f"{r['previous_manifest']['kept']} kept",
+        f"- new rows (kept, not in the previous manifest): {r['new_records']}",
         "",
         "## Timings (s)",
         "",

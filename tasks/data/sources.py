@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
 
 from tasks.core.refs import sha256_update_from
-from tasks.core.settings import local_candidates
+from tasks.core.settings import REPO_ROOT, local_candidates
 
 Format = Literal["jsonl", "json", "csv", "parquet", "datasets"]
 
@@ -78,14 +79,78 @@ BACKEND_INSTALL = {"s3": "pip install 'slothflow[s3]'", "s3a": "pip install 'slo
 
 
 def resolve_all(names: list[str]) -> list[Source]:
-    """:func:`resolve` every configured source; an error names the entry (``data.sources[1]``)."""
-    out = []
+    """:func:`expand` every configured source; an error names the entry (``data.sources[1]``)."""
+    out: list[Source] = []
     for i, name in enumerate(names):
         try:
-            out.append(resolve(name))
+            out.extend(expand(name))
         except SourceError as exc:
             raise SourceError(f"data.sources[{i}]: {exc}") from exc.__cause__
     return out
+
+
+#: The file names a folder or a glob contributes (compressed or not); anything else in
+#: a data folder (a README, a ``.part`` upload in progress, ``_SUCCESS``) is left out.
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq")
+
+
+def _is_data_file(path: str) -> bool:
+    base = path.rsplit("/", 1)[-1]
+    return not base.startswith((".", "_")) and strip_compression(base).endswith(DATA_SUFFIXES)
+
+
+def is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def expand(name: str) -> list[Source]:
+    """What one configured entry names, in path order: a file or a saved ``datasets``
+    folder is one source; a glob (``data/incoming/*.jsonl``, ``s3://bucket/new/*.jsonl``)
+    or any other folder (``data/incoming/``, ``s3://bucket/prefix/``) is every data file
+    it holds, so new files dropped there are read by the next run. Each file is then a
+    source of its own, named by its path, so a rejected row still says where it was."""
+    if is_pattern(name):
+        found = _glob(name)
+        if not found:
+            raise SourceError(f"no data files match {name}")
+        return [resolve(f) for f in found]
+    try:
+        return [resolve(name)]
+    except _PlainFolder as folder:
+        found = [f"{name.rstrip('/')}/{rel}" for rel in folder.files]
+        if not found:
+            raise SourceError(
+                f"{name} is a folder with no data files ({', '.join(DATA_SUFFIXES)}) and "
+                "not a saved `datasets` folder"
+            ) from None
+        return [resolve(f) for f in found]
+
+
+def _glob(name: str) -> list[str]:
+    """The data files a pattern matches, as names :func:`resolve` finds again: URLs with
+    their protocol, local paths as written (relative ones against the first of the
+    working directory and the repository that has a match)."""
+    if "://" in name:
+        protocol = name.split("://", 1)[0]
+        fs, pattern = _url_to_fs(name)
+        try:
+            hits = fs.glob(pattern)
+        except Exception as exc:
+            raise _network_error(name, exc) from exc
+        return sorted(f"{protocol}://{h}" for h in hits if _is_data_file(h) and fs.isfile(h))
+    import glob
+
+    p = Path(name).expanduser()
+    roots = [None] if p.is_absolute() else [Path.cwd(), REPO_ROOT]
+    for root in roots:
+        hits = sorted(
+            h
+            for h in glob.glob(str(p), root_dir=root, recursive=True)
+            if _is_data_file(h) and Path(root or "/", h).is_file()
+        )
+        if hits:
+            return hits if root is None or root == Path.cwd() else [str(root / h) for h in hits]
+    return []
 
 
 def _url_to_fs(name: str, **options: Any) -> tuple[Any, str]:
@@ -169,12 +234,25 @@ def strip_compression(name: str) -> str:
     return lower
 
 
+class _PlainFolder(SourceError):
+    """A folder that is not a saved ``datasets`` folder: :func:`expand` reads the data
+    files in it (``files``: their paths relative to it, sorted)."""
+
+    def __init__(self, name: str, files: list[str]) -> None:
+        super().__init__(f"{name} is a folder but not a saved `datasets` folder")
+        self.files = files
+
+
 def _detect_format(name: str, is_dir: bool, fs: Any, path: str) -> Format:
     if is_dir:
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any(fs.exists(f"{path.rstrip('/')}/{m}") for m in markers):
             return "datasets"
-        raise SourceError(f"{name} is a folder but not a saved `datasets` folder")
+        root = path.rstrip("/")
+        files = sorted(
+            f[len(root) + 1 :] for f in fs.find(root) if _is_data_file(f) and f.startswith(root)
+        )
+        raise _PlainFolder(name, files)
     lower = strip_compression(name)
     if lower.endswith((".jsonl", ".ndjson")):
         return "jsonl"
