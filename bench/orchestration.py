@@ -300,6 +300,8 @@ def main() -> None:
         "machine drifts); the table gives each arm's median",
     )
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the finally clauses stop the servers and the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from tasks.core.config import load_config
 
     port = load_config(args.recipe, args.overrides).deploy.port
