@@ -70,7 +70,7 @@ def _block_id(url: str, token: str | None) -> str:
         method="POST",
         headers=headers,
         json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "slothflow"},
-        secrets=secrets,  # type: ignore[arg-type]  # a dict is validated into a SecretDict
+        secrets=secrets,
     )
     return str(block.save(BLOCK_NAME, overwrite=True))
 

@@ -182,6 +182,18 @@ def test_deployments_come_from_prefect_yaml(prefect_stack: PrefectStack) -> None
     assert deployments["rollout"]["global_concurrency_limit"]["limit"] == 1
     assert deployments["rollout"]["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert all(d["enforce_parameter_schema"] for d in deployments.values())
+    retrain = deployments["retrain"]
+    assert retrain["schedules"][0]["schedule"]["cron"] == "0 */6 * * *"
+    assert retrain["global_concurrency_limit"]["limit"] == 1
+    assert retrain["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    # the on-new-data trigger: an automation prefect deploy made from prefect.yaml
+    triggers = [
+        a
+        for a in prefect_stack.call("POST", "/automations/filter", {})
+        if a["name"] == "on-new-data"
+    ]
+    assert len(triggers) == 1 and triggers[0]["trigger"]["expect"] == ["slothflow.data.updated"]
+    assert triggers[0]["actions"][0]["deployment_id"] == retrain["id"]
     schema = deployments["finetune"]["parameter_openapi_schema"]
     # The UI's form: every field with its description, the recipe's values as defaults.
     defs = schema["definitions"]
@@ -290,6 +302,10 @@ def test_a_finetune_run_trains_on_the_gpu_pool_worker(
         run_dir / "data" / "train.jsonl"
     ).read_bytes()
     assert not (run_dir / "train").joinpath("checkpoints").exists()  # no training here
+    # past export the GPU worker dropped the checkpoints; the adapter stays (the next run
+    # below is served this training from the cache all the same)
+    assert not (gpu_dir / "train" / "checkpoints").exists()
+    assert (gpu_dir / "train" / "adapter" / "adapter_model.safetensors").exists()
     merged = Path(result["stages"]["export"]["merged"])
     assert merged.is_relative_to(prefect_stack.home) and (merged / "manifest.json").exists()
     import boto3
