@@ -147,6 +147,11 @@ class DataRef(StageRef):
     train_rows: int
     validation_rows: int
     report_path: str  # report.json
+    # Rows kept now that the previous run's manifest did not hold (all of them on a first
+    # run); None for a reference written before this was recorded.
+    new_rows: int | None = None
+    # The raw inputs' fingerprint (tasks.data.fingerprint), what a retrain compares.
+    source_fingerprint: str | None = None
 
 
 class TrainRef(StageRef):

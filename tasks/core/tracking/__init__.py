@@ -14,6 +14,7 @@ re-attaches to its MLflow runs instead of starting new ones.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ TAG_RUN_ID = "slothflow.run_id"
 TAG_STAGE = "slothflow.stage"
 TAG_KIND = "slothflow.kind"
 TAG_ATTEMPT = "slothflow.attempt"  # 1 for a new run, +1 each time a resume re-attaches
+TAG_RECIPE = "slothflow.recipe"
+TAG_SOURCE_FINGERPRINT = "slothflow.source_fingerprint"  # the raw inputs (tasks.data.fingerprint)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -486,6 +489,66 @@ def open_pipeline_run(cfg: TrackingConfig, home: Home, run_id: str) -> TrackingR
     return TrackingRef(
         tracking_uri=uri, experiment_id=exp_id, parent_run_id=mlflow_id, run_id=run_id
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PastRun:
+    """A pipeline run as MLflow recorded it (what a retrain compares its inputs with)."""
+
+    run_id: str  # slothflow's run id
+    mlflow_run_id: str
+    status: str  # MLflow's: RUNNING, FINISHED, FAILED, KILLED
+    start_time_ms: int
+    source_fingerprint: str | None
+    flow_run_id: str | None  # the Prefect flow run that ran it, if one did
+
+
+def pipeline_runs(cfg: TrackingConfig, home: Home, recipe: str, limit: int = 50) -> list[PastRun]:
+    """The recipe's pipeline runs, newest first (a store without the experiment: none)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(cfg, home)
+    check_reachable(uri, cfg.connect_timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_KIND}` = 'pipeline' and tags.`{TAG_RECIPE}` = '{recipe}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
+    )
+    return [
+        PastRun(
+            run_id=r.data.tags.get(TAG_RUN_ID, ""),
+            mlflow_run_id=r.info.run_id,
+            status=r.info.status,
+            start_time_ms=int(r.info.start_time or 0),
+            source_fingerprint=r.data.tags.get(TAG_SOURCE_FINGERPRINT),
+            flow_run_id=r.data.tags.get("prefect.flow_run_id"),
+        )
+        for r in runs
+    ]
+
+
+def record_check(
+    cfg: TrackingConfig, home: Home, name: str, tags: Mapping[str, str], summary: Mapping[str, Any]
+) -> str:
+    """A short MLflow run of its own for a decision that trained nothing (a retrain that
+    found no new data), so it shows in the experiment beside the runs that did. Returns
+    its URL."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(cfg, home)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, cfg.experiment, home, uri)
+    run = client.create_run(exp_id, run_name=name, tags={TAG_KIND: "check", **tags})
+    t = MlflowTracker(uri, run.info.run_id)
+    t.log_dict(dict(summary), "summary.json")
+    t.end("FINISHED")
+    return run_url(TrackingRef(tracking_uri=uri, experiment_id=exp_id,
+                               parent_run_id=run.info.run_id, run_id=name))  # fmt: skip
 
 
 def pipeline_tracker(ref: TrackingRef) -> MlflowTracker:
