@@ -245,9 +245,7 @@ def _timeline(stack: _Stack, flow_run_id: str, t0: float) -> dict[str, float]:
     worker and its new process (created -> Running), each stage task's run time, and what
     is left after the last task (the flow's end, the state's round trip)."""
     fr = stack.call("GET", f"/flow_runs/{flow_run_id}")
-    tasks = stack.call(
-        "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
-    )
+    tasks = stack.call("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     out: dict[str, float] = {"to_running": _ts(fr["start_time"]) - t0}
     for t in tasks:
         if t["start_time"] and t["end_time"]:

@@ -23,16 +23,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from flows import events
 from flows.preflight import preflight
 from tasks.base_model import prepare_base_task
 from tasks.core import caching, settings, storage, tracking
 from tasks.core import home as home_mod
 from tasks.core import run as run_mod
+from tasks.core.artifacts import InitAdapter, init_adapter_of
 from tasks.core.config import (
     ConfigError,
     OrchestrationConfig,
@@ -50,6 +53,7 @@ from tasks.core.refs import (
     EvalRef,
     ExportRef,
     GateBar,
+    ResolvedModel,
     RunContext,
     TrainRef,
     load_ref,
@@ -60,9 +64,11 @@ from tasks.evaluate import evaluate_task
 from tasks.evaluate.report import scores_table
 from tasks.export import export_task
 from tasks.gate import gate_task
-from tasks.registry import champion_task, register_task
+from tasks.registry import champion_task, register_task, retention_task
 from tasks.serve import deploy_task, summary_lines
+from tasks.serve.canary import CanaryError
 from tasks.train import train_task
+from tasks.train.checkpoints import remove_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +309,13 @@ def _run(
         else:
             exported, ev = _gpu_part(config, ctx, base, data, results, stages)
         _release(config, ctx, data, exported, ev, summary, results, stages)
+        if not summary["gate"]["passed"]:
+            # for the notification automation (infra/automations/notifications.yaml)
+            events.emit_from_flow(
+                events.GATE_BLOCKED,
+                events.model_resource(config.tracking.registered_model),
+                {"run_id": ctx.run_id, "recipe": config.name, **summary["gate"]},
+            )
         summary["cached_stages"] = stages.cached
         if stages.cached and ctx.tracking:
             tracking.pipeline_tracker(tracking.TrackingRef.model_validate(ctx.tracking)).set_tags(
@@ -310,6 +323,16 @@ def _run(
             )
         _report_artifact(ctx, summary, ev)
     except BaseException as exc:
+        if isinstance(exc, CanaryError):
+            events.emit_from_flow(
+                events.ROLLED_BACK,
+                events.model_resource(config.tracking.registered_model),
+                {
+                    "run_id": ctx.run_id,
+                    "model": results.get("register", {}).get("model", ctx.run_id),
+                    "reason": str(exc),
+                },
+            )
         # A signal marks the run INTERRUPTED (resumable, nothing failed), anything else FAILED.
         status = run_mod.status_of(exc)
         run_mod.finish(ctx, status, {**summary, "completed_stages": sorted(results)})
@@ -330,8 +353,14 @@ def _prepare(
     results["data"] = {
         "train": data.train_rows,
         "validation": data.validation_rows,
+        "new_rows": data.new_rows,
         "fingerprint": data.fingerprint[:12],
     }
+    if ctx.tracking and data.source_fingerprint:
+        # A retrain compares its inputs with this run's by this tag (flows/retrain.py).
+        tracking.pipeline_tracker(tracking.TrackingRef.model_validate(ctx.tracking)).set_tags(
+            {tracking.TAG_SOURCE_FINGERPRINT: data.source_fingerprint}
+        )
     return base, data
 
 
@@ -344,6 +373,11 @@ def _gpu_part(
     stages: _Stages,
 ) -> tuple[ExportRef, EvalRef]:
     """train -> export -> evaluate: the stages that take a GPU, here or on a GPU worker."""
+    name = config.tracking.registered_model
+    # A warm start is gated against the very champion it started from: looked up once,
+    # before training, even if another version becomes champion while it trains.
+    warm = config.train.init_adapter == "champion"
+    champion = stages(ctx, champion_task, name) if warm else None
     trained = stages(
         ctx,
         train_task,
@@ -354,6 +388,7 @@ def _gpu_part(
         max_new_tokens=config.eval.max_new_tokens,
         resolved_config=dump_config(config),
         system_metrics=config.tracking.system_metrics,
+        init_adapter=_warm_start(ctx, name, champion) if warm else None,
     )
     exported = stages(
         ctx,
@@ -365,10 +400,28 @@ def _gpu_part(
         max_new_tokens=config.eval.max_new_tokens,
         max_seq_length=config.model.max_seq_length,
     )
-    champion = stages(ctx, champion_task, config.tracking.registered_model)
+    # Past export nothing resumes this training: its checkpoints go (the adapter stays).
+    remove_checkpoints(Path(trained.path))
+    if not warm:
+        champion = stages(ctx, champion_task, name)
     ev = stages(ctx, evaluate_task, config.eval, data, exported, champion)
     _record_gpu_part(results, trained, exported, ev)
     return exported, ev
+
+
+def _warm_start(ctx: RunContext, name: str, champion: ResolvedModel | None) -> InitAdapter | None:
+    """What ``train.init_adapter=champion`` starts from: the champion's adapter; None (a
+    fresh LoRA, said as a warning) when there is no champion yet, as on a project's first
+    run. A champion with merged weights only is refused."""
+    if champion is None:
+        why = "this run is not tracked" if ctx.tracking is None else f"{name} has no champion yet"
+        get_run_logger().warning(
+            "train.init_adapter=champion: %s; training a fresh LoRA on the base model", why
+        )
+        return None
+    init = init_adapter_of(champion)
+    get_run_logger().info("train.init_adapter=champion: starting from %s's adapter", init.label)
+    return init
 
 
 def _record_gpu_part(
@@ -509,6 +562,9 @@ def _release(
             "model": f"{registered.name}/{registered.version}",
             "alias": registered.alias,
         }
+        pruned = stages(ctx, retention_task, name, config.tracking.keep_versions)
+        if pruned is not None:
+            results["retention"] = pruned
     if not config.deploy.enabled:
         return
     spec = f"{registered.name}/{registered.version}" if registered else exported.candidate_path

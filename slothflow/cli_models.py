@@ -19,6 +19,7 @@ from tasks.core.config import ConfigError
 if TYPE_CHECKING:
     from tasks.core.config import PipelineConfig
     from tasks.core.home import Home
+    from tasks.core.tracking.retention import RetentionPlan
     from tasks.export import ExportRef
 
 models_app = typer.Typer(
@@ -258,6 +259,7 @@ def models_list(
             f"margin {t.get(registry.TAG_GATE_MARGIN, '?')}  run {t.get('slothflow.run_id', '?')}  "
             f"data {t.get('data_fingerprint', '?')[:12]}  config {t.get('config_hash', '?')[:12]}  "
             f"base {t.get('base_model', '?')}@{t.get('base_revision', '?')[:19]}"
+            + (f"  PRUNED {t[registry.TAG_PRUNED]}" if registry.TAG_PRUNED in t else "")
         )
     lines.append("aliases: " + "; ".join(f"{a} = {d}" for a, d in registry.ALIASES.items()))
     for line in lines:
@@ -344,4 +346,98 @@ def _release(name: str, version: int, recipe: str, set_: list[str] | None, verb:
         markup=False,
     )
     for line in summary_lines(ref):
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+@models_app.command("prune")
+def models_prune(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Registered model (default: the recipe's tracking.registered_model)."),
+    ] = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            "--keep",
+            min=1,
+            help="Keep the newest K versions besides those holding an alias "
+            "(default: tracking.keep_versions).",
+        ),
+    ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", help="Delete; without it the plan is shown and nothing changes."),
+    ] = False,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Recipe (for the tracking store).")
+    ] = "default",
+    set_: SetOpt = None,
+) -> None:
+    """Retention by hand: what a pipeline run does after each registration.
+
+    Every version that holds an alias (champion, previous, challenger, ...) keeps its artifacts, and so do the newest K; the others' artifacts, registry downloads and run exports are deleted, and each is tagged slothflow.pruned (its record, lineage and metrics stay; it can no longer be served, promoted or rolled back to). Without --yes only the plan is shown."""
+    with friendly_errors():
+        from tasks.core import home as home_mod
+        from tasks.core import tracking
+        from tasks.core.tracking import registry, retention
+
+        cfg = load_recipe(recipe, set_)
+        home = home_mod.resolve_home()
+        uri = tracking.resolve_tracking_uri(cfg.tracking, home)
+        model = name or cfg.tracking.registered_model
+        k = keep or cfg.tracking.keep_versions
+        if registry.store_missing(uri):
+            out.print(
+                f"nothing to prune: {tracking.redact_uri(uri)} does not exist yet",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
+            )
+            return
+        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+        plan = retention.plan(model, uri, home, k)
+        if not plan.versions:
+            raise ConfigError(f"no versions of {model!r} in {tracking.redact_uri(uri)}")
+        _print_plan(plan, tracking.redact_uri(uri))
+        if not yes:
+            if plan.to_prune:
+                out.print(
+                    f"{len(plan.to_prune)} version(s) to prune, "
+                    f"{retention.human_bytes(plan.size)}; nothing deleted (add --yes to delete)",
+                    soft_wrap=True,
+                    highlight=False,
+                )
+            return
+        with home_mod.exclusive(home, f"slothflow models prune {model}"):
+            done = retention.apply(plan, uri)
+    for o in done:
+        line = (
+            f"kept v{o.version}: {o.skipped}"
+            if o.skipped
+            else f"pruned v{o.version}: {retention.human_bytes(o.freed)} freed"
+        )
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+    freed = sum(o.freed for o in done)
+    out.print(f"freed {retention.human_bytes(freed)}", soft_wrap=True, highlight=False)
+
+
+def _print_plan(plan: RetentionPlan, uri: str) -> None:
+    """The plan as plain lines, one per version (never wrapped: paths stay copy-pasteable)."""
+    from tasks.core.tracking.retention import human_bytes
+
+    lines = [
+        f"{plan.name} ({uri}): keep the versions that hold an alias and the newest {plan.keep}",
+        f"  {'version':<8} {'aliases':<28} {'size':>9}  what",
+    ]
+    for v in plan.versions:
+        if v.action == "prune":
+            what = "delete " + ", ".join(f"{d.what} {d.where}" for d in v.deletions)
+            size = human_bytes(v.size)
+        elif v.action == "pruned":
+            what, size = f"already {v.why}", "-"
+        else:
+            what, size = f"keep ({v.why})", "-"
+        aliases = ", ".join(v.aliases) or "-"
+        lines.append(f"  v{v.version:<7} {aliases:<28} {size:>9}  {what}")
+    for line in lines:
         out.print(line, soft_wrap=True, highlight=False, markup=False)

@@ -54,6 +54,14 @@ def train_cmd(
         except DataError as exc:
             raise ConfigError(f"--data: {exc}") from None
         cfg = load_recipe(recipe, set_)
+        if cfg.train.init_adapter != "none":
+            # Looking the champion up, and gating against it, are the pipeline's: here
+            # the setting would be ignored without a word.
+            raise ConfigError(
+                f"train.init_adapter={cfg.train.init_adapter}: `slothflow train` starts "
+                "from the base model; warm-start with `slothflow run`, or set "
+                "train.init_adapter=none"
+            )
         home = home_mod.resolve_home()
         with home_mod.exclusive(home, f"slothflow train --recipe {recipe}"):
             from flows.preflight import preflight

@@ -286,3 +286,52 @@ def register_task(
         )
     record_ref(out, ref)
     return ref
+
+
+@stage_task(name="retention")
+def retention_task(ctx: RunContext, registered_model: str, keep: int) -> dict[str, Any] | None:
+    """Prefect task: retention for ``registered_model`` after a registration — the
+    artifacts of versions without an alias beyond the newest ``keep`` are deleted
+    (:mod:`tasks.core.tracking.retention`). Tags the run's parent MLflow run with what it
+    pruned. A failure is logged and the run goes on: what was not pruned now is the next
+    run's (or ``slothflow models prune``'s) to prune, and must not hold back serving."""
+    from tasks.core import tracking
+    from tasks.core.home import resolve_home
+    from tasks.core.tracking import retention
+
+    if ctx.tracking is None:
+        return None
+    ref = tracking.TrackingRef.model_validate(ctx.tracking)
+    parent = tracking.pipeline_tracker(ref)
+    try:
+        plan = retention.plan(registered_model, ref.tracking_uri, resolve_home(), keep)
+        done = retention.apply(plan, ref.tracking_uri)
+    except Exception as exc:
+        log.warning(
+            "retention of %s failed (%s: %s); the next run or `slothflow models prune` tries again",
+            registered_model,
+            type(exc).__name__,
+            exc,
+        )
+        parent.set_tags({"slothflow.retention": f"failed: {type(exc).__name__}"})
+        return None
+    pruned = [o.version for o in done if o.skipped is None]
+    freed = sum(o.freed for o in done)
+    for o in done:
+        if o.skipped is not None:
+            log.info("retention: kept %s version %d: %s", registered_model, o.version, o.skipped)
+    log.info(
+        "retention of %s (aliases + newest %d): pruned %s, %s freed",
+        registered_model,
+        keep,
+        ", ".join(f"v{v}" for v in pruned) or "nothing",
+        retention.human_bytes(freed),
+    )
+    parent.set_tags(
+        {
+            "slothflow.retention": "done",
+            "slothflow.pruned_versions": ",".join(map(str, pruned)) or "none",
+            "slothflow.pruned_bytes": str(freed),
+        }
+    )
+    return {"pruned": pruned, "freed": retention.human_bytes(freed)}

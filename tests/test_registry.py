@@ -4,6 +4,7 @@ and the four stage tasks chained on a real run: champion vs challenger."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,28 @@ def test_registry_against_an_mlflow_server(mlflow_server: str, tmp_path: Path) -
     # A second resolve reuses the download.
     assert resolve(f"{name}/1", mlflow_server, cache_dir=tmp_path / "cache").path == got.path
 
+    # Retention through the server: the proxied artifacts and the home's download go.
+    from mlflow.artifacts import list_artifacts
+
+    from tasks.core.home import Home
+    from tasks.core.tracking import registry as reg
+    from tasks.core.tracking import retention
+
+    home = Home(tmp_path / "home")
+    cache = reg.cache_dir(home, mlflow_server)
+    assert resolve(f"{name}/1", mlflow_server, cache).path.is_relative_to(cache / name / "1")
+    _register(mlflow_server, _run(mlflow_server, None), name=name, run_id="r-2")
+    plan = retention.plan(name, mlflow_server, home, keep=1)
+    (v1,) = plan.to_prune
+    assert [(d.what, d.where) for d in v1.deletions][:1] == [("artifacts", ref.source)]
+    assert [d.what for d in v1.deletions] == ["artifacts", "cache"] and v1.deletions[0].size > 0
+    assert retention.apply(plan, mlflow_server) == [retention.Outcome(1, freed=v1.size)]
+    assert list_artifacts(ref.source, tracking_uri=mlflow_server) == []
+    assert not (cache / name / "1").exists()
+    with pytest.raises(reg.PrunedVersionError, match="version 1 was pruned on"):
+        resolve(f"{name}/1", mlflow_server, cache)
+    assert resolve(f"{name}@challenger", mlflow_server, cache).number == 2
+
 
 def test_models_list_cli_shows_versions_aliases_metrics_lineage(tmp_path: Path) -> None:
     from typer.testing import CliRunner
@@ -430,3 +453,115 @@ def test_models_list_on_an_empty_home_answers_without_creating_a_store(tmp_path:
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "home" / "mlflow" / "mlflow.db").exists()
     assert "no registered models" in r.stdout
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def _files(folder: Path, size: int) -> Path:
+    (folder / "merged").mkdir(parents=True)
+    (folder / "merged" / "model.safetensors").write_bytes(b"m" * size)
+    return folder
+
+
+def test_retention_keeps_aliased_and_newest_versions_and_prunes_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five versions, champion on v2 and previous on v1. The flow's retention step keeps
+    the newest 2 and prunes v3 (its artifacts, registry download and run export gone, its
+    record kept and refused by resolve) and tags the pipeline's run; then `models prune
+    --keep 1` shows v4 and deletes nothing, an alias gained after planning saves it, and
+    with --yes it goes. The aliased versions and the newest stay servable throughout."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from slothflow.cli import app
+    from tasks.core.home import Home
+    from tasks.core.refs import RunContext
+    from tasks.core.tracking import TrackingRef, retention
+    from tasks.core.tracking import registry as reg
+    from tasks.registry import retention_task
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "tiny-topics"
+    for i in range(1, 6):
+        _register(uri, _run(uri, tmp_path / f"a{i}"), run_id=f"r-{i}")
+    reg.promote(name, 1, uri)
+    reg.promote(name, 2, uri)  # champion 2, previous 1
+    c = MlflowClient(uri, registry_uri=uri)
+    c.delete_registered_model_alias(name, "challenger")  # the newest are kept as such only
+    home = Home(tmp_path / "home")
+    monkeypatch.setenv("SLOTHFLOW_HOME", str(home.root))
+    cache = reg.cache_dir(home, uri) / name
+    for v in (3, 4, 5):  # a registry download and a run's export, as real files
+        _files(cache / str(v) / "model", 300)
+        _files(home.run_dir(f"r-{v}") / "export", 200)
+    sources = {v: Path(reg.resolve(f"{name}/{v}", uri).path).parent for v in range(1, 6)}
+
+    def size(v: int) -> int:
+        return sum(p.stat().st_size for p in sources[v].rglob("*") if p.is_file()) + 500
+
+    # 1. After a registration, in the flow: aliases + the newest 2.
+    parent = _run(uri, tmp_path / "p")
+    exp = c.get_run(parent).info.experiment_id
+    tracked = TrackingRef(tracking_uri=uri, experiment_id=exp, parent_run_id=parent, run_id="r-5")
+    ctx = RunContext(
+        run_id="r-5", run_dir=str(home.run_dir("r-5")), config_hash="c", code_version="v",
+        hardware={}, tracking=tracked.model_dump(),
+    )  # fmt: skip
+    freed_v3 = size(3)
+    assert retention_task.fn(ctx, name, 2) == {
+        "pruned": [3],
+        "freed": retention.human_bytes(freed_v3),
+    }
+    tags = c.get_run(parent).data.tags
+    assert tags["slothflow.pruned_versions"] == "3"
+    assert tags["slothflow.pruned_bytes"] == str(freed_v3)
+    assert not sources[3].exists() and not (cache / "3").exists()
+    assert not (home.run_dir("r-3") / "export").exists()
+    v3 = reg.version_tags(c, name, 3)
+    assert v3[reg.TAG_PRUNED_BYTES] == str(freed_v3) and v3["gate"] == "passed"  # record kept
+    with pytest.raises(reg.PrunedVersionError) as info:
+        reg.resolve(f"{name}/3", uri)
+    assert re.fullmatch(
+        r"model 'tiny-topics/3': tiny-topics version 3 was pruned on "
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; its artifacts are gone",
+        str(info.value),
+    )
+
+    # 2. By hand, keeping only the newest: the dry run shows v4 and changes nothing.
+    cli = ["models", "prune", name, "--keep", "1", "--set", f"tracking.tracking_uri={uri}"]
+    dry = CliRunner().invoke(app, cli)
+    assert dry.exit_code == 0, dry.output
+    lines = {ln.split()[0]: ln for ln in dry.output.splitlines() if ln.startswith("  v")}
+    assert "keep (newest 1)" in lines["v5"] and "keep (champion)" in lines["v2"]
+    assert "keep (previous)" in lines["v1"] and "already pruned on" in lines["v3"]
+    assert "delete artifacts" in lines["v4"] and retention.human_bytes(size(4)) in lines["v4"]
+    assert "1 version(s) to prune" in dry.output and "nothing deleted" in dry.output
+    assert sources[4].exists() and (cache / "4").exists()
+    assert reg.resolve(f"{name}/4", uri).number == 4
+
+    # An alias set after planning, before applying: the version is left whole.
+    plan = retention.plan(name, uri, home, keep=1)
+    assert [v.version for v in plan.to_prune] == [4] and plan.size == size(4)
+    reg.set_alias(c, name, "challenger", 4)
+    assert retention.apply(plan, uri) == [retention.Outcome(4, skipped="it holds challenger now")]
+    assert sources[4].exists() and reg.TAG_PRUNED not in reg.version_tags(c, name, 4)
+    c.delete_registered_model_alias(name, "challenger")
+
+    freed_v4 = size(4)
+    done = CliRunner().invoke(app, [*cli, "--yes"])
+    assert done.exit_code == 0, done.output
+    assert f"pruned v4: {retention.human_bytes(freed_v4)} freed" in done.output
+    assert not sources[4].exists() and [p.name for p in cache.iterdir()] == ["5"]
+    assert (home.run_dir("r-5") / "export" / "merged" / "model.safetensors").exists()
+    for v in (1, 2, 5):
+        assert (reg.resolve(f"{name}/{v}", uri).path / "model.safetensors").exists()
+
+    # A version registered by hand may point at any folder: never retention's to delete.
+    own = _files(tmp_path / "someone-elses-model", 10)
+    for _ in range(2):  # v6 and v7, the newest
+        c.create_model_version(name, source=str(own), run_id=None)
+    by_version = {v.version: v for v in retention.plan(name, uri, home, keep=1).versions}
+    assert by_version[6].action == "keep" and "not registered by slothflow" in by_version[6].why
+    assert by_version[5].action == "prune"

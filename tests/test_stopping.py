@@ -157,6 +157,9 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
     assert "resuming from checkpoint-" in " ".join(text.split()), text[-3000:]  # Rich wraps
     _assert_clean_exit(home)
     assert json.loads((run_dir / "result.json").read_text())["status"] == "INTERRUPTED"
+    # Past export, nothing resumes the training: its checkpoints are gone, its adapter not.
+    assert not (run_dir / "train" / "checkpoints").exists()
+    assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").exists()
     assert not glob.glob(backend_state)
     assert not (home / "serve" / f"endpoint-{port_a}" / "endpoint.json").exists()
 
@@ -174,6 +177,8 @@ def test_signals_stop_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
     assert [p.name for p in (home / "runs").iterdir()] == [run_dir.name]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "FINISHED"
+    # the finished training, its checkpoints deleted, is still served from the cache
+    assert {"train", "export", "evaluate"} <= set(result["cached_stages"]), result
     (parent,) = client.search_runs([exp.experiment_id], "tags.`slothflow.kind` = 'pipeline'")
     assert parent.info.status == "FINISHED"
     assert parent.data.params["config_hash"] == result["config_hash"]

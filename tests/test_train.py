@@ -136,6 +136,48 @@ def test_rotation_keeps_last_k_plus_best(tmp_path: Path) -> None:
     assert all((p / COMPLETE_MARKER).exists() for p in tmp_path.iterdir())
 
 
+def test_checkpoints_removed_after_export_leave_the_finished_stage_valid(tmp_path: Path) -> None:
+    """What the flow does once export passed: the checkpoints go, the best adapter and the
+    tokenizer stay, and the stage's cached result still names only files that exist (a
+    resumed run is served it instead of training again)."""
+    from tasks.core.caching import _missing_files
+    from tasks.core.refs import TrainRef
+    from tasks.train.checkpoints import prepare_checkpoints, remove_checkpoints
+
+    train_dir = tmp_path / "run" / "train"
+    ckpts = train_dir / "checkpoints"
+    prepare_checkpoints(ckpts, "key")
+    for step in (3, 6):
+        _ckpt(ckpts, step)
+    for part, name in (("adapter", "adapter_model.safetensors"), ("tokenizer", "tokenizer.json")):
+        (train_dir / part).mkdir()
+        (train_dir / part / name).write_bytes(b"w" * 10)
+    # what an earlier removal set aside and did not finish (killed mid-way)
+    (train_dir / ".checkpoints.removing-1-2" / "checkpoint-9").mkdir(parents=True)
+    (train_dir / ".checkpoints.removing-1-2" / "checkpoint-9" / "x").write_bytes(b"y" * 5)
+    base = BaseModelRef(
+        stage="base", path="org/m", name_or_path="org/m", revision="r", tokenizer_path="org/m",
+        chat_template_sha256="t",
+    )  # fmt: skip
+    ref = TrainRef(
+        stage="train",
+        path=str(train_dir),
+        adapter_path=str(train_dir / "adapter"),
+        tokenizer_path=str(train_dir / "tokenizer"),
+        base=base,
+        data_fingerprint="f",
+        config_hash="c",
+        backend="peft",
+        best_step=6,
+        metrics={},
+    )
+    assert remove_checkpoints(train_dir) > 5
+    assert sorted(p.name for p in train_dir.iterdir()) == ["adapter", "tokenizer"]
+    assert _missing_files(ref) == []
+    assert remove_checkpoints(train_dir) == 0  # nothing left: harmless again
+    assert prepare_checkpoints(ckpts, "key") is None  # a training run again starts over
+
+
 def test_step_journal_survives_a_torn_line(tmp_path: Path) -> None:
     j = StepJournal(tmp_path / "j.jsonl")
     j.record("train", 1)
@@ -653,3 +695,213 @@ def test_auto_padding_pads_rows_of_one_length_and_leaves_ragged_ones_padding_fre
     assert choose_padding(packed, H200, same, 2048).mode == "auto"
     off = t.model_copy(update={"padding_free": "off"})
     assert choose_padding(off, H200, ragged, 2048).mode == "off"
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def _as_champion(adapter: Path, base: BaseModelRef, dst: Path, **base_update: str) -> Any:
+    """A trained adapter as a registered version holds it (the adapter folder with the
+    manifest export writes, recording ``base`` changed by ``base_update``), handed over as
+    the flow hands the champion's over."""
+    import shutil
+
+    from tasks.core.artifacts import ManifestInfo, init_adapter_of, read_manifest, write_manifest
+    from tasks.core.refs import ResolvedModel
+
+    shutil.copytree(adapter, dst)
+    recorded = base.model_copy(update=base_update)
+    info = ManifestInfo(
+        recorded, recorded.chat_template_sha256, "d", "c", "test", "r", "float32", [0]
+    )
+    write_manifest(dst, "adapter", info, {}, {})
+    version = ResolvedModel(
+        "tiny/1", dst, read_manifest(dst), "tiny/1 (champion)", "tiny", 1, adapter_path=dst
+    )
+    return init_adapter_of(version)
+
+
+def test_a_warm_start_begins_from_the_adapters_weights(
+    short_run: tuple[Any, RecordingTracker, Path],
+    base: BaseModelRef,
+    data: DataRef,
+    tmp_path: Path,
+) -> None:
+    """``train.init_adapter=champion``: the fresh LoRA's B matrices are zeros, a warm
+    start's are the champion's, so its first loss is already about where the cold run's
+    16 steps ended; the MLflow run names the version it started from."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from tasks.train import load_init_weights
+
+    cold, cold_tracker, _ = short_run
+    init = _as_champion(Path(cold.adapter_path), base, tmp_path / "champion")
+    cfg = load_config(
+        "ci-smoke",
+        [
+            "train.init_adapter=champion",
+            "train.max_steps=1",
+            "train.eval_steps=1",
+            "train.save_steps=1",
+        ],
+    )
+    model, _tok = load_peft(cfg.train, cfg.model, base, CPU)
+    fresh = get_peft_model_state_dict(model)
+    assert all(not v.any() for k, v in fresh.items() if "lora_B" in k)
+    load_init_weights(model, init)
+    saved = load_file(str(tmp_path / "champion" / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert any(v.any() for k, v in saved.items() if "lora_B" in k)
+
+    tracker = RecordingTracker()
+    run_train(cfg, base, data, tmp_path / "warm", CPU, tracker, init_adapter=init)
+    cold_losses = [v for _, v in cold_tracker.series("train_loss")]
+    warm_first = tracker.series("train_loss")[0][1]
+    # the same first batch (same seed and rows): only the starting weights differ
+    assert warm_first < cold_losses[0] - 0.2, (warm_first, cold_losses)
+    assert abs(warm_first - cold_losses[-1]) < 0.2, (warm_first, cold_losses)
+    assert tracker.tags["slothflow.init_adapter"] == "tiny/1"
+    assert cold_tracker.tags["slothflow.init_adapter"] == "none"
+
+
+def test_a_warm_start_that_does_not_fit_is_refused_before_the_base_loads(
+    short_run: tuple[Any, RecordingTracker, Path],
+    base: BaseModelRef,
+    data: DataRef,
+    tmp_path: Path,
+) -> None:
+    """Another base revision, another LoRA shape, a file changed since its manifest, a
+    champion with merged weights only: one line naming train.init_adapter, in the time it
+    takes to read a manifest, with nothing written."""
+    import time
+
+    from tasks.core.artifacts import init_adapter_of
+    from tasks.core.refs import ResolvedModel
+
+    adapter = Path(short_run[0].adapter_path)
+    cfg = load_config("ci-smoke", ["train.init_adapter=champion"])
+    other = _as_champion(adapter, base, tmp_path / "other", revision="sha256:" + "0" * 64)
+    cases = [
+        (cfg, other, r"\(tiny/1\) was trained on .* @ sha256:0{64}, but this run's base is"),
+        (
+            load_config("ci-smoke", ["train.init_adapter=champion", "train.lora.r=16"]),
+            _as_champion(adapter, base, tmp_path / "same"),
+            r"another LoRA shape \(train\.lora\.r=16 vs 8\)",
+        ),
+    ]
+    for i, (config_, init, says) in enumerate(cases):
+        t0 = time.monotonic()
+        out = tmp_path / f"out-{i}"
+        with pytest.raises(ConfigError, match=r"^train\.init_adapter=champion .*" + says):
+            run_train(config_, base, data, out, CPU, init_adapter=init)
+        assert time.monotonic() - t0 < 5 and not out.exists()
+    tampered = _as_champion(adapter, base, tmp_path / "tampered")
+    (Path(tampered.path) / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"adapter_config\.json is not the file its manifest"):
+        run_train(cfg, base, data, tmp_path / "out", CPU, init_adapter=tampered)
+    merged_only = ResolvedModel("tiny@champion", tmp_path, {}, "tiny/3", "tiny", 3)
+    with pytest.raises(ConfigError, match=r"^train\.init_adapter=champion: tiny/3 has merged"):
+        init_adapter_of(merged_only)
+
+
+def test_the_train_cache_key_names_the_adapter_a_warm_start_begins_from(
+    short_run: tuple[Any, RecordingTracker, Path], base: BaseModelRef, data: DataRef, tmp_path: Path
+) -> None:
+    """Prefect's key of the train task: a warm start from v2 is not served the training
+    that started from v1; the same weights under another version number are."""
+    from tasks.core.artifacts import InitAdapter
+    from tasks.core.refs import RunContext
+    from tasks.train import train_task
+
+    v1 = _as_champion(Path(short_run[0].adapter_path), base, tmp_path / "v1")
+    v2 = v1.model_copy(update={"label": "tiny/2", "files": {**v1.files, "x": "changed"}})
+    same_weights = InitAdapter(path="/elsewhere", label="tiny/7", files=v1.files)
+    hardware = {k.removeprefix("hardware."): v for k, v in CPU.as_params().items()}
+    ctx = RunContext(
+        run_id="r", run_dir=str(tmp_path), config_hash="c", code_version="v", hardware=hardware
+    )
+    cfg = load_config("ci-smoke", ["train.init_adapter=champion"])
+    args = {"ctx": ctx, "cfg": cfg.train, "model": cfg.model, "base": base, "data": data}
+    key = train_task.cache_policy.key_of  # type: ignore[attr-defined]
+    keys = [key({**args, "init_adapter": i}) for i in (None, v1, v2, same_weights)]
+    assert len(set(keys[:3])) == 3 and keys[3] == keys[1]
+
+
+def test_the_flow_hands_training_the_champions_adapter_from_the_registry(
+    short_run: tuple[Any, RecordingTracker, Path],
+    base: BaseModelRef,
+    mlflow_server: str,
+    tmp_path: Path,
+) -> None:
+    """The pipeline's warm-start step (flows/pipeline.py ``_gpu_part``: the champion task,
+    then ``_warm_start``) on a real MLflow server's registry, without Prefect (its run
+    logger silenced: a temporary Prefect server costs more than the rest of the test). No
+    champion yet: a fresh LoRA; a champion with an adapter: that adapter, downloaded from
+    the registry, passing the train stage's checks; merged weights only: refused."""
+    import uuid
+
+    from prefect.logging import disable_run_logger
+
+    from flows.pipeline import _warm_start
+    from tasks.core.artifacts import ManifestInfo, read_manifest, write_manifest
+    from tasks.core.refs import RunContext
+    from tasks.core.tracking import registry as reg
+    from tasks.registry import champion_task
+    from tasks.train import check_init_adapter
+
+    uri, name = mlflow_server, f"tiny-{uuid.uuid4().hex[:8]}"
+    ctx = RunContext(
+        run_id="r",
+        run_dir=str(tmp_path / "run"),
+        config_hash="c",
+        code_version="v",
+        hardware={},
+        tracking={"tracking_uri": uri},
+    )
+
+    def warm_start() -> Any:  # _gpu_part's lines under train.init_adapter=champion
+        with disable_run_logger():
+            return _warm_start(ctx, name, champion_task.fn(ctx, name))
+
+    client = reg.client(uri)
+    experiment = client.create_experiment(name)
+
+    def register(kind: str, folder: Path) -> int:  # and make it champion
+        reg.ensure_registered_model(client, name)
+        run = client.create_run(experiment).info.run_id
+        manifests = {kind: read_manifest(folder)}
+        version = reg.create_version(
+            client, name, run, {kind: folder}, manifests, tags={}, description=""
+        )
+        reg.promote(name, version.number, uri)
+        return version.number
+
+    assert warm_start() is None
+
+    adapter = Path(_as_champion(Path(short_run[0].adapter_path), base, tmp_path / "a").path)
+    assert register("adapter", adapter) == 1
+    init = warm_start()
+    assert init.label == f"{name}/1" and init.files == read_manifest(adapter)["files"]
+    assert Path(init.path) != adapter  # the copy downloaded from the server
+    check_init_adapter(init, load_config("ci-smoke").train.lora, base)
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    write_manifest(merged, "merged", ManifestInfo(base, "t", "d", "c", "v", "r", "f", []), {}, {})
+    assert register("merged", merged) == 2
+    with pytest.raises(ConfigError, match=rf"^train\.init_adapter=champion: {name}/2 has merged"):
+        warm_start()
+
+
+def test_cli_train_refuses_a_warm_start_it_cannot_look_up(data: DataRef) -> None:
+    from typer.testing import CliRunner
+
+    from slothflow.cli import app
+
+    args = ["train", "--data", data.path, "-r", "ci-smoke", "--set", "train.init_adapter=champion"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "`slothflow train` starts from the base model" in r.output

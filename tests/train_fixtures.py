@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.core.artifacts import InitAdapter
 from tasks.core.config import PipelineConfig, config_hash, dump_config
 from tasks.core.hardware import HardwareDecision
 from tasks.core.refs import BaseModelRef, DataRef, TrainRef
@@ -18,6 +19,7 @@ def run_train(
     out_dir: Path,
     hw: HardwareDecision,
     tracker: Tracker | None = None,
+    init_adapter: InitAdapter | None = None,
 ) -> TrainRef:
     from tasks.train import train
 
@@ -33,4 +35,5 @@ def run_train(
         config_hash=config_hash(cfg),
         resolved_config=dump_config(cfg),
         system_metrics=cfg.tracking.system_metrics,
+        init_adapter=init_adapter,
     )

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from tasks.core.config import ConfigError
-from tasks.core.refs import BaseModelRef, sha256_file, write_json_atomic
+from tasks.core.refs import BaseModelRef, ResolvedModel, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -182,6 +184,37 @@ def write_manifest(
     }
     write_json_atomic(folder / MANIFEST, manifest)
     return manifest
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+class InitAdapter(BaseModel):
+    """A registered version's adapter that a training continues (``train.init_adapter``)
+    instead of a fresh LoRA: its folder on this machine, its registry name, and its
+    manifest's file hashes, which name it in the train stage's cache key (starting from
+    another version's weights is another training)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str  # the version's adapter/ folder (adapter_model.safetensors, manifest.json)
+    label: str  # NAME/VERSION
+    files: dict[str, str]  # file name -> sha256, as its manifest lists them
+
+
+def init_adapter_of(version: ResolvedModel) -> InitAdapter:
+    """The adapter of a registered version (the champion) as a training's starting point.
+    A version with merged weights only has no adapter to continue: refused."""
+    label = f"{version.name}/{version.number}" if version.name else version.label
+    if version.adapter_path is None:
+        raise ConfigError(
+            f"train.init_adapter=champion: {label} has merged weights only, no adapter to "
+            "start from; set train.init_adapter=none"
+        )
+    manifest = read_manifest(version.adapter_path)
+    return InitAdapter(
+        path=str(version.adapter_path), label=label, files=dict(manifest.get("files") or {})
+    )
 
 
 # --------------------------------------------------------------------------- the held-out split

@@ -241,6 +241,14 @@ class TrainConfig(_Strict):
         "else transformers + PEFT. An explicit choice the hardware cannot honour is an error.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter shape.")
+    init_adapter: Literal["none", "champion"] = Field(
+        "none",
+        description="Where the adapter starts. 'none': a fresh LoRA on the base model. "
+        "'champion': the adapter of tracking.registered_model's current champion, refused "
+        "unless it was trained on this very base revision with the shape train.lora says; "
+        "with no champion yet, a fresh LoRA (and a warning). The gate then compares the "
+        "result with that champion on this run's held-out set.",
+    )
     learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warm-up."
@@ -687,6 +695,14 @@ class TrackingForm(_Strict):
     )
     connect_timeout_s: float = Field(
         5.0, gt=0, description="A remote tracking server must answer within this at start."
+    )
+    keep_versions: int = Field(
+        5,
+        ge=1,
+        description="Retention: after each registration, the registered model keeps the "
+        "artifacts of every version that holds an alias plus the newest this many; the others' "
+        "artifacts, registry downloads and run exports are deleted (their records stay). "
+        "`slothflow models prune` does the same by hand.",
     )
 
 

@@ -29,8 +29,10 @@ The package, by what each part does: :mod:`.backends` (PEFT and Unsloth loading)
 :mod:`.trainer` (settings checks, ``SFTConfig``, the trainer subclass),
 :mod:`.callback` (tracking, checkpoint commits, sample generations),
 :mod:`.checkpoints` (markers, resume, rotation, the carried loss sum), :mod:`.perf`
-(MFU, memory, the checkpointing decision, out-of-memory), :mod:`.data` (chat rows).
-This module is the stage itself: one attempt, the out-of-memory retry, and the task.
+(MFU, memory, the checkpointing decision, out-of-memory), :mod:`.data` (chat rows),
+:mod:`.warm` (``train.init_adapter``: starting from the champion's adapter, its base
+revision and LoRA shape checked before the base loads). This module is the stage
+itself: one attempt, the out-of-memory retry, and the task.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.core.artifacts import InitAdapter
 from tasks.core.config import ConfigError, ModelConfig, TrainConfig
 from tasks.core.hardware import HardwareDecision
 from tasks.core.models import template_sha256, template_text
@@ -96,6 +99,7 @@ from tasks.train.trainer import (
     pad_waste,
     sft_config,
 )
+from tasks.train.warm import check_init_adapter, load_init_weights
 
 # The stage's public names, wherever in the package they live: callers and tests import
 # them from ``tasks.train``.
@@ -117,6 +121,7 @@ __all__ = [
     "activation_bytes",
     "build_trainer",
     "carried_loss_sum",
+    "check_init_adapter",
     "check_settings",
     "choose_gradient_checkpointing",
     "choose_padding",
@@ -128,6 +133,7 @@ __all__ = [
     "is_cuda_oom",
     "last_complete_checkpoint",
     "length_fit",
+    "load_init_weights",
     "load_peft",
     "load_unsloth",
     "mark_complete",
@@ -164,9 +170,16 @@ def _system_metrics(tracker: Tracker, hw: HardwareDecision, enabled: bool = True
 
 
 def inputs_hash(
-    cfg: TrainConfig, model: ModelConfig, base: BaseModelRef, data: DataRef, hw: HardwareDecision
+    cfg: TrainConfig,
+    model: ModelConfig,
+    base: BaseModelRef,
+    data: DataRef,
+    hw: HardwareDecision,
+    init: InitAdapter | None = None,
 ) -> str:
-    """What determines the adapter: model + train config, base, data, backend, dtype."""
+    """What determines the adapter: model + train config, base, data, backend, dtype, and
+    the adapter it starts from (its files' hashes: ``train.init_adapter=champion`` names
+    another start each time the champion changes)."""
     return sha256_json(
         {
             "model": model.model_dump(mode="json"),
@@ -176,6 +189,7 @@ def inputs_hash(
             "backend": hw.backend,
             "dtype": hw.dtype,
             "load_in_4bit": hw.load_in_4bit,
+            "init_adapter": init.files if init else None,
         }
     )
 
@@ -197,6 +211,7 @@ class _Job:
     resolved_config: str
     train_rows: list[dict[str, Any]]
     val_rows: list[dict[str, Any]]
+    init: InitAdapter | None = None  # the adapter to start from; None: a fresh LoRA
 
     @property
     def ckpt_dir(self) -> Path:
@@ -216,20 +231,24 @@ def train(
     config_hash: str,
     resolved_config: str,
     system_metrics: bool = True,
+    init_adapter: InitAdapter | None = None,
 ) -> TrainRef:
     """Fine-tune a LoRA adapter on ``data``; export the best checkpoint's adapter.
 
     ``cfg`` and ``model`` are the recipe's train and model sections; the rest comes from
     the run: ``max_new_tokens`` for the sample generations (``eval.max_new_tokens``),
-    the run's ``config_hash`` and its resolved YAML (recorded beside the adapter), and
-    ``system_metrics`` (``tracking.system_metrics``). Re-running on the same ``out_dir``
-    with the same inputs resumes from the last complete checkpoint. Returns the
-    :class:`TrainRef` (best step, final metrics).
+    the run's ``config_hash`` and its resolved YAML (recorded beside the adapter),
+    ``system_metrics`` (``tracking.system_metrics``), and ``init_adapter``, the adapter
+    to start from (``train.init_adapter=champion``; None: a fresh LoRA). Re-running on
+    the same ``out_dir`` with the same inputs resumes from the last complete checkpoint.
+    Returns the :class:`TrainRef` (best step, final metrics).
     """
+    if init_adapter is not None:  # in seconds, before Unsloth or the base model load
+        check_init_adapter(init_adapter, cfg.lora, base)
     hw = resolve_backend(cfg, base, hw)
     check_settings(cfg, hw)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = inputs_hash(cfg, model, base, data, hw)
+    key = inputs_hash(cfg, model, base, data, hw, init_adapter)
     ckpt_dir = out_dir / "checkpoints"
     resume = prepare_checkpoints(ckpt_dir, key)
     log.info(
@@ -252,6 +271,7 @@ def train(
         resolved_config,
         read_chat_rows(data.train_path),
         read_chat_rows(data.validation_path),
+        init_adapter,
     )
     run_cfg, retried = cfg, False
     while True:
@@ -370,9 +390,12 @@ def _check_trainable(job: _Job, trainer: Any) -> None:
 
 
 def _load(job: _Job, run_cfg: TrainConfig) -> tuple[Any, Any]:
-    """The backend's model with its fresh adapter, and the tokenizer, checked to still
-    carry the chat template the base stage recorded."""
+    """The backend's model with its fresh adapter (holding the init adapter's weights on
+    a warm start), and the tokenizer, checked to still carry the chat template the base
+    stage recorded."""
     model, tokenizer = select_backend(job.hw)(run_cfg, job.model_cfg, job.base, job.hw)
+    if job.init is not None:
+        load_init_weights(model, job.init)
     own = template_text(tokenizer.chat_template)
     if own is None or template_sha256(own) != job.base.chat_template_sha256:
         raise ConfigError(
@@ -400,6 +423,8 @@ def _record_setup(
             "slothflow.gradient_checkpointing_reason": choice.reason,
             "slothflow.padding_free": padding.mode,
             "slothflow.padding_free_reason": padding.reason,
+            # a tag too: a resumed run may start over from a newer champion
+            "slothflow.init_adapter": job.init.label if job.init else "none",
         }
     )
     tracker.log_params(
@@ -493,6 +518,7 @@ def train_in_run(
     max_new_tokens: int,
     resolved_config: str,
     system_metrics: bool = True,
+    init_adapter: InitAdapter | None = None,
 ) -> TrainRef:
     """``train`` inside a run: tracked as stage ``train``, its reference recorded in the
     run's folder. Re-entering the same run's folder resumes from the last complete
@@ -515,6 +541,7 @@ def train_in_run(
             config_hash=ctx.config_hash,
             resolved_config=resolved_config,
             system_metrics=system_metrics,
+            init_adapter=init_adapter,
         )
     record_ref(out, ref)
     return ref
@@ -522,7 +549,7 @@ def train_in_run(
 
 def _cache_key(a: dict[str, Any]) -> str:
     hw = HardwareDecision.from_params(a["ctx"].hardware)
-    return inputs_hash(a["cfg"], a["model"], a["base"], a["data"], hw)
+    return inputs_hash(a["cfg"], a["model"], a["base"], a["data"], hw, a.get("init_adapter"))
 
 
 @stage_task(
@@ -542,9 +569,11 @@ def train_task(
     max_new_tokens: int,
     resolved_config: str,
     system_metrics: bool = True,
+    init_adapter: InitAdapter | None = None,
 ) -> TrainRef:
     """Prefect task of stage ``train``. A retry re-enters ``train`` on the same folder,
-    which resumes from the last complete checkpoint instead of starting over."""
+    which resumes from the last complete checkpoint instead of starting over.
+    ``init_adapter``: the champion's adapter to start from (``train.init_adapter``)."""
     return train_in_run(
         ctx,
         cfg,
@@ -554,4 +583,5 @@ def train_task(
         max_new_tokens=max_new_tokens,
         resolved_config=resolved_config,
         system_metrics=system_metrics,
+        init_adapter=init_adapter,
     )

@@ -1,5 +1,6 @@
 """Checkpoints of the train stage: commit (completion marker), find the last complete
-one, rotate, and the loss summed over the steps a checkpoint covers.
+one, rotate, the loss summed over the steps a checkpoint covers, and removing them all
+once the run has passed export.
 
 A checkpoint counts only once it carries the completion marker written after every file
 in it has been flushed, so a folder half-written when the process died is ignored (and
@@ -171,3 +172,26 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+
+
+def remove_checkpoints(train_dir: Path) -> int:
+    """Delete ``train_dir/checkpoints`` once the run has passed export; returns the bytes
+    freed. Checkpoints only serve to resume an unfinished training: the finished stage's
+    reference names the best adapter (``adapter/``, which export copied) and the
+    tokenizer, never a checkpoint, so its cached result stays valid, and a training that
+    must run again (``--refresh train``) starts over."""
+    ckpt_dir = train_dir / "checkpoints"
+    # Renamed aside first: a removal cut short must not leave a checkpoint that still
+    # carries its completion marker with files missing (a resume would load it).
+    aside = sorted(train_dir.glob(".checkpoints.removing-*"))
+    if ckpt_dir.is_dir():
+        target = train_dir / f".checkpoints.removing-{os.getpid()}-{time.time_ns()}"
+        os.rename(ckpt_dir, target)
+        aside.append(target)
+    freed = 0
+    for folder in aside:
+        freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder)
+    if freed:
+        log.info("train: removed the checkpoints in %s (%.1f MB)", train_dir, freed / 1e6)
+    return freed

@@ -53,6 +53,13 @@ TAG_ARTIFACT = "slothflow.artifact_sha256"
 TAG_GATE_METRIC = "slothflow.gate.primary_metric"
 TAG_GATE_THRESHOLD = "slothflow.gate.threshold"
 TAG_GATE_MARGIN = "slothflow.gate.base_margin"
+#: Set on a version whose artifacts retention deletes (the UTC time it started), before
+#: anything is deleted: from then on :func:`resolve` refuses the version. The record
+#: itself stays, with its lineage and metrics (:mod:`tasks.core.tracking.retention`).
+TAG_PRUNED = "slothflow.pruned"
+#: The bytes retention freed, set once every deletion is done: a version with
+#: :data:`TAG_PRUNED` but without this one was cut short and is pruned again next time.
+TAG_PRUNED_BYTES = "slothflow.pruned.bytes"
 
 __all__ = [
     "ALIASES",
@@ -64,8 +71,11 @@ __all__ = [
     "TAG_GATE_MARGIN",
     "TAG_GATE_METRIC",
     "TAG_GATE_THRESHOLD",
+    "TAG_PRUNED",
+    "TAG_PRUNED_BYTES",
     "TAG_RUN_ID",
     "NotRegisteredError",
+    "PrunedVersionError",
     "RegisteredVersion",
     "cache_dir",
     "client",
@@ -110,6 +120,12 @@ class NotRegisteredError(ConfigError):
 
     Only this means "no such model": an unreachable store or a refused request raises
     MLflow's own exception, so a champion check never mistakes an outage for "none"."""
+
+
+class PrunedVersionError(ConfigError):
+    """The version exists, but retention deleted its artifacts: it cannot be served,
+    promoted or rolled back to. Not a :class:`NotRegisteredError`: a pruned champion
+    must stop the gate, not read as "no champion yet"."""
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -310,6 +326,10 @@ def resolve(spec: str, tracking_uri: str, cache_dir: Path | None = None) -> Reso
             f"model {spec!r} not found in the registry: {exc.message}"
         ) from None
     v = int(mv.version)
+    if pruned := (mv.tags or {}).get(TAG_PRUNED):
+        raise PrunedVersionError(
+            f"model {spec!r}: {name} version {v} was pruned on {pruned}; its artifacts are gone"
+        )
     folder = _fetch(c, mv.source, cache_dir, name, v)
     merged = folder / "merged" if (folder / "merged" / MANIFEST).exists() else None
     adapter = folder / "adapter" if (folder / "adapter" / MANIFEST).exists() else None
