@@ -166,7 +166,9 @@ class _Stack:
         self._start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
                                f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
                                str(root / "artifacts"), "--host", "127.0.0.1", "--port",
-                               str(mport), "--workers", "1"], base)  # fmt: skip
+                               str(mport), "--workers", "1"],
+                    # as the compose stack runs it: no job runners (slothflow has no jobs)
+                    {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # fmt: skip
         self.mlflow = f"http://127.0.0.1:{mport}"
         self._wait(self.api + "/health")
         self._wait(self.mlflow + "/health")

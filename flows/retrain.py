@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import DEFAULT_FORM, finetune
 from tasks.core import home as home_mod
@@ -35,7 +36,14 @@ NO_NEW_DATA = "No new data"
 ALREADY_TRAINED = "Already trained"
 
 
-@task(name="fingerprint", retries=2, retry_delay_seconds=10)
+# Never cached or persisted: the listing is the point, and it is cheap.
+@task(
+    name="fingerprint",
+    retries=2,
+    retry_delay_seconds=10,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def fingerprint_task(sources: list[str], home: Home) -> dict[str, Any]:
     """The data's fingerprint; only new or changed sources are read (see
     :mod:`tasks.data.fingerprint`)."""

@@ -123,6 +123,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its workers form a group we can stop together
+        # no job runners (GenAI jobs and trace roll-ups, which slothflow does not use):
+        # five idle processes fewer beside the tests on two cores
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     _wait_http(uri + "/health", proc, root / "server.log", timeout=90)
