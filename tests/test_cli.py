@@ -261,9 +261,10 @@ def test_a_second_run_rolls_out_over_the_first_under_streaming_load(tmp_path: Pa
                 time.sleep(0.5)
             spec = d.LoadSpec(
                 concurrency=4,
-                # 120 s at 5/s: past the switch, which came 97 s after the server's start
-                # on a busy CI-sized machine (66 s of load ended 19 s before it)
-                requests=5 * 120,
+                # 180 s at 5/s: past the switch, which came 97 s after the server's start
+                # on a busy CI-sized machine (66 s of load ended 19 s before it) and over
+                # 120 s on a slower one (120 s of load ended before it)
+                requests=5 * 180,
                 request_rate=5.0,
                 input_len=16,
                 max_tokens=8,
